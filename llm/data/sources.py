@@ -1,0 +1,155 @@
+"""Text sources: the embedded standard-library corpus, text files, and JSONL.
+
+Every source yields `Document`s with a stable `id` (used for the train/validation split and for
+dedup bookkeeping) and a `source` name. Sources raise `DataError` with a message naming the
+problem and the fix; they never return silently empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+from collections.abc import Iterable, Iterator
+
+import gin
+
+
+class DataError(ValueError):
+    """Bad or missing input data. The message names the input and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One text document.
+
+    id: stable identifier (a relative path or a record key); the split hash uses it.
+    text: the document text (str, already decoded).
+    source: name of the source it came from (e.g. "stdlib", "jsonl:/path").
+    metadata: free-form extra fields (domain, url, language, ...).
+    """
+
+    id: str
+    text: str
+    source: str
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+_TEST_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo"})
+
+
+def stdlib_root() -> pathlib.Path:
+    """The running interpreter's standard-library directory."""
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+@gin.configurable
+def embedded_corpus(include_tests: bool = False, include_docs: bool = True) -> Iterator[Document]:
+    """The default corpus: the running Python's own standard library, on every machine.
+
+    Yields every `.py` file under the stdlib directory (skipping `site-packages` and, unless
+    `include_tests`, test suites and demo code) followed by the English help topics shipped
+    in `pydoc_data` (the text behind `help('for')` etc.). Files are visited in sorted order, so
+    the corpus is deterministic for a given Python version.
+    """
+    root = stdlib_root()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if "site-packages" in rel.parts:
+            continue
+        if not include_tests and _TEST_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a handful of stdlib files are deliberately non-UTF-8 test fixtures
+        if text.strip():
+            yield Document(id=f"stdlib/{rel.as_posix()}", text=text, source="stdlib",
+                           metadata={"domain": "code", "language": "python"})
+    if include_docs:
+        import pydoc_data.topics
+
+        for name, text in sorted(pydoc_data.topics.topics.items()):
+            yield Document(id=f"pydoc/{name}", text=text, source="pydoc",
+                           metadata={"domain": "docs", "language": "en"})
+
+
+@gin.configurable
+def text_files(pattern: str, encoding: str = "utf-8") -> Iterator[Document]:
+    """Every file matching a glob pattern (recursive `**` allowed), one document per file.
+
+    A directory path is read as `<dir>/**/*`. Raises `DataError` if nothing matches or a file
+    cannot be decoded.
+    """
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"No files match {pattern!r}. Check the path, or point "
+                        "`text_files.pattern` at an existing file, directory or glob.")
+    for path in paths:
+        try:
+            text = pathlib.Path(path).read_text(encoding=encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not valid {encoding} ({e.reason} at byte {e.start}). "
+                            "Fix the file, set `text_files.encoding`, or run it through "
+                            "`tools/curate` which repairs or drops such files.") from None
+        yield Document(id=path, text=text, source=f"files:{pattern}")
+
+
+@gin.configurable
+def jsonl(path: str, text_field: str = "text", id_field: str | None = None) -> Iterator[Document]:
+    """Documents from a JSONL or JSONL.gz file (or a glob of them), text under `text_field`."""
+    paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+    if not paths or not all(os.path.isfile(p) for p in paths):
+        raise DataError(f"JSONL input {path!r} does not exist. Fix `jsonl.path`.")
+    for p in paths:
+        opener = gzip.open if p.endswith(".gz") else open
+        with opener(p, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{lineno} is not valid JSON ({e.msg}). Fix the line or "
+                                    "clean the file with `tools/curate`.") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{p}:{lineno} has no field {text_field!r}. Set "
+                                    "`jsonl.text_field` to the field holding the text.")
+                doc_id = str(record[id_field]) if id_field else f"{p}:{lineno}"
+                meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
+                yield Document(id=doc_id, text=str(record[text_field]), source=f"jsonl:{p}",
+                               metadata=meta)
+
+
+SOURCES = {"embedded": embedded_corpus, "files": text_files, "jsonl": jsonl}
+
+
+@gin.configurable
+def corpus(name: str = "embedded") -> Iterator[Document]:
+    """The configured corpus. `name` is one of SOURCES; each source's own args are gin-bound."""
+    if name not in SOURCES:
+        raise DataError(f"Unknown corpus {name!r}; choose one of {sorted(SOURCES)} "
+                        "(gin: `corpus.name`).")
+    return SOURCES[name]()
+
+
+def split_of(doc_id: str, validation_fraction: float) -> str:
+    """'train' or 'validation', by a stable hash of the document id (same on every machine)."""
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big")
+    return "validation" if h / 2**64 < validation_fraction else "train"
+
+
+def split_documents(docs: Iterable[Document], validation_fraction: float
+                    ) -> dict[str, list[Document]]:
+    """Partition documents into {'train': [...], 'validation': [...]} with `split_of`."""
+    out: dict[str, list[Document]] = {"train": [], "validation": []}
+    for d in docs:
+        out[split_of(d.id, validation_fraction)].append(d)
+    return out

@@ -1,0 +1,36 @@
+"""llm: a JAX-native codebase for the whole life of a language model.
+
+Install for development with pinned versions:
+    pip install -r requirements.lock -e .
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llm",
+    version="0.1.0",
+    description="Curate, pretrain, fine-tune, evaluate, compress and serve LLMs in JAX.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llm", "llm.*", "experiments", "tools"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "array-record>=0.8",
+        "gin-config>=0.5.0",
+        "sentencepiece>=0.2",
+        "numpy>=2.0",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # seqio / TFDS bring TensorFlow; imported lazily only where used.
+        "tf": ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "tensorflow>=2.21"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6"],
+    },
+)
