@@ -58,25 +58,50 @@ def embedded_corpus(include_tests: bool = False, include_docs: bool = True) -> I
     the corpus is deterministic for a given Python version.
     """
     root = stdlib_root()
+    for path in embedded_files(include_tests):
+        doc = embedded_file_document(path, root)
+        if doc is not None:
+            yield doc
+    if include_docs:
+        yield from pydoc_documents()
+
+
+def embedded_files(include_tests: bool = False) -> list[pathlib.Path]:
+    """The sorted `.py` files of the embedded corpus (see `embedded_corpus`)."""
+    root = stdlib_root()
+    out = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if "site-packages" in rel.parts:
             continue
         if not include_tests and _TEST_DIRS.intersection(rel.parts[:-1]):
             continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a handful of stdlib files are deliberately non-UTF-8 test fixtures
-        if text.strip():
-            yield Document(id=f"stdlib/{rel.as_posix()}", text=text, source="stdlib",
-                           metadata={"domain": "code", "language": "python"})
-    if include_docs:
-        import pydoc_data.topics
+        out.append(path)
+    return out
 
-        for name, text in sorted(pydoc_data.topics.topics.items()):
-            yield Document(id=f"pydoc/{name}", text=text, source="pydoc",
-                           metadata={"domain": "docs", "language": "en"})
+
+def embedded_file_document(path: pathlib.Path, root: pathlib.Path | None = None
+                           ) -> Document | None:
+    """One stdlib file as a Document; None for undecodable or blank files (test fixtures)."""
+    root = root or stdlib_root()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # a handful of stdlib files are deliberately non-UTF-8 test fixtures
+    if not text.strip():
+        return None
+    rel = path.relative_to(root)
+    return Document(id=f"stdlib/{rel.as_posix()}", text=text, source="stdlib",
+                    metadata={"domain": "code", "language": "python"})
+
+
+def pydoc_documents() -> Iterator[Document]:
+    """The English help topics shipped in `pydoc_data` (the text behind `help('for')`)."""
+    import pydoc_data.topics
+
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        yield Document(id=f"pydoc/{name}", text=text, source="pydoc",
+                       metadata={"domain": "docs", "language": "en"})
 
 
 @gin.configurable
@@ -114,18 +139,31 @@ def jsonl(path: str, text_field: str = "text", id_field: str | None = None) -> I
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno} is not valid JSON ({e.msg}). Fix the line or "
-                                    "clean the file with `tools/curate`.") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{p}:{lineno} has no field {text_field!r}. Set "
-                                    "`jsonl.text_field` to the field holding the text.")
-                doc_id = str(record[id_field]) if id_field else f"{p}:{lineno}"
-                meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
-                yield Document(id=doc_id, text=str(record[text_field]), source=f"jsonl:{p}",
-                               metadata=meta)
+                yield jsonl_document(line, p, lineno, text_field, id_field)
+
+
+def jsonl_document(line: str, path: str, lineno: int, text_field: str = "text",
+                   id_field: str | None = None) -> Document:
+    """Parse one JSONL line into a Document; the parsing core shared with the curation readers.
+
+    Raises `DataError` whose `reason` attribute is `malformed_json` or `missing_text_field`.
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        err = DataError(f"{path}:{lineno} is not valid JSON ({e.msg}). Fix the line or "
+                        "clean the file with `tools/curate`.")
+        err.reason = "malformed_json"
+        raise err from None
+    if not isinstance(record, dict) or text_field not in record:
+        err = DataError(f"{path}:{lineno} has no field {text_field!r}. Set "
+                        "`jsonl.text_field` to the field holding the text.")
+        err.reason = "missing_text_field"
+        raise err
+    doc_id = str(record[id_field]) if id_field and id_field in record else f"{path}:{lineno}"
+    meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
+    return Document(id=doc_id, text=str(record[text_field]), source=f"jsonl:{path}",
+                    metadata=meta)
 
 
 SOURCES = {"embedded": embedded_corpus, "files": text_files, "jsonl": jsonl}

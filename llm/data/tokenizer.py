@@ -1,0 +1,200 @@
+"""SentencePiece vocabularies with seqio / T5 id conventions.
+
+Ids: pad=0, eos=1, unk=2, no bos (`objectives.PAD_ID/EOS_ID/UNK_ID`). `extra_ids` sentinels are
+appended at the top of the vocabulary exactly as `seqio.SentencePieceVocabulary` does it (pieces
+`▁<extra_id_i>` of type USER_DEFINED, reversed, so `extra_id(0)` is the last id), so our ids equal
+seqio's ids for every text and `Tokenizer.to_seqio()` is a drop-in replacement.
+
+Training settings are chosen for source code and English: identity normalization, no dummy
+prefix, whitespace kept as it is (runs of spaces become pieces, so indentation is cheap), digits
+split, and byte fallback so no text ever maps to <unk>: `decode(encode(text)) == text` for every
+string (tested on Python source, English and non-ASCII text).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Iterable, Sequence
+
+import gin
+import numpy as np
+import sentencepiece as spm
+
+from llm.data.objectives import EOS_ID, PAD_ID, UNK_ID
+from llm.data.sources import DataError
+
+# Options that make an id-exact, lossless, seqio-compatible vocabulary. Part of the dataset
+# fingerprint (tools/prepare_data.py), so changing one here invalidates prepared data.
+SPM_OPTIONS = dict(
+    pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+    split_digits=True, byte_fallback=True, allow_whitespace_only_pieces=True,
+    split_by_whitespace=True, max_sentence_length=1 << 16,
+    # We sample training text ourselves (deterministically), so sentencepiece must use it all,
+    # in order.
+    input_sentence_size=0, shuffle_input_sentence=False,
+)
+
+
+def training_sentences(texts: Iterable[str], max_chars: int, chunk_chars: int,
+                       seed: int) -> list[str]:
+    """A deterministic sample of at most ~`max_chars` characters of training "sentences".
+
+    Each text is cut at line boundaries into chunks of at most `chunk_chars` characters (a longer
+    single line becomes its own chunk), newlines included, so pieces can learn `"):\\n"` and
+    indentation. Chunks are shuffled with `seed` and taken until `max_chars` is reached.
+    """
+    chunks: list[str] = []
+    for text in texts:
+        cur: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if cur and size + len(line) > chunk_chars:
+                chunks.append("".join(cur))
+                cur, size = [], 0
+            cur.append(line)
+            size += len(line)
+        if cur:
+            chunks.append("".join(cur))
+    random.Random(seed).shuffle(chunks)
+    out, total = [], 0
+    for c in chunks:
+        if total >= max_chars:
+            break
+        out.append(c)
+        total += len(c)
+    return out
+
+
+@gin.configurable
+def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 8192, *,
+                        model_type: str = "unigram", character_coverage: float = 0.9995,
+                        max_training_chars: int = 3_000_000, chunk_chars: int = 2000,
+                        seed: int = 0, num_threads: int = 1) -> str:
+    """Trains a SentencePiece model on `texts` and writes it to `model_path`; returns the path.
+
+    vocab_size: pieces in the model (pad, eos, unk and the 256 byte pieces included; seqio
+      `extra_ids` come on top at load time).
+    max_training_chars / chunk_chars / seed: the training sample (`training_sentences`). About
+      3M characters train an 8192-piece unigram model in ~8 s on one core.
+    num_threads: 1 keeps training bit-for-bit deterministic for a fixed input and seed.
+    """
+    sentences = training_sentences(texts, max_training_chars, chunk_chars, seed)
+    if not sentences:
+        raise DataError("No text to train the tokenizer on: the training split is empty. Check "
+                        "the corpus (gin: `corpus.name` and its source's arguments).")
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            num_threads=num_threads, minloglevel=2, **SPM_OPTIONS)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {e}. With a tiny corpus, lower "
+                        "`train_sentencepiece.vocab_size` (or `prepare.vocab_size`).") from None
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    tmp = f"{model_path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, model_path)
+    return model_path
+
+
+def _with_extra_ids(model_proto: bytes, extra_ids: int) -> bytes:
+    """The model with seqio's sentinel pieces appended (same pieces, order and type as seqio)."""
+    if not extra_ids:
+        return model_proto
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto.FromString(model_proto)
+    for i in reversed(range(extra_ids)):
+        model.pieces.add(piece=f"▁<extra_id_{i}>", score=0.0,
+                         type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    return model.SerializeToString()
+
+
+class Tokenizer:
+    """A loaded SentencePiece model plus `extra_ids` sentinels; ids match seqio's."""
+
+    def __init__(self, model_path: str, extra_ids: int = 0):
+        self.model_path = model_path
+        self.extra_ids = extra_ids
+        try:
+            with open(model_path, "rb") as f:
+                proto = f.read()
+        except OSError as e:
+            raise DataError(f"Tokenizer model {model_path!r} cannot be read ({e.strerror}). "
+                            "Run `python -m tools.prepare_data --data_dir=...` to create it.") from None
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(_with_extra_ids(proto, extra_ids))
+        except Exception as e:  # protobuf DecodeError or sentencepiece RuntimeError
+            raise DataError(f"Tokenizer model {model_path!r} is corrupt ({type(e).__name__}: "
+                            f"{e}). Delete it and re-run `python -m tools.prepare_data`.") from None
+        if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+            raise DataError(f"Tokenizer model {model_path!r} has pad/eos/unk ids "
+                            f"{self._sp.pad_id()}/{self._sp.eos_id()}/{self._sp.unk_id()}, "
+                            f"expected {PAD_ID}/{EOS_ID}/{UNK_ID} (seqio convention). Train it "
+                            "with `llm.data.tokenizer.train_sentencepiece`.")
+
+    def __getstate__(self):
+        return {"model_path": self.model_path, "extra_ids": self.extra_ids}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"], state["extra_ids"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, extra ids included (seqio's `vocab_size`)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    def extra_id(self, i: int) -> int:
+        """Id of sentinel `<extra_id_i>` (T5 order: extra_id(0) is the last id)."""
+        if not 0 <= i < self.extra_ids:
+            raise ValueError(f"extra_id({i}) out of range: this tokenizer has "
+                             f"{self.extra_ids} extra ids (load_tokenizer(..., extra_ids=N)).")
+        return self.vocab_size - 1 - i
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no EOS appended."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` up to the first EOS; pad and eos produce no text (as seqio's decode)."""
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
+        if EOS_ID in ids:
+            ids = ids[:ids.index(EOS_ID)]
+        size = self.vocab_size
+        return self._sp.decode([i if 0 <= i < size else UNK_ID for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    def to_seqio(self):
+        """The same vocabulary as a `seqio.SentencePieceVocabulary` (imports TensorFlow)."""
+        import seqio
+
+        return seqio.SentencePieceVocabulary(self.model_path, extra_ids=self.extra_ids)
+
+
+def load_tokenizer(model_path: str, extra_ids: int = 0) -> Tokenizer:
+    """Loads a model written by `train_sentencepiece`; DataError if it is missing or corrupt."""
+    return Tokenizer(model_path, extra_ids)

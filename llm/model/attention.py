@@ -1,0 +1,107 @@
+"""Multi-head / grouped-query self-attention and the attention-implementation switch.
+
+`attend` is the one place that picks how softmax(QK^T)V is computed:
+  xla    - plain jnp (`llm.kernels.reference.mha_reference`), any backend;
+  pallas - `llm.kernels.flash_attention` (Triton on GPU, Mosaic on TPU, interpreted on CPU);
+  cudnn  - `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.kernels.reference import mha_reference
+from llm.model.config import ModelConfig
+from llm.model.layers import Dense, rope
+from llm.parallel.rules import constrain
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
+           causal: bool, impl: str, kv_segment_ids: jax.Array | None = None) -> jax.Array:
+    """q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] -> like q.
+
+    segment_ids [batch, q_len] (and kv_segment_ids [batch, kv_len], default the same): tokens
+    attend only within their own segment, so packed documents never see each other.
+    """
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    if impl == "xla":
+        return mha_reference(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                             causal=causal)
+    if impl == "pallas":
+        from llm.kernels import flash_attention
+
+        return flash_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               causal=causal)
+    if impl == "cudnn":
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                            implementation="cudnn")
+    raise ValueError(f"Unknown attention_impl {impl!r}; choose xla, pallas or cudnn "
+                     "(gin: ModelConfig.attention_impl).")
+
+
+class KVCache(nnx.Module):
+    """Per-layer key/value cache for incremental decoding.
+
+    k, v: [batch, max_len, kv_heads, head_dim]. The number of valid positions per sequence is
+    passed in by the caller (`cache_lengths` [batch]), so one cache serves a ragged batch and
+    can later back continuous batching in the server.
+    """
+
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig):
+        shape = (batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+        self.k = nnx.Cache(jnp.zeros(shape, cfg.compute_dtype))
+        self.v = nnx.Cache(jnp.zeros(shape, cfg.compute_dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, causal: bool = True):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        self.cfg = cfg
+        self.causal = causal
+        self.q = Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), cfg, rngs)
+        self.k = Dense((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), cfg, rngs)
+        self.v = Dense((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), cfg, rngs)
+        self.o = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), cfg, rngs,
+                       std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: KVCache | None = None, cache_lengths: jax.Array | None = None
+                 ) -> jax.Array:
+        """x [batch, seq, embed]; positions, segment_ids [batch, seq] -> [batch, seq, embed].
+
+        With `cache`, x holds the new tokens of each sequence; they are written into the cache at
+        `cache_lengths` [batch] and attend to the cache's valid prefix plus themselves.
+        """
+        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+        if self.cfg.position == "rope":
+            q = rope(q, positions, self.cfg.rope_theta)
+            k = rope(k, positions, self.cfg.rope_theta)
+        if cache is None:
+            out = attend(q, k, v, segment_ids=segment_ids, causal=self.causal,
+                         impl=self.cfg.attention_impl)
+        else:
+            out = self._decode(q, k, v, cache, cache_lengths)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return self.o(out)
+
+    def _decode(self, q, k, v, cache: KVCache, lengths: jax.Array) -> jax.Array:
+        write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
+        cache.k[...] = write(cache.k[...], k.astype(cache.k.dtype), lengths)
+        cache.v[...] = write(cache.v[...], v.astype(cache.v.dtype), lengths)
+        new_lengths = lengths + q.shape[1]
+        if self.cfg.attention_impl == "pallas":
+            from llm.kernels import decode_attention
+
+            return decode_attention(q, cache.k[...], cache.v[...], new_lengths)
+        # Query i of sequence b sits at position lengths[b] + i and sees keys 0..lengths[b] + i.
+        q_pos = lengths[:, None] + jnp.arange(q.shape[1])[None, :]
+        kv_pos = jnp.arange(cache.k.shape[1])
+        mask = (kv_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+        return mha_reference(q, cache.k[...], cache.v[...], causal=False, mask=mask)

@@ -1,0 +1,113 @@
+"""Model configuration: one frozen dataclass, bound by gin (see gin_configs/models/)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "sinusoidal")
+ACTIVATIONS = ("swiglu", "gelu")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+REMAT = ("none", "block")
+DTYPES = ("float32", "bfloat16")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. Defaults are a tiny LLaMA-style model.
+
+    LLaMA-style: norm="rmsnorm", position="rope", activation="swiglu", num_kv_heads < num_heads.
+    GPT-2-style: norm="layernorm", position="learned", activation="gelu", use_bias=True.
+    dtype is the compute dtype; parameters (and optimizer state) stay in param_dtype (fp32).
+    Logits and the loss are always fp32.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: = num_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: int | None = None  # None: d_model // num_heads
+    mlp_dim: int | None = None  # None: 4*d_model (gelu) or 8/3*d_model rounded up to 64 (swiglu)
+    max_seq_len: int = 2048  # size of the learned position table; RoPE has no limit
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    activation: str = "swiglu"
+    use_bias: bool = False
+    tie_embeddings: bool = True
+    attention_impl: str = "xla"
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for field, allowed in (("norm", NORMS), ("position", POSITIONS),
+                               ("activation", ACTIVATIONS), ("attention_impl", ATTENTION_IMPLS),
+                               ("remat", REMAT), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of "
+                                 f"{allowed} (gin: ModelConfig.{field}).")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.kv_heads}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim explicitly.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_dim is not None:
+            return self.mlp_dim
+        if self.activation == "gelu":
+            return 4 * self.d_model
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count, computed from the shapes (matches the built model)."""
+        d, h, kv, hd, f = (self.d_model, self.num_heads, self.kv_heads, self.dim_per_head,
+                           self.hidden_dim)
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        mlp = (3 if self.activation == "swiglu" else 2) * d * f
+        norms = (2 if self.norm == "layernorm" else 1) * d
+        bias = (hd * (h + 2 * kv) + d + f * (2 if self.activation == "swiglu" else 1) + d
+                if self.use_bias else 0)
+        per_layer = attn + mlp + 2 * norms + bias
+        total = self.num_layers * per_layer + norms
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.position == "learned":
+                total += self.max_seq_len * d
+        elif not self.tie_embeddings:
+            total += self.vocab_size * d  # the output projection is a matmul, count it
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: forward + backward = 3x forward (PaLM, appendix B).
+
+        6 * (matmul parameters, incl. the output projection) + 12 * layers * seq * heads *
+        head_dim for the attention scores and values (causal masking not discounted).
+        """
+        matmul_params = self.num_params(include_embeddings=False)
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * self.d_model
+        attention = 12 * self.num_layers * seq_len * self.num_heads * self.dim_per_head
+        return 6 * matmul_params + attention

@@ -1,0 +1,146 @@
+"""Building blocks: dense projections, embeddings, norms, MLPs and position encodings.
+
+Every parameter is an `nnx.Param` with `logical_axes` metadata naming its dimensions; the mesh
+rules in `llm.parallel.rules` turn those into shardings. Computation runs in the config's compute
+dtype; parameters are stored in param_dtype and cast at use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.model.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, std: float,
+          dtype, init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names. init: 'normal' (truncated at 2 std), 'ones', 'zeros'."""
+    if len(shape) != len(axes):
+        raise ValueError(f"param: shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x . W (+ b), contracting the last len(in_shape) dims of x with W's leading dims.
+
+    W: [*in_shape, *out_shape] with logical names in_axes + out_axes.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+                 in_axes: Sequence[str | None], out_axes: Sequence[str | None], cfg: ModelConfig,
+                 rngs: nnx.Rngs, *, use_bias: bool | None = None, std: float | None = None):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes),
+                            std=std if std is not None else cfg.init_std, dtype=cfg.param_dtype)
+        use_bias = cfg.use_bias if use_bias is None else use_bias
+        self.bias = (param(rngs, out_shape, out_axes, std=0.0, dtype=cfg.param_dtype,
+                           init="zeros") if use_bias else None)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` reuses it as the (tied) output layer."""
+
+    def __init__(self, num: int, cfg: ModelConfig, rngs: nnx.Rngs,
+                 axes: tuple[str | None, str] = ("vocab", "embed")):
+        self.embedding = param(rngs, (num, cfg.d_model), axes, std=cfg.init_std,
+                               dtype=cfg.param_dtype)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids [batch, seq] int -> [batch, seq, embed]."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [batch, seq, embed] -> fp32 logits [batch, seq, vocab]."""
+        return jnp.einsum("bse,ve->bsv", x.astype(self.dtype),
+                          self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last dim, computed in fp32, returned in compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), std=0.0, dtype=cfg.param_dtype,
+                           init="ones")
+        self.bias = (param(rngs, (cfg.d_model,), ("embed",), std=0.0, dtype=cfg.param_dtype,
+                           init="zeros") if cfg.norm == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU (LLaMA) or GELU (GPT-2) feed-forward: [batch, seq, embed] -> same."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.hidden_dim
+        self.activation = cfg.activation
+        self.wi = Dense((d,), (f,), ("embed",), ("mlp",), cfg, rngs)
+        self.wg = (Dense((d,), (f,), ("embed",), ("mlp",), cfg, rngs)
+                   if cfg.activation == "swiglu" else None)
+        self.wo = Dense((f,), (d,), ("mlp",), ("embed",), cfg, rngs,
+                        std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from llm.parallel.rules import constrain
+
+        h = self.wi(x)
+        if self.wg is not None:
+            h = jax.nn.silu(self.wg(x)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        h = constrain(h, ("batch", "length", "mlp"))
+        return self.wo(h)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form).
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] int. Computed in fp32.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, s, 1, half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:
+    """Fixed sinusoidal position encoding (Vaswani et al.): [batch, seq] -> [batch, seq, dim]."""
+    half = dim // 2
+    freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None] * freq
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)

@@ -1,0 +1,99 @@
+"""Logical axis names -> mesh axes.
+
+Every parameter carries a tuple of logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
+`head_dim`, `vocab`, ...) and key activations are constrained with names such as
+(`batch`, `length`, `embed`). A rule set (gin: `axis_rules.rules`, see gin_configs/mesh/) maps each
+logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
+
+A dimension whose size is not divisible by the mesh axes it maps to is replicated instead, so one
+rule set works for every model size (e.g. 2 kv heads on a tensor axis of 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import gin
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Pure data parallel: parameters replicated, batch split over every mesh axis.
+DATA_PARALLEL: Rules = (("batch", ("data", "fsdp")),)
+
+
+@gin.configurable
+def axis_rules(rules: Sequence[Sequence] = DATA_PARALLEL) -> Rules:
+    """The active rule set (gin: `axis_rules.rules`). Unlisted logical names are replicated."""
+    out = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"axis rule {rule!r} must be (logical_name, mesh_axes).")
+        name, target = rule
+        out.append((name, tuple(target) if isinstance(target, list) else target))
+    return tuple(out)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for a tensor whose dims carry `names`.
+
+    Each mesh axis is used at most once per tensor (first dim wins). With `mesh` and `shape`,
+    a dim not divisible by its mesh-axes' size is left unsharded.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        axes = tuple(a for a in axes if a not in used)
+        if axes and mesh is not None and shape is not None:
+            if shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def named_sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules):
+    """NamedShardings for a pytree of arrays, from a same-structure tree of logical-name tuples."""
+    return jax.tree.map(
+        lambda names, x: named_sharding(names, mesh, rules, x.shape),
+        logical_tree, shapes_tree, is_leaf=lambda n: isinstance(n, tuple))
+
+
+# The mesh and rules used by `constrain` inside model code. Set by `activation_sharding`.
+_ACTIVE: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Within this context (around tracing), `constrain` pins activations to the mesh."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} names {tuple(names)} for a rank-{x.ndim} array")
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, mesh, rules, x.shape))

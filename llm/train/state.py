@@ -1,0 +1,69 @@
+"""TrainState and its sharded creation.
+
+Parameters are created directly in their final sharding (jit with out_shardings), so a model that
+does not fit on one device never materialises on one. Optimizer state takes the sharding XLA
+propagates from the parameters (Adam moments follow their parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llm.parallel.rules import Rules, tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterator.
+
+    step: int32 scalar, number of optimizer updates applied.
+    params: nested dict of arrays (see `llm.model.transformer.init`).
+    opt_state: the optax state.
+    rng: uint32 [2] raw key data, split once per step (raw so that it checkpoints everywhere).
+    """
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def create_train_state(init_params: Callable[[jax.Array], dict], abstract_params: dict,
+                       logical_axes: dict, tx: optax.GradientTransformation, mesh: Mesh,
+                       rules: Rules, seed: int) -> tuple[TrainState, TrainState]:
+    """Initialise a sharded TrainState. Returns (state, shardings with the same structure).
+
+    init_params: rng -> params dict. abstract_params / logical_axes: the same dict structure
+    holding ShapeDtypeStructs and logical axis-name tuples.
+    """
+    param_shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    root = jax.random.key(seed)
+    param_key, state_key = jax.random.split(root)
+    params = jax.jit(init_params, out_shardings=param_shardings)(param_key)
+    # Moments take the sharding XLA propagates from their parameter; scalars (step counts) that
+    # depend on no input are replicated.
+    compiled = jax.jit(tx.init).lower(params).compile()
+    opt_shardings = jax.tree.map(
+        lambda s: s if len(s.device_set) == mesh.size else replicated, compiled.output_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(state_key), replicated),
+    )
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return state, shardings
+
+
+def abstract_state(state: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)

@@ -1,0 +1,60 @@
+"""Run 5 training steps of a tiny model on a given mesh/rule set; print the losses as JSON.
+
+Used by test_sharding.py in a subprocess with 8 fake CPU devices.
+usage: python -m tests.train.sharding_worker <mesh gin file or 'single'> [accum_steps]
+"""
+
+import json
+import sys
+
+import gin
+import jax
+import numpy as np
+
+from llm.model import transformer
+from llm.model.config import ModelConfig
+from llm.parallel.mesh import make_mesh
+from llm.parallel.rules import axis_rules
+from llm.train.optimizer import make_optimizer
+from llm.train.state import create_train_state
+from llm.train.step import batch_sharding, decoder_loss, jit_train_step
+
+
+def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) -> dict:
+    rng = np.random.default_rng(step)
+    targets = rng.integers(3, vocab, (batch, seq), dtype=np.int32)
+    segment_ids = np.where(np.arange(seq) < seq // 2, 1, 2)[None].repeat(batch, 0).astype(np.int32)
+    positions = np.where(segment_ids == 1, np.arange(seq), np.arange(seq) - seq // 2)
+    inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    inputs[:, seq // 2] = 0
+    return {"inputs": inputs, "targets": targets, "loss_mask": np.ones((batch, seq), np.float32),
+            "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
+
+
+def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
+    if mesh_file == "single":
+        gin.parse_config(["make_mesh.data = 1"])
+        devices = jax.devices()[:1]
+    else:
+        gin.parse_config_file(mesh_file)
+        devices = None
+    mesh = make_mesh(devices=devices)
+    rules = axis_rules()
+    cfg = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      mlp_dim=128)
+    graphdef, abstract_params, axes = transformer.abstract(cfg)
+    tx, schedule = make_optimizer(total_steps=5)
+    state, shardings = create_train_state(lambda k: transformer.init(cfg, k)[1], abstract_params,
+                                          axes, tx, mesh, rules, seed=0)
+    step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef), tx=tx,
+                          schedule=schedule, accum_steps=accum_steps)
+    losses = []
+    for i in range(5):
+        batch = jax.device_put(synthetic_batch(i), batch_sharding(mesh, rules))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)))
