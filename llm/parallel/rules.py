@@ -53,9 +53,10 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
         if mesh is not None:
             axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
         axes = tuple(a for a in axes if a not in used)
-        if axes and mesh is not None and shape is not None:
-            if shape[i] % math.prod(mesh.shape[a] for a in axes):
-                axes = ()
+        divisible = (mesh is None or shape is None
+                     or shape[i] % math.prod(mesh.shape[a] for a in axes) == 0)
+        if not divisible:
+            axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while spec and spec[-1] is None:

@@ -18,7 +18,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
     logits = logits.astype(jnp.float32)
     mask = loss_mask.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    labels = targets[..., None].astype(jnp.int32)
+    target_logit = jnp.take_along_axis(logits, labels, axis=-1)[..., 0]
     nll = (lse - target_logit) * mask
     correct = (jnp.argmax(logits, axis=-1) == targets) * mask
     return {
