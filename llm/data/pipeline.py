@@ -54,6 +54,11 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def _as_features(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """A document's record as the objective's input: {'targets': tokens + EOS}."""
+    return {"targets": tokens}
+
+
 def _zero_packed(lengths: dict[str, int]) -> dict[str, np.ndarray]:
     out = {}
     for name, n in lengths.items():
@@ -167,8 +172,8 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
 
     Yields dicts of numpy arrays from `objective.post_pack` (next-token: inputs, targets,
     loss_mask, segment_ids, positions), each `[global_batch_size // process_count, seq_len]`.
-    seed: shuffle seed (epoch e uses a permutation derived from seed + e) and the seed of the
-      objective's random transforms.
+    seed: derives the shuffle (a new permutation every epoch) and the objective's random
+      transforms.
     num_epochs: None repeats forever; a number makes a finite pass, padded at the end (see the
       module docstring).
     num_streams: independent packing streams (default: process_count). Keep it fixed across
@@ -202,7 +207,7 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     docs = grain.MapDataset.source(source)
     if shuffle:
         docs = docs.shuffle(seed=_derived_seed(seed, 0))
-    docs = docs.repeat(num_epochs).map(lambda tokens: {"targets": tokens})
+    docs = docs.repeat(num_epochs).map(_as_features)
     if objective.pre_pack is not None:
         docs = docs.random_map(objective.pre_pack, seed=_derived_seed(seed, 1))
 

@@ -1,7 +1,8 @@
 """Run 5 training steps of a tiny model on a given mesh/rule set; print the losses as JSON.
 
 Used by test_sharding.py in a subprocess with 8 fake CPU devices.
-usage: python -m tests.train.sharding_worker <mesh gin file or 'single'> [accum_steps]
+usage: python -m tests.train.sharding_worker <config>...  where config is "<mesh>[:accum]" and
+mesh is a gin file under gin_configs/mesh/ or 'single'. Prints {config: losses} as JSON.
 """
 
 import json
@@ -22,7 +23,9 @@ from llm.train.step import batch_sharding, decoder_loss, jit_train_step
 
 def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) -> dict:
     rng = np.random.default_rng(step)
-    targets = rng.integers(3, vocab, (batch, seq), dtype=np.int32)
+    # Learnable data: each row counts upward from a random start, so the loss falls fast.
+    start = rng.integers(3, vocab, (batch, 1))
+    targets = (3 + (start + np.arange(seq)) % (vocab - 3)).astype(np.int32)
     segment_ids = np.where(np.arange(seq) < seq // 2, 1, 2)[None].repeat(batch, 0).astype(np.int32)
     positions = np.where(segment_ids == 1, np.arange(seq), np.arange(seq) - seq // 2)
     inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
@@ -32,6 +35,9 @@ def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) 
 
 
 def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
+    gin.clear_config()
+    gin.parse_config(["learning_rate_schedule.peak = 1e-2",
+                      "learning_rate_schedule.warmup_steps = 0"])
     if mesh_file == "single":
         gin.parse_config(["make_mesh.data = 1"])
         devices = jax.devices()[:1]
@@ -48,6 +54,12 @@ def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
                                           axes, tx, mesh, rules, seed=0)
     step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef), tx=tx,
                           schedule=schedule, accum_steps=accum_steps)
+    kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]
+    expected = {"single": 1, "dp": 1, "fsdp": 8, "tp": 2, "fsdp_tp": 8}
+    name = mesh_file.rsplit("/", 1)[-1].removesuffix(".gin")
+    shards = len({str(s.index) for s in kernel.addressable_shards})
+    if shards != expected[name]:  # the rule set really split the weights
+        raise SystemExit(f"{name}: wi kernel has {shards} distinct shards, want {expected[name]}")
     losses = []
     for i in range(5):
         batch = jax.device_put(synthetic_batch(i), batch_sharding(mesh, rules))
@@ -57,4 +69,8 @@ def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)))
+    results = {}
+    for config in sys.argv[1:]:
+        mesh, _, accum = config.partition(":")
+        results[config] = main(mesh, int(accum or 1))
+    print(json.dumps(results))

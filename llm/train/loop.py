@@ -1,0 +1,147 @@
+"""The training loop shared by every experiment: step, log, evaluate, checkpoint, resume.
+
+The loop owns no model or objective knowledge; an experiment hands it a jitted step function, an
+iterator of host batches, and an evaluation function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import gin
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from llm.train import checkpoint
+from llm.train.metrics import MetricsWriter
+from llm.train.state import TrainState
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train for how long (gin: TrainConfig.*).
+
+    steps: total optimizer steps (a resumed run continues up to this number).
+    global_batch_size: rows per optimizer step, over all processes and micro-batches.
+    accum_steps: micro-batches per step (gradient accumulation).
+    log_every: steps between console/TensorBoard lines (metrics.jsonl gets every step).
+    eval_every: steps between validation passes (0: only at the end).
+    eval_batches: validation batches per intermediate pass (the final pass reads everything).
+    fault_injection: testing hook, "sigkill_after_save:N" or "sigkill_during_save:N" kills the
+      process with SIGKILL right after the checkpoint of step N is committed / started.
+    """
+
+    steps: int = 1000
+    global_batch_size: int = 16
+    seq_len: int = 256
+    accum_steps: int = 1
+    seed: int = 0
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 20
+    fault_injection: str | None = None
+
+    def __post_init__(self):
+        if self.global_batch_size % self.accum_steps:
+            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
+                             f"divisible by accum_steps={self.accum_steps}.")
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays laid out by `sharding` (one process: a device_put)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _fault(cfg: TrainConfig, kind: str, step: int, manager) -> None:
+    if not cfg.fault_injection:
+        return
+    name, _, at = cfg.fault_injection.partition(":")
+    if name == kind and int(at) == step:
+        if kind == "sigkill_after_save":
+            manager.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
+               batches: Iterator[dict[str, np.ndarray]], data_iter, batch_sharding: NamedSharding,
+               manager, writer: MetricsWriter, flops_per_step: float, peak_flops_total: float,
+               evaluate: Callable[[TrainState, int | None], dict] | None = None
+               ) -> tuple[TrainState, str]:
+    """Run from `state.step` to `cfg.steps`. Returns (state, status) where status is
+    "completed" or "preempted" (SIGTERM: a checkpoint was written, the caller exits 0).
+
+    batches: host batches (this process's rows); data_iter: the checkpointable iterator behind
+    them (its state is saved with every checkpoint).
+    """
+    stop = checkpoint.StopSignal()
+    start = int(state.step)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    pending = None  # metrics of the previous step, fetched after the next step is dispatched
+    last_time = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    status = "completed"
+    try:
+        for step in range(start, cfg.steps):
+            batch = to_global(next(batches), batch_sharding)
+            state, metrics = step_fn(state, batch)
+            if checkpoint.save(manager, step + 1, state, data_iter):
+                _fault(cfg, "sigkill_during_save", step + 1, manager)
+                _fault(cfg, "sigkill_after_save", step + 1, manager)
+            if pending is not None:
+                last_time = _log(pending, writer, bar, cfg, last_time, tokens_per_step,
+                                 flops_per_step, peak_flops_total)
+            pending = (step + 1, metrics)
+            if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
+                    and step + 1 < cfg.steps:
+                writer.write(step + 1, evaluate(state, cfg.eval_batches), prefix="eval")
+            if stop.received is not None:
+                status = "preempted"
+                break
+        if pending is not None:
+            _log(pending, writer, bar, cfg, last_time, tokens_per_step, flops_per_step,
+                 peak_flops_total)
+        manager.wait_until_finished()
+        if int(state.step) > start and int(state.step) not in manager.all_steps():
+            checkpoint.save(manager, int(state.step), state, data_iter, force=True)
+            manager.wait_until_finished()
+    finally:
+        bar.close()
+        stop.restore()
+    return state, status
+
+
+def _log(pending, writer, bar, cfg, last_time, tokens_per_step, flops_per_step,
+         peak_flops_total) -> float:
+    step, metrics = pending
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    dt = max(now - last_time, 1e-9)
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLoss(
+            f"Loss became {metrics['loss']} at step {step} (grad_norm {metrics['grad_norm']}). "
+            "The run stopped without checkpointing this state; lower the learning rate "
+            "(learning_rate_schedule.peak), enable clipping (make_optimizer.clip_norm) or "
+            "z-loss (TrainConfig.z_loss), then resume from the last checkpoint.")
+    metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                   mfu=flops_per_step / dt / peak_flops_total)
+    writer.write(step, metrics)
+    bar.update(1)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        mfu=f"{metrics['mfu']:.1%}")
+    return now

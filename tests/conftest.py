@@ -1,0 +1,53 @@
+"""Shared fixtures: a small real corpus (part of this Python's standard library), prepared once
+per test session, and a helper that runs an experiment in a fresh subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDLIB_EMAIL = os.path.join(os.path.dirname(os.__file__), "email", "*.py")
+
+# A corpus of ~20 real files (the stdlib `email` package) and the tiny debug model.
+TINY = [
+    "--gin_file=gin_configs/debug/tiny.gin",
+    "--gin_param=corpus.name='files'",
+    f"--gin_param=text_files.pattern='{STDLIB_EMAIL}'",
+    "--gin_param=prepare.validation_fraction=0.2",
+]
+
+
+def run_experiment(module: str, args: list[str], *, env: dict | None = None,
+                   timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """python -m <module> <args> from the repo root, in a subprocess with its own XLA flags."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("XLA_FLAGS", "")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
+                             f"\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """A prepared data directory (tokenizer + shards) of the stdlib email package."""
+    from llm.config import parse_gin
+    from tools import prepare_data  # noqa: F401  (registers `prepare`)
+
+    import gin
+
+    data_dir = str(tmp_path_factory.mktemp("tiny_data"))
+    with gin.unlock_config():
+        parse_gin([os.path.join(REPO, "gin_configs/debug/tiny.gin")],
+                  [a.split("=", 1)[1] for a in TINY[1:]])
+    try:
+        prepare_data.prepare(data_dir)
+    finally:
+        gin.clear_config()
+    return data_dir
