@@ -16,6 +16,15 @@ from collections.abc import Sequence
 import gin
 import gin.config
 
+# Modules whose configurables any config may bind; imported before parsing so that a binding is
+# checked against the complete registry. Experiments register theirs by being imported.
+CONFIGURABLE_MODULES = (
+    "llm.data.sources", "llm.data.objectives", "llm.data.tokenizer", "llm.data.pipeline",
+    "llm.data.prepare", "llm.model.config", "llm.parallel.mesh", "llm.parallel.rules",
+    "llm.train.optimizer", "llm.train.checkpoint", "llm.train.loop", "llm.train.metrics",
+    "llm.serve.sampler",
+)
+
 
 class ConfigError(ValueError):
     """A gin file or binding does not match any configurable or parameter."""
@@ -49,19 +58,25 @@ def _explain(message: str) -> str:
     return message
 
 
-def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (),
+              skip_unknown: bool = False) -> None:
     """Parse gin files then bindings (later ones win). Raises ConfigError with the valid choices.
 
-    Call after importing the modules whose configurables the config binds.
+    skip_unknown: ignore bindings of configurables that are not registered (for tools that read
+    an experiment's config but only use part of it, like `tools.prepare_data`).
     """
+    import importlib
     import os
 
+    for module in CONFIGURABLE_MODULES:
+        importlib.import_module(module)
     for f in files:
         if not os.path.isfile(f):
             raise ConfigError(f"gin file {f!r} does not exist (run from the repository root, or "
                               "pass a path to one of gin_configs/**/*.gin).")
     try:
-        gin.parse_config_files_and_bindings(list(files), list(bindings))
+        gin.parse_config_files_and_bindings(list(files), list(bindings),
+                                            skip_unknown=skip_unknown)
     except (ValueError, KeyError) as e:
         where = f" (in {', '.join(files) or 'bindings'})"
         raise ConfigError(_explain(str(e).split("\n")[0]) + where) from None

@@ -37,10 +37,11 @@ def run_experiment(module: str, args: list[str], *, env: dict | None = None,
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     """A prepared data directory (tokenizer + shards) of the stdlib email package."""
-    from llm.config import parse_gin
-    from tools import prepare_data  # noqa: F401  (registers `prepare`)
-
     import gin
+
+    from experiments import pretrain_ntp  # noqa: F401  (registers the experiment's bindings)
+    from llm.config import parse_gin
+    from llm.data import prepare as prepare_data
 
     data_dir = str(tmp_path_factory.mktemp("tiny_data"))
     with gin.unlock_config():

@@ -95,17 +95,21 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     status = "completed"
+    log_args = (writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total)
     try:
         for step in range(start, cfg.steps):
             batch = to_global(next(batches), batch_sharding)
             state, metrics = step_fn(state, batch)
-            if checkpoint.save(manager, step + 1, state, data_iter):
+            if pending is not None:
+                last_time = _log(pending, *log_args, last_time)
+            pending = (step + 1, metrics)
+            if manager.should_save(step + 1):
+                # Record this step's metrics before its checkpoint, so a crash right after the
+                # save never leaves steps that are in the checkpoint but not in metrics.jsonl.
+                last_time, pending = _log(pending, *log_args, last_time), None
+                checkpoint.save(manager, step + 1, state, data_iter)
                 _fault(cfg, "sigkill_during_save", step + 1, manager)
                 _fault(cfg, "sigkill_after_save", step + 1, manager)
-            if pending is not None:
-                last_time = _log(pending, writer, bar, cfg, last_time, tokens_per_step,
-                                 flops_per_step, peak_flops_total)
-            pending = (step + 1, metrics)
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
                     and step + 1 < cfg.steps:
                 writer.write(step + 1, evaluate(state, cfg.eval_batches), prefix="eval")
@@ -113,8 +117,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
                 status = "preempted"
                 break
         if pending is not None:
-            _log(pending, writer, bar, cfg, last_time, tokens_per_step, flops_per_step,
-                 peak_flops_total)
+            _log(pending, *log_args, last_time)
         manager.wait_until_finished()
         if int(state.step) > start and int(state.step) not in manager.all_steps():
             checkpoint.save(manager, int(state.step), state, data_iter, force=True)
@@ -125,8 +128,8 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     return state, status
 
 
-def _log(pending, writer, bar, cfg, last_time, tokens_per_step, flops_per_step,
-         peak_flops_total) -> float:
+def _log(pending, writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total,
+         last_time) -> float:
     step, metrics = pending
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 from llm.data import pipeline, shards, sources
 from llm.data.objectives import NEXT_TOKEN, Objective, shift_right
 from tests.data import TINY_VOCAB, tiny_corpus
-from tools import prepare_data
+from llm.data import prepare as prepare_data
 
 SEQ, BATCH = 64, 8
 
