@@ -9,9 +9,11 @@ if [[ ! -x .venv/bin/python ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 stamp=.venv/.llm-installed
-want=$(cat requirements.lock setup.py | sha1sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-beam.txt setup.py | sha1sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/python -m pip install -q -r requirements.lock
+  # Beam pins protobuf<7; it runs fine against our lock, so it goes in without its resolver.
+  .venv/bin/python -m pip install -q --no-deps -r requirements-beam.txt
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi

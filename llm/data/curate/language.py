@@ -28,14 +28,14 @@ def identifier():
     return _IDENTIFIER
 
 
-def detect(text: str, max_chars: int = 2000) -> tuple[str, float]:
+def detect(text: str, max_chars: int = 1000) -> tuple[str, float]:
     """(ISO 639-1 code, probability) of the text's first `max_chars` characters."""
     lang, score = identifier().classify(text[:max_chars])
     return lang, float(score)
 
 
 def language(doc: Document, languages: tuple[str, ...] = (), min_score: float = 0.0,
-             max_chars: int = 2000, skip_domains: tuple[str, ...] = ("code",)
+             max_chars: int = 1000, skip_domains: tuple[str, ...] = ("code",)
              ) -> Document | str:
     """Tag (and optionally filter) a document's language."""
     if doc.metadata.get("domain") in skip_domains:
@@ -50,7 +50,7 @@ def language(doc: Document, languages: tuple[str, ...] = (), min_score: float = 
 
 
 @gin.configurable("langid")
-def language_step(languages: tuple[str, ...] = (), min_score: float = 0.0, max_chars: int = 2000,
+def language_step(languages: tuple[str, ...] = (), min_score: float = 0.0, max_chars: int = 1000,
                   skip_domains: tuple[str, ...] = ("code",)):
     """Gin: `languages` to keep (empty: keep all, only tag), `min_score` confidence floor
     (FineWeb uses 0.65 for English), `max_chars` classified, `skip_domains` left untouched."""

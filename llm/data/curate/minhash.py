@@ -12,7 +12,7 @@ worker and on every machine.
 
 Per unit, `analyze` returns an (n, 1 + bands) uint64 array [ordinal, band hashes...]; the local
 runner spills it to disk as `.npy` (atomically), so a killed run resumes at the first unfinished
-unit. `combine` then walks one band at a time (memory: 16 bytes x documents), links documents
+unit. `combine` then walks one band at a time (memory: ~40 bytes x documents), links documents
 that share a band hash, takes connected components (scipy), and keeps the lowest ordinal of each
 component.
 """
@@ -191,25 +191,43 @@ def analyze(docs: list[tuple[int, Document]], cfg: MinHashConfig = MinHashConfig
     return out
 
 
-def clusters(partials, bands: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ordinals, keeper ordinal per document) from per-unit [ordinal, bands...] arrays.
-
-    `partials` is a sequence of (unit, array) in any order; it is iterated once per band so the
-    arrays may be memory-mapped files.
-    """
+def resolve(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find over duplicate edges between ordinals: (removed ordinals, sorted; the ordinal
+    kept for each, aligned). Each connected component keeps its lowest ordinal."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    src = np.asarray(src, np.uint64)
+    dst = np.asarray(dst, np.uint64)
+    if len(src) == 0:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    nodes, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
+    n = len(nodes)
+    graph = coo_matrix((np.ones(len(src), np.int8), (inv[:len(src)], inv[len(src):])),
+                       shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, np.int64)
+    np.minimum.at(first, labels, np.arange(n))   # nodes are sorted: lowest index = lowest ordinal
+    keeper = nodes[first[labels]]
+    dup = keeper != nodes
+    return nodes[dup], keeper[dup]
+
+
+def band_edges(partials, bands: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(src, dst, documents): edges linking each document to the lowest ordinal sharing one of
+    its band hashes. `partials` is a sequence of (key, [ordinal, bands...] array) iterated once
+    per band, so the arrays may be memory-mapped files."""
     parts = sorted(partials, key=lambda p: p[0])
-    ords = np.concatenate([np.asarray(a[:, 0]) for _, a in parts]) if parts else \
-        np.empty(0, np.uint64)
+    if not parts:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64), 0
+    ords = np.concatenate([np.asarray(a[:, 0]) for _, a in parts])
     order = np.argsort(ords, kind="stable")
     ords = ords[order]
     n = len(ords)
     src, dst = [], []
     for b in range(bands):
         h = np.concatenate([np.asarray(a[:, 1 + b]) for _, a in parts])[order]
-        idx = np.argsort(h, kind="stable")
+        idx = np.argsort(h, kind="stable")   # equal hashes stay in ordinal order
         hs = h[idx]
         same = (hs[1:] == hs[:-1]) & (hs[1:] != 0)
         if not same.any():
@@ -217,24 +235,23 @@ def clusters(partials, bands: int) -> tuple[np.ndarray, np.ndarray]:
         run_start = np.maximum.accumulate(np.where(np.concatenate(([True], ~same)),
                                                    np.arange(n), 0))
         j = np.flatnonzero(np.concatenate(([False], same)))
-        src.append(idx[run_start[j]])
-        dst.append(idx[j])
+        src.append(ords[idx[run_start[j]]])
+        dst.append(ords[idx[j]])
     if not src:
-        return ords, ords.copy()
-    s, d = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(s), np.int8), (s, d)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, n, np.int64)
-    np.minimum.at(first, labels, np.arange(n))
-    return ords, ords[first[labels]]
+        return np.empty(0, np.uint64), np.empty(0, np.uint64), n
+    return np.concatenate(src), np.concatenate(dst), n
+
+
+def state_from_edges(src: np.ndarray, dst: np.ndarray, docs: int) -> dict:
+    """The combined MinHash state (shared by the local and the Beam runner)."""
+    removed, kept = resolve(src, dst)
+    return {"removed": removed, "kept_copy": kept,
+            "clusters": int(len(np.unique(kept))), "docs": int(docs)}
 
 
 def combine(partials, cfg: MinHashConfig = MinHashConfig()) -> dict:
     """Sorted removed ordinals and, aligned with them, the ordinal of the copy that was kept."""
-    ords, keeper = clusters(partials, cfg.bands)
-    dup = keeper != ords
-    return {"removed": ords[dup], "kept_copy": keeper[dup],
-            "clusters": int(len(np.unique(keeper[dup]))), "docs": int(len(ords))}
+    return state_from_edges(*band_edges(partials, cfg.bands))
 
 
 def apply(o: int, doc: Document, state: dict) -> Document | str:

@@ -52,6 +52,8 @@ def normalize(doc: Document, nfc: bool = True, strip_control: bool = True,
         return "empty_text"
     if text == doc.text:
         return doc
+    if text == doc.text.strip():  # only surrounding whitespace trimmed: not worth counting
+        return dataclasses.replace(doc, text=text)
     return dataclasses.replace(doc, text=text), {"changed": 1}
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections import Counter
 
 import gin
+import numpy as np
 
 from llm.data.sources import Document
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019")
-_ALPHA = re.compile(r"[^\W\d_]", re.UNICODE)
+_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
 _BULLETS = ("\u2022", "\u2023", "\u25b6", "\u25cf", "\u25e6", "\u25aa", "-", "*")
 _ELLIPSIS = ("...", "\u2026")
 
@@ -62,7 +62,7 @@ def gopher_quality(doc: Document, min_words: int = 50, max_words: int = 100_000,
         if sum(ln.rstrip().endswith(_ELLIPSIS) for ln in lines) / len(lines) \
                 > max_ellipsis_lines_ratio:
             return "gopher_ellipsis_lines"
-    alpha = sum(1 for w in words if _ALPHA.search(w))
+    alpha = len(_ALPHA_WORD.findall(text))
     if alpha / n < min_alpha_word_ratio:
         return "gopher_alpha_words"
     if len(STOP_WORDS.intersection(text.lower().split())) < min_stop_words:
@@ -84,32 +84,53 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
     return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
 
 
-def _top_ngram_char_frac(words: list[str], n: int) -> float:
-    grams = Counter(zip(*(words[i:] for i in range(n))))
-    if not grams:
-        return 0.0
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    total = sum(map(len, words))
-    return sum(map(len, gram)) * count / max(total, 1)
+_NGRAM_K = (np.arange(1, 11, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
 
 
-def _dup_ngram_char_frac(words: list[str], n: int) -> float:
+def _word_ids(words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(integer id per word, character length per word)."""
+    ids: dict[str, int] = {}
+    wid = np.fromiter((ids.setdefault(w, len(ids)) for w in words), np.uint64, len(words))
+    lens = np.fromiter(map(len, words), np.int64, len(words))
+    return wid * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(1), lens
+
+
+def _ngram_keys(wid: np.ndarray, n: int) -> np.ndarray:
+    m = len(wid) - n + 1
+    keys = np.zeros(m, np.uint64)
+    for t in range(n):
+        keys = (keys ^ wid[t:t + m]) * _NGRAM_K[t]
+    return keys
+
+
+def _top_ngram_char_frac(wid: np.ndarray, lens: np.ndarray, n: int) -> float:
+    """Characters in the most frequent n-gram (times its count) over all word characters."""
+    if len(wid) < n:
+        return 0.0
+    keys = _ngram_keys(wid, n)
+    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < 2:
+        return 0.0
+    start = first[top]
+    return float(lens[start:start + n].sum() * counts[top]) / max(int(lens.sum()), 1)
+
+
+def _dup_ngram_char_frac(wid: np.ndarray, lens: np.ndarray, n: int) -> float:
     """Fraction of word characters covered by n-grams that occur more than once."""
-    if len(words) < n:
+    if len(wid) < n:
         return 0.0
-    grams = list(zip(*(words[i:] for i in range(n))))
-    counts = Counter(grams)
-    if max(counts.values()) < 2:
+    keys = _ngram_keys(wid, n)
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    dup = counts[inverse] > 1
+    if not dup.any():
         return 0.0
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = b"\x01" * n
-    lens = list(map(len, words))
-    total = sum(lens)
-    return sum(ln for ln, c in zip(lens, covered) if c) / max(total, 1)
+    cover = np.zeros(len(wid) + 1, np.int64)
+    starts = np.flatnonzero(dup)
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    covered = np.cumsum(cover[:-1]) > 0
+    return float(lens[covered].sum()) / max(int(lens.sum()), 1)
 
 
 def gopher_repetition(doc: Document, max_dup_line_frac: float = 0.3,
@@ -135,12 +156,12 @@ def gopher_repetition(doc: Document, max_dup_line_frac: float = 0.3,
         return "gopher_dup_lines"
     if chars > max_dup_line_char_frac:
         return "gopher_dup_line_chars"
-    words = text.lower().split()
+    wid, lens = _word_ids(text.lower().split())
     for n, limit in top_ngram_max_char_frac:
-        if _top_ngram_char_frac(words, n) > limit:
+        if _top_ngram_char_frac(wid, lens, n) > limit:
             return f"gopher_top_{n}gram"
     for n, limit in dup_ngram_max_char_frac:
-        if _dup_ngram_char_frac(words, n) > limit:
+        if _dup_ngram_char_frac(wid, lens, n) > limit:
             return f"gopher_dup_{n}gram"
     return doc
 

@@ -9,7 +9,7 @@ A *source spec* is a dict (gin-bindable) with a `kind` and that kind's options:
     {"kind": "files", "path": "data/books/**/*.txt", "domain": "books"}
     {"kind": "jsonl", "path": "data/web/*.jsonl.gz", "text_field": "text", "domain": "web"}
     {"kind": "parquet", "path": "data/code/*.parquet", "text_field": "content", "domain": "code"}
-    {"kind": "tfds", "name": "wikipedia/20230601.en", "split": "train", "text_field": "text"}
+    {"kind": "tfds", "dataset": "wikipedia/20230601.en", "split": "train", "data_dir": "..."}
     {"kind": "embedded"}                       # the Python stdlib + pydoc topics
 
 Common options: `name` (the source name in reports; default derived from kind and path) and
@@ -39,6 +39,16 @@ from llm.data.curate.records import CurationError, Rejected, sample_of
 from llm.data.sources import DataError, Document
 
 KINDS = ("files", "jsonl", "parquet", "tfds", "embedded")
+_OPTIONS = {"files": set(), "jsonl": {"text_field", "id_field"},
+            "parquet": {"text_field", "id_field"}, "tfds": {"data_dir", "text_field"},
+            "embedded": set()}
+
+
+def _check_options(kind: str, spec: dict) -> None:
+    extra = set(spec) - _OPTIONS[kind]
+    if extra:
+        raise CurationError(f"Unknown option(s) {sorted(extra)} for a {kind} source; allowed: "
+                            f"{sorted(_OPTIONS[kind] | {'kind', 'name', 'domain', 'path'})}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +114,16 @@ def plan_units(specs: list[dict], limits: ReadLimits | None = None) -> list[Unit
                 units.append(Unit("embedded", name, domain, tuple(files[i:i + step])))
             if spec.pop("include_docs", True):
                 units.append(Unit("pydoc", "pydoc", "docs"))
+            _check_options(kind, spec)
             continue
         if kind == "tfds":
-            ds = spec.pop("name", None) or spec.pop("dataset", None)
+            ds = spec.pop("dataset", None)
             if not ds:
-                raise CurationError("A tfds source needs `name` (e.g. 'imdb_reviews').")
+                raise CurationError("A tfds source needs `dataset` (e.g. 'imdb_reviews').")
             split = spec.pop("split", "train")
             n = int(spec.pop("num_units", 1))
-            src = spec.pop("source", f"tfds:{ds}")
+            src = spec.pop("name", f"tfds:{ds}")
+            _check_options(kind, spec)
             for i in range(n):
                 sub = split if n == 1 else f"{split}[{100 * i // n}%:{100 * (i + 1) // n}%]"
                 units.append(Unit("tfds", src, domain, (ds,),
@@ -125,6 +137,7 @@ def plan_units(specs: list[dict], limits: ReadLimits | None = None) -> list[Unit
             raise CurationError(f"No files match {path!r} for the {kind} source. Check the path "
                                 "or the glob.")
         name = spec.pop("name", f"{kind}:{path}")
+        _check_options(kind, spec)
         options = tuple(sorted(spec.items()))
         if kind == "files":
             for i in range(0, len(paths), limits.files_per_unit):
