@@ -52,3 +52,19 @@ def tiny_data(tmp_path_factory) -> str:
     finally:
         gin.clear_config()
     return data_dir
+
+
+def tiny_run_args(run_dir, data_dir, *extra: str) -> list[str]:
+    """pretrain_ntp arguments for a 12-step tiny run on `data_dir` (no sampling)."""
+    return [*TINY, f"--gin_param=pretrain.data_dir='{data_dir}'",
+            f"--gin_param=pretrain.run_dir='{run_dir}'", "--gin_param=pretrain.sample_prompt=''",
+            "--gin_param=TrainConfig.steps=12", "--gin_param=checkpoint_manager.save_every=3",
+            *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> str:
+    """The run directory of one uninterrupted 12-step tiny pretraining run."""
+    run_dir = str(tmp_path_factory.mktemp("tiny_run"))
+    run_experiment("experiments.pretrain_ntp", tiny_run_args(run_dir, tiny_data))
+    return run_dir

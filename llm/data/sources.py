@@ -52,7 +52,8 @@ def stdlib_root() -> pathlib.Path:
 def embedded_corpus(include_tests: bool = False, include_docs: bool = True) -> Iterator[Document]:
     """The default corpus: the running Python's own standard library, on every machine.
 
-    Yields every `.py` file under the stdlib directory (skipping `site-packages` and, unless
+    Yields every `.py` file under the stdlib directory (skipping `site-packages`, the
+    machine-specific `_sysconfigdata*` build settings and, unless
     `include_tests`, test suites and demo code) followed by the English help topics shipped
     in `pydoc_data` (the text behind `help('for')` etc.). Files are visited in sorted order, so
     the corpus is deterministic for a given Python version.
@@ -72,8 +73,8 @@ def embedded_files(include_tests: bool = False) -> list[pathlib.Path]:
     out = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if "site-packages" in rel.parts:
-            continue
+        if "site-packages" in rel.parts or rel.name.startswith("_sysconfigdata"):
+            continue  # third-party packages; the interpreter's build settings (per machine)
         if not include_tests and _TEST_DIRS.intersection(rel.parts[:-1]):
             continue
         out.append(path)

@@ -10,16 +10,12 @@ import time
 import pytest
 
 from llm.train.metrics import read_metrics
-from tests.conftest import REPO, TINY, run_experiment
+from tests.conftest import REPO, run_experiment, tiny_run_args
 
 pytestmark = pytest.mark.slow
 
 
-def args(run_dir: str, data_dir: str, *extra: str) -> list[str]:
-    return [*TINY, f"--gin_param=pretrain.data_dir='{data_dir}'",
-            f"--gin_param=pretrain.run_dir='{run_dir}'", "--gin_param=pretrain.sample_prompt=''",
-            "--gin_param=TrainConfig.steps=12", "--gin_param=checkpoint_manager.save_every=3",
-            *extra]
+args = tiny_run_args
 
 
 def losses(run_dir: str) -> list[float]:
@@ -32,10 +28,8 @@ def steps_on_disk(run_dir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_data, tmp_path_factory) -> list[float]:
-    run_dir = str(tmp_path_factory.mktemp("straight"))
-    run_experiment("experiments.pretrain_ntp", args(run_dir, tiny_data))
-    out = losses(run_dir)
+def straight(tiny_run) -> list[float]:
+    out = losses(tiny_run)
     assert len(out) == 12 and out[-1] < out[0]
     return out
 
