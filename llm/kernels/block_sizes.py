@@ -71,16 +71,23 @@ class DecodeBlockSizes:
     block_kv: KV-cache positions per inner-loop step.
     num_splits: the cache is cut into this many chunks processed by separate programs
       (flash-decoding), whose partial softmaxes are merged afterwards. More splits give more
-      parallelism when batch * kv_heads is small.
+      parallelism when batch * kv_heads is small. GPU only, and only when all rows fit in one
+      row tile (decoding, not prefill).
+    block_rows: rows per tile, a row being one (new token, q head of the group) pair; a long
+      q_len (prefill through the cache) is processed in several row tiles.
     num_warps / num_stages: Triton launch parameters.
     """
 
     block_kv: int = 128
     num_splits: int = 8
+    block_rows: int = 64
     num_warps: int = 4
     num_stages: int = 2
 
     def validate(self) -> None:
+        if self.block_rows < _GPU_MIN_BLOCK or self.block_rows & (self.block_rows - 1):
+            raise ValueError(f"DecodeBlockSizes.block_rows={self.block_rows} must be a power of "
+                             f"two >= {_GPU_MIN_BLOCK}")
         if self.block_kv < _GPU_MIN_BLOCK or self.block_kv & (self.block_kv - 1):
             raise ValueError(f"DecodeBlockSizes.block_kv={self.block_kv} must be a power of two "
                              f">= {_GPU_MIN_BLOCK}")

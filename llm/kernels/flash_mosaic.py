@@ -102,7 +102,8 @@ def _fwd_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, kv_len
                          causal=causal, kv_len_valid=kv_len_valid if padded_kv else None,
                          q_ids=_col(qs_ref[...]) if has_segments else None,
                          k_ids=ks_ref[...] if has_segments else None)
-            s = jnp.where(mask, s, MASK_VALUE)
+            if mask is not None:
+                s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_new)
@@ -222,7 +223,8 @@ def _dq_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, kv_len_
                          causal=causal, kv_len_valid=kv_len_valid if padded_kv else None,
                          q_ids=_col(qs_ref[...]) if has_segments else None,
                          k_ids=ks_ref[...] if has_segments else None)
-            s = jnp.where(mask, s, MASK_VALUE)
+            if mask is not None:
+                s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp(s - _col(lse_ref[...]))
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - _col(delta_ref[...]))
@@ -271,7 +273,8 @@ def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, q_len_
                          causal=causal, kv_len_valid=None,
                          q_ids=qs_ref[...] if has_segments else None,
                          k_ids=_col(ks_ref[...]) if has_segments else None)
-            s_t = jnp.where(mask, s_t, MASK_VALUE)
+            if mask is not None:
+                s_t = jnp.where(mask, s_t, MASK_VALUE)
         p_t = jnp.exp(s_t - lse_ref[...])  # [block_kv, block_q]
         dv_scr[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)

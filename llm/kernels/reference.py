@@ -61,3 +61,21 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=Non
     probs = probs.reshape(b, num_kv_heads, groups, q_len, kv_len).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               lengths: jax.Array, *, sm_scale: float | None = None) -> jax.Array:
+    """Attention of a few new tokens against a KV cache, per-sequence valid length.
+
+    q: [batch, q_len, num_heads, head_dim], the last q_len tokens of each sequence's valid
+    prefix; k_cache, v_cache: [batch, max_len, num_kv_heads, head_dim]; lengths: [batch] int,
+    valid cache length (it includes the q_len new tokens). Query t of sequence b sits at
+    position lengths[b] - q_len + t and attends cache positions <= that (causal among the new
+    tokens; everything at or past lengths[b] is ignored). Returns [batch, q_len, num_heads,
+    head_dim] in q's dtype; a query whose position is negative (lengths[b] < q_len) gives 0.
+    """
+    q_len, max_len = q.shape[1], k_cache.shape[1]
+    q_pos = lengths[:, None] - q_len + jnp.arange(q_len)[None, :]  # [batch, q_len]
+    mask = jnp.arange(max_len)[None, None, :] <= q_pos[:, :, None]  # [batch, q_len, max_len]
+    return mha_reference(q, k_cache, v_cache, causal=False, sm_scale=sm_scale,
+                         mask=mask[:, None])

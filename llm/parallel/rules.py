@@ -90,6 +90,17 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active_spec(names: Sequence[str | None], shape: Sequence[int]
+                ) -> tuple[Mesh, PartitionSpec] | None:
+    """(mesh, spec) that `constrain` would use for these names, or None outside
+    `activation_sharding` or on a one-device mesh. For code that must shard by hand, such as a
+    Pallas kernel under `shard_map`."""
+    if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+        return None
+    mesh, rules = _ACTIVE[-1]
+    return mesh, logical_to_spec(names, rules, mesh, shape)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
     if not _ACTIVE:

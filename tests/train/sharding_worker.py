@@ -1,7 +1,8 @@
 """Run 5 training steps of a tiny model on a given mesh/rule set; print the losses as JSON.
 
 Used by test_sharding.py in a subprocess with 8 fake CPU devices.
-usage: python -m tests.train.sharding_worker <config>...  where config is "<mesh>[:accum]" and
+usage: python -m tests.train.sharding_worker <config>...  where config is
+"<mesh>[:accum[:attention_impl]]" and
 mesh is a gin file under gin_configs/mesh/ or 'single'. Prints {config: losses} as JSON.
 """
 
@@ -34,7 +35,7 @@ def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) 
             "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
 
 
-def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
+def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> list[float]:
     gin.clear_config()
     gin.parse_config(["learning_rate_schedule.peak = 1e-2",
                       "learning_rate_schedule.warmup_steps = 0"])
@@ -47,7 +48,7 @@ def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
     mesh = make_mesh(devices=devices)
     rules = axis_rules()
     cfg = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mlp_dim=128)
+                      mlp_dim=128, attention_impl=attention_impl)
     graphdef, abstract_params, axes = transformer.abstract(cfg)
     tx, schedule = make_optimizer(total_steps=5)
     state, shardings = create_train_state(lambda k: transformer.init(cfg, k)[1], abstract_params,
@@ -71,6 +72,6 @@ def main(mesh_file: str, accum_steps: int = 1) -> list[float]:
 if __name__ == "__main__":
     results = {}
     for config in sys.argv[1:]:
-        mesh, _, accum = config.partition(":")
-        results[config] = main(mesh, int(accum or 1))
+        mesh, accum, impl = (config.split(":") + ["", ""])[:3]
+        results[config] = main(mesh, int(accum or 1), impl or "xla")
     print(json.dumps(results))

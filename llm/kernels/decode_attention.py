@@ -1,0 +1,315 @@
+"""Decode attention: a few new query tokens against a KV cache with a per-sequence length.
+
+q [batch, q_len, heads, head_dim] (q_len small: 1 for plain sampling, a few for speculative
+decoding), caches [batch, max_len, kv_heads, head_dim], lengths [batch] int32. Query t of
+sequence b sits at position lengths[b] - q_len + t and attends cache positions <= that.
+
+Both kernels put all q heads that share a kv head (and all q_len tokens) into the rows of one
+tile (tiles of block_rows rows when q_len is long, e.g. a prefill through the cache), so each
+cache block is read from HBM once per kv head and row tile; a row tile stops at the last
+position its rows may attend. Blocks wholly past lengths[b] are never read; inside the last
+block, rows past the length are zeroed before use, so stale cache contents (even NaN) cannot
+leak into the result.
+  GPU (Triton): grid (batch, kv_heads, row_tiles x num_splits). When all rows fit one tile
+    (decoding), the cache is cut into num_splits chunks (flash-decoding); each program writes
+    a partial softmax (output and base-2 logsumexp) and the chunks are merged with jnp ops.
+  TPU (Mosaic): grid (batch, row_tiles, kv_blocks); lengths come in by scalar prefetch, blocks
+    past the last attended position are neither fetched (index map clamps) nor computed. The
+    cache is viewed as [batch, max_len, kv_heads * head_dim] (a free reshape) so blocks are
+    lane-dense.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from llm.kernels.backend import resolve_backend, resolve_interpret
+from llm.kernels.block_sizes import DecodeBlockSizes, next_power_of_2, round_up
+from llm.kernels.reference import MASK_VALUE
+
+LOG2E = math.log2(math.e)
+_NT = (((1,), (1,)), ((), ()))
+_LANES = 128
+
+
+def _rows_per_kv_head(q: jax.Array, kv_heads: int, rows: int) -> jax.Array:
+    """[b, T, heads, d] -> [b, kv_heads, rows, d]; row r = t * groups + g, zero-padded."""
+    b, t, heads, d = q.shape
+    groups = heads // kv_heads
+    x = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 1, 3, 4).reshape(
+        b, kv_heads, t * groups, d)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, rows - t * groups), (0, 0)))
+
+
+def _from_rows(o: jax.Array, q_shape) -> jax.Array:
+    b, t, heads, d = q_shape
+    kv_heads = o.shape[1]
+    groups = heads // kv_heads
+    o = o[:, :, :t * groups].reshape(b, kv_heads, t, groups, d).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, heads, d)
+
+
+def _row_offsets(q_len: int, groups: int, rows: int) -> jax.Array:
+    """[rows] int32: t - q_len for row r = t * groups + g; padded rows see nothing."""
+    r = jnp.arange(rows)
+    return jnp.where(r < q_len * groups, r // groups - q_len, -(2**30)).astype(jnp.int32)
+
+
+def _fit_block(block: int, max_len: int, multiple: int) -> int:
+    """Largest block <= `block` that divides max_len (powers of two down to `multiple`)."""
+    b = block
+    while b > multiple and max_len % b:
+        b //= 2
+    return b
+
+
+# ---------------------------------------------------------------- GPU (Triton)
+
+def _triton_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale: float,
+                   block_kv: int, blocks_per_split: int, num_blocks: int, splits: int):
+    b, s = pl.program_id(0), pl.program_id(2) % splits
+    length = len_ref[b]
+    q = q_ref[...]
+    rows = q.shape[0]
+    offsets = off_ref[...]
+    limit = length + offsets  # [rows]: last cache position each row may attend
+    lo = s * blocks_per_split
+    # Never past the cache, nor past the last position any row of this tile may attend.
+    hi = jnp.minimum(jnp.minimum(lo + blocks_per_split, num_blocks),
+                     lax.div(length + jnp.max(offsets) + block_kv, block_kv))
+
+    def step(j, carry):
+        acc, m, l = carry
+        kv_slice = pl.ds(j * block_kv, block_kv)
+        k = k_ref[kv_slice, :]
+        v = v_ref[kv_slice, :]
+        sc = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
+        pos = j * block_kv + jnp.arange(block_kv)
+        sc = jnp.where(pos[None, :] <= limit[:, None], sc, MASK_VALUE)
+        # Stale cache rows past the length may hold anything (even NaN): 0 * NaN would leak.
+        v = jnp.where((pos < length)[:, None], v, jnp.zeros_like(v))
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(sc - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    acc, m, l = lax.fori_loop(lo, hi, step, (
+        jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32)))
+    valid = m > MASK_VALUE
+    l_safe = jnp.where(valid, l, 1.0)
+    o_ref[...] = jnp.where(valid[:, None], acc / l_safe[:, None], 0.0)
+    lse_ref[...] = jnp.where(valid, m + jnp.log2(l_safe), -jnp.inf)
+
+
+def _decode_triton(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
+                   interpret: bool):
+    batch, q_len, heads, head_dim = q.shape
+    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = heads // kv_heads
+    # Rows (q_len x group heads) are tiled by block_rows: one tile for decoding, many for a
+    # prefill through the cache. Many tiles already fill the GPU, so they are not split.
+    block_rows = min(blocks.block_rows, max(16, next_power_of_2(q_len * groups)))
+    rows = round_up(q_len * groups, block_rows)
+    row_blocks = rows // block_rows
+    block_kv = _fit_block(min(blocks.block_kv, max(16, next_power_of_2(max_len))), max_len, 16)
+    if max_len % block_kv:  # odd cache size: pad (a copy of the cache; allocate multiples of 16)
+        padded = round_up(max_len, block_kv)
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
+        max_len = padded
+    n_blocks = max_len // block_kv
+    splits = min(blocks.num_splits, n_blocks) if row_blocks == 1 else 1
+    per = -(-n_blocks // splits)
+    splits = -(-n_blocks // per)
+    cache_spec = pl.BlockSpec((None, max_len, None, head_dim), lambda b, h, t: (b, 0, h, 0))
+    # Grid axis 2 enumerates (row tile, split) pairs: Triton grids have three axes.
+    o_part, lse_part = pl.pallas_call(
+        functools.partial(_triton_kernel, sm_scale=sm_scale, block_kv=block_kv,
+                          blocks_per_split=per, num_blocks=n_blocks, splits=splits),
+        grid=(batch, kv_heads, row_blocks * splits),
+        in_specs=[pl.BlockSpec((batch,), lambda b, h, t: (0,)),
+                  pl.BlockSpec((block_rows,), lambda b, h, t: (t // splits,)),
+                  pl.BlockSpec((None, None, block_rows, head_dim),
+                               lambda b, h, t: (b, h, t // splits, 0)),
+                  cache_spec, cache_spec],
+        out_specs=[pl.BlockSpec((None, None, None, block_rows, head_dim),
+                                lambda b, h, t: (b, h, t % splits, t // splits, 0)),
+                   pl.BlockSpec((None, None, None, block_rows),
+                                lambda b, h, t: (b, h, t % splits, t // splits))],
+        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths, _row_offsets(q_len, groups, rows), _rows_per_kv_head(q, kv_heads, rows),
+      k_cache, v_cache)
+    # Merge the splits' partial softmaxes (base 2); splits that saw nothing have lse = -inf.
+    lse_max = jnp.max(lse_part, axis=2, keepdims=True)
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    w = jnp.exp2(lse_part - lse_max)  # [b, kv_heads, splits, rows]
+    denom = jnp.sum(w, axis=2)
+    o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return _from_rows(o, q.shape).astype(q.dtype)
+
+
+# ---------------------------------------------------------------- TPU (Mosaic)
+
+def _last_position(length, row_block, *, block_rows: int, q_len: int, groups: int):
+    """Last cache position any row of row tile `row_block` may attend (scalar int32)."""
+    t_max = jnp.minimum(((row_block + 1) * block_rows - 1) // groups, q_len - 1)
+    return length - q_len + t_max
+
+
+def _mosaic_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *,
+                   sm_scale: float, block_kv: int, kv_heads: int, head_dim: int,
+                   block_rows: int, q_len: int, groups: int):
+    b, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    last = _last_position(length, r, block_rows=block_rows, q_len=q_len, groups=groups)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when(j * block_kv <= last)
+    def _step():
+        rows = q_ref.shape[1]
+        pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
+        allowed = pos <= length + off_ref[...][:, 0:1]
+        in_cache = (j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
+                    ) < length
+        for h in range(kv_heads):  # static: kv_heads is small, each head is a lane slice
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            k = k_ref[:, cols]
+            v = jnp.where(in_cache, v_ref[:, cols], 0)  # stale rows may hold NaN
+            s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * sm_scale
+            s = jnp.where(allowed, s, MASK_VALUE)
+            m_prev = m_scr[h]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            alpha = jnp.exp(m_prev - m_new)
+            p = jnp.exp(s - m_new[:, 0:1])
+            l_scr[h] = alpha * l_scr[h] + jnp.sum(p, axis=1, keepdims=True)
+            m_scr[h] = m_new
+            acc_scr[h] = acc_scr[h] * alpha[:, 0:1] + jnp.dot(
+                p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finalize():
+        for h in range(kv_heads):
+            m, l = m_scr[h], l_scr[h]
+            valid = m > MASK_VALUE
+            l_safe = jnp.where(valid, l, 1.0)
+            o_ref[h] = jnp.where(valid[:, 0:1], acc_scr[h] / l_safe[:, 0:1],
+                                 0.0).astype(o_ref.dtype)
+
+
+def _decode_mosaic(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
+                   interpret: bool):
+    batch, q_len, heads, head_dim = q.shape
+    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = heads // kv_heads
+    block_rows = min(round_up(blocks.block_rows, 8), round_up(q_len * groups, 8))
+    rows = round_up(q_len * groups, block_rows)
+    block_kv = _fit_block(min(max(blocks.block_kv, 8), round_up(max_len, 8)), max_len, 8)
+    if max_len % block_kv:
+        padded = round_up(max_len, block_kv)
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
+        max_len = padded
+    width = kv_heads * head_dim
+    num_blocks = max_len // block_kv
+
+    def cache_block(b, r, j, len_ref):  # past the last needed block: repeat it, no new DMA
+        last = _last_position(len_ref[b], r, block_rows=block_rows, q_len=q_len, groups=groups)
+        return b, jnp.clip(jnp.minimum(j, lax.div(last, block_kv)), 0, num_blocks - 1), 0
+
+    offsets = jnp.broadcast_to(_row_offsets(q_len, groups, rows)[:, None], (rows, _LANES))
+    q_spec = pl.BlockSpec((None, kv_heads, block_rows, head_dim), lambda b, r, j, _: (b, 0, r, 0))
+    out = pl.pallas_call(
+        functools.partial(_mosaic_kernel, sm_scale=sm_scale, block_kv=block_kv,
+                          kv_heads=kv_heads, head_dim=head_dim, block_rows=block_rows,
+                          q_len=q_len, groups=groups),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(batch, rows // block_rows, num_blocks),
+            in_specs=[pl.BlockSpec((block_rows, _LANES), lambda b, r, j, _: (r, 0)),
+                      q_spec,
+                      pl.BlockSpec((None, block_kv, width), cache_block),
+                      pl.BlockSpec((None, block_kv, width), cache_block)],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((kv_heads, block_rows, _LANES), jnp.float32),
+                            pltpu.VMEM((kv_heads, block_rows, _LANES), jnp.float32),
+                            pltpu.VMEM((kv_heads, block_rows, head_dim), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="decode_attention",
+    )(lengths, offsets, _rows_per_kv_head(q, kv_heads, rows),
+      k_cache.reshape(batch, max_len, width), v_cache.reshape(batch, max_len, width))
+    return _from_rows(out, q.shape)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                     *, sm_scale: float | None = None,
+                     block_sizes: DecodeBlockSizes | None = None, backend: str = "auto",
+                     interpret: bool | None = None) -> jax.Array:
+    """Attention of q_len new tokens per sequence against a ragged KV cache.
+
+    Args:
+      q: [batch, q_len, heads, head_dim], the last q_len tokens of each valid prefix; cast
+        to the cache dtype for the matmuls, the result comes back in q's dtype.
+      k_cache, v_cache: [batch, max_len, kv_heads, head_dim], heads % kv_heads == 0.
+      lengths: [batch] int, valid cache length per sequence (including the new tokens).
+        Query t attends positions <= lengths[b] - q_len + t; nothing at or past lengths[b]
+        is read.
+      sm_scale: default head_dim ** -0.5 (Python number).
+      block_sizes: `DecodeBlockSizes` (cache block, number of splits, Triton warps).
+      backend / interpret: as in `flash_attention`.
+    Returns:
+      [batch, q_len, heads, head_dim] in q's dtype; same as `decode_attention_reference`.
+    """
+    backend = resolve_backend(backend)
+    if q.ndim != 4 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q [batch, q_len, heads, head_dim] and equal caches [batch, "
+                         f"max_len, kv_heads, head_dim]; got q{q.shape} k_cache{k_cache.shape} "
+                         f"v_cache{v_cache.shape}")
+    batch, _, heads, head_dim = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or heads % k_cache.shape[2]:
+        raise ValueError(f"q{q.shape} does not fit the cache {k_cache.shape}: need equal batch "
+                         "and head_dim, and heads a multiple of kv_heads")
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be int [batch]=[{batch}], got {lengths.dtype}"
+                         f"{list(lengths.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share a dtype; got {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    if backend == "gpu" and (head_dim < 16 or head_dim & (head_dim - 1)):
+        raise ValueError(f"head_dim={head_dim}: the GPU decode kernel needs a power of two >= 16")
+    if sm_scale is None:
+        sm_scale = head_dim**-0.5
+    if isinstance(sm_scale, jax.Array) or not isinstance(sm_scale, int | float):
+        raise TypeError("sm_scale must be a Python float (it is baked into the kernel)")
+    blocks = block_sizes or DecodeBlockSizes()
+    blocks.validate()
+    impl = _decode_triton if backend == "gpu" else _decode_mosaic
+    # q is computed in the cache's dtype (bf16 caches with fp32 activations are common).
+    out = impl(q.astype(k_cache.dtype), k_cache, v_cache, lengths.astype(jnp.int32),
+               sm_scale=float(sm_scale), blocks=blocks,
+               interpret=resolve_interpret(backend, interpret))
+    return out.astype(q.dtype)

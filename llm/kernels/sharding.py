@@ -1,0 +1,63 @@
+"""Flash attention on a device mesh.
+
+XLA cannot partition a Pallas kernel (a custom call): under a multi-device `jit` its operands
+would be gathered onto every device. Attention is independent per sequence and per head, so
+the kernel runs per shard under `jax.shard_map`, batch split over `batch_axes` and heads (q
+and kv alike, which keeps each GQA group on one shard) over `head_axes`. Sequence sharding
+(ring / context parallel attention) is not supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from llm.kernels.flash_attention import flash_attention
+
+
+def _size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"mesh axis {a!r} not in mesh axes {tuple(mesh.shape)}")
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                            batch_axes: str | tuple[str, ...] | None = None,
+                            head_axes: str | tuple[str, ...] | None = None,
+                            q_segment_ids: jax.Array | None = None,
+                            kv_segment_ids: jax.Array | None = None,
+                            **kwargs) -> jax.Array:
+    """`flash_attention` run shard by shard on `mesh`; same arguments and result.
+
+    q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim]: batch is split
+    over `batch_axes`, heads and kv_heads over `head_axes`; other dims are whole on each shard.
+    `kwargs` (causal, sm_scale, block_sizes, backend, interpret) pass through.
+    """
+    n_batch, n_heads = _size(mesh, batch_axes), _size(mesh, head_axes)
+    if q.shape[0] % n_batch:
+        raise ValueError(f"batch {q.shape[0]} is not divisible by the {n_batch} shards of "
+                         f"{batch_axes!r}")
+    if q.shape[2] % n_heads or k.shape[2] % n_heads:
+        raise ValueError(f"heads={q.shape[2]} and kv_heads={k.shape[2]} must both divide into "
+                         f"the {n_heads} shards of {head_axes!r}; replicate heads "
+                         "(head_axes=None) for this model")
+    x_spec = PartitionSpec(batch_axes, None, head_axes, None)
+    seg_spec = PartitionSpec(batch_axes, None)
+    has_seg = q_segment_ids is not None
+
+    def local(q, k, v, *seg):
+        qs, ks = seg if has_seg else (None, None)
+        return flash_attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks, **kwargs)
+
+    in_specs = (x_spec, x_spec, x_spec) + ((seg_spec, seg_spec) if has_seg else ())
+    fn = jax.shard_map(functools.partial(local), mesh=mesh, in_specs=in_specs,
+                       out_specs=x_spec, check_vma=False)
+    args = (q, k, v) + ((q_segment_ids, kv_segment_ids) if has_seg else ())
+    return fn(*args)
