@@ -9,13 +9,18 @@ from PIL import Image
 from llm.train.metrics import read_metrics
 
 
+def load(*path: str) -> dict:
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
+
+
 def test_run_directory_contract(tiny_run, tiny_data):
     files = set(os.listdir(tiny_run))
     assert {"manifest.json", "config.gin", "metrics.jsonl", "eval.json", "checkpoints", "tb",
             "plots"} <= files
 
-    manifest = json.load(open(os.path.join(tiny_run, "manifest.json")))
-    dataset = json.load(open(os.path.join(tiny_data, "dataset.json")))
+    manifest = load(tiny_run, "manifest.json")
+    dataset = load(tiny_data, "dataset.json")
     assert manifest["data"]["fingerprint"] == dataset["fingerprint"]
     assert manifest["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert manifest["seed"] == 0
@@ -30,7 +35,7 @@ def test_run_directory_contract(tiny_run, tiny_data):
         assert np.isfinite(m["loss"]) and m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1.5
     assert metrics[0]["learning_rate"] == 0.0 and metrics[2]["learning_rate"] > 0  # warmup
 
-    ev = json.load(open(os.path.join(tiny_run, "eval.json")))
+    ev = load(tiny_run, "eval.json")
     val = dataset["splits"]["validation"]
     assert ev["tokens"] == val["num_tokens"]  # every validation token scored exactly once
     bpb = ev["loss"] * ev["tokens"] / np.log(2) / val["num_bytes"]
