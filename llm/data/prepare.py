@@ -33,7 +33,7 @@ import tqdm
 from llm.data import shards, sources, tokenizer
 from llm.data.objectives import EOS_ID
 
-FORMAT_VERSION = 2  # bump when a code change alters what prepare writes for the same settings
+FORMAT_VERSION = 3  # bump when a code change alters what prepare writes for the same settings
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation")
 
@@ -46,6 +46,13 @@ def gzip_bits_per_byte(texts: Iterable[str]) -> tuple[int, int, float]:
     data = "".join(texts).encode("utf-8")
     compressed = len(gzip.compress(data, compresslevel=9, mtime=0))
     return compressed, len(data), 8 * compressed / max(len(data), 1)
+
+
+def unigram_bits(train_counts: np.ndarray, arrays: list[np.ndarray]) -> float:
+    """Total bits of `arrays`' tokens under the train split's unigram distribution (add-one
+    smoothed): the loss of a model that learned token frequencies and nothing else."""
+    log_p = np.log2(train_counts + 1.0) - np.log2(train_counts.sum() + len(train_counts))
+    return float(-log_p[np.concatenate(arrays)].sum())
 
 
 def _corpus_name(corpus_fn: Callable) -> str:
@@ -155,15 +162,21 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
     print(f"prepare_data: trained a {tok.vocab_size}-piece tokenizer in {time.time() - t:.1f} s")
 
     splits = {}
-    for split in SPLITS:
+    counts = None
+    for split in SPLITS:  # train first: its token counts are the unigram baseline
         ds = split_docs[split]
         arrays = list(_tokenize(tok, ds, split))
         paths = shards.write_shards(arrays, data_dir, split, min(num_shards, len(ds)))
-        gz = gzip_bits_per_byte(d.text for d in ds)[0] if split == "validation" else None
+        gz = unigram = None
+        if split == "train":
+            counts = np.bincount(np.concatenate(arrays), minlength=tok.vocab_size)
+        else:
+            gz = gzip_bits_per_byte(d.text for d in ds)[0]
+            unigram = unigram_bits(counts, arrays)
         splits[split] = shards.SplitInfo(
             num_documents=len(ds), num_tokens=int(sum(len(a) for a in arrays)),
             num_bytes=sum(len(d.text.encode("utf-8")) for d in ds),
-            shards=[os.path.basename(p) for p in paths], gzip_bytes=gz)
+            shards=[os.path.basename(p) for p in paths], gzip_bytes=gz, unigram_bits=unigram)
     info = shards.DatasetInfo(fingerprint=fp, vocab_size=tok.vocab_size, tokenizer=TOKENIZER_FILE,
                               splits=splits, settings=settings, data_dir=data_dir)
     info.save()

@@ -129,7 +129,9 @@ class SplitInfo:
     num_tokens counts every token written, the EOS closing each document included (so it equals
     the number of targets an evaluation pass scores). num_bytes is the UTF-8 size of the
     documents' text: bits per byte = total loss in bits / num_bytes. gzip_bytes is
-    `gzip -9` of the same text concatenated (validation only), for a baseline bits per byte.
+    `gzip -9` of the same text concatenated (validation only), for a baseline bits per byte;
+    unigram_bits is the split's total loss in bits under the train split's unigram token
+    frequencies (validation only): the floor a model must beat to have learned anything.
     """
 
     num_documents: int
@@ -137,6 +139,7 @@ class SplitInfo:
     num_bytes: int
     shards: list[str]  # relative to the data directory
     gzip_bytes: int | None = None
+    unigram_bits: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
