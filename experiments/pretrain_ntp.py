@@ -71,6 +71,7 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     def summarize_eval(sums: dict) -> dict:
         return {**summarize(sums, bytes_per_token=validation.num_bytes / validation.num_tokens),
                 "gzip_bits_per_byte": 8 * validation.gzip_bytes / validation.num_bytes,
+                "unigram_bits_per_byte": validation.unigram_bits / validation.num_bytes,
                 "num_bytes": validation.num_bytes}
 
     run = train_and_evaluate(name="pretrain", run_dir=run_dir, data_dir=data_dir, info=info,
@@ -82,7 +83,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     if jax.process_index() == 0:
         print(f"pretrain: validation loss {result['loss']:.4f}, perplexity "
               f"{result['perplexity']:.2f}, bits/byte {result['bits_per_byte']:.4f} "
-              f"(gzip -9: {result['gzip_bits_per_byte']:.4f})")
+              f"(gzip -9: {result['gzip_bits_per_byte']:.4f}, unigram: "
+              f"{result['unigram_bits_per_byte']:.4f})")
     if sample_prompt and jax.process_count() == 1:
         tok = load_tokenizer(info.tokenizer_path)
         new = generate(graphdef, run.state.params, cfg, [tok.encode(sample_prompt)],

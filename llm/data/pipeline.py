@@ -166,8 +166,8 @@ def _split_paths(data_dir: str, split: str) -> list[str]:
 def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: int, seed: int,
                  objective: Objective = NEXT_TOKEN, shuffle: bool = True,
                  num_epochs: int | None = None, num_streams: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> grain.IterDataset:
+                 shuffle_window: int = 1024, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
     """Batches of this process's slice of `split` of a `tools/prepare_data` directory.
 
     Yields dicts of numpy arrays from `objective.post_pack` (next-token: inputs, targets,
@@ -178,6 +178,10 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
       module docstring).
     num_streams: independent packing streams (default: process_count). Keep it fixed across
       runs with different process counts to get identical global batches.
+    shuffle_window: with `shuffle`, packed rows are also shuffled in windows of this many rows
+      per stream. Packing emits a long document as consecutive rows, so without it a batch is
+      often one file (measured: loss swinging 2.8 <-> 4.7 between batches of the stdlib
+      corpus); 1024 rows of 512 tokens hold ~100 files. 1 disables it.
     """
     if process_index is None or process_count is None:
         import jax
@@ -224,6 +228,9 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     streams = []
     for s in range(process_index * per_process, (process_index + 1) * per_process):
         ds = packed(s).random_map(objective.post_pack, seed=_derived_seed(seed, 2, s))
+        if shuffle and shuffle_window > 1:
+            ds = grain.experimental.WindowShuffleIterDataset(
+                ds, window_size=shuffle_window, seed=_derived_seed(seed, 3, s))
         ds = ds.batch(rows, drop_remainder=False)
         streams.append(_PadBatchesIterDataset(ds, rows=rows, num_batches=num_batches, pad=pad))
     return grain.experimental.ZipIterDataset(streams).map(_concat_streams)

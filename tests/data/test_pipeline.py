@@ -6,9 +6,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llm.data import pipeline, shards, sources
+from llm.data import prepare as prepare_data
 from llm.data.objectives import NEXT_TOKEN, Objective, shift_right
 from tests.data import TINY_VOCAB, tiny_corpus
-from llm.data import prepare as prepare_data
 
 SEQ, BATCH = 64, 8
 
@@ -124,9 +124,12 @@ def test_epochs_reshuffle_and_cover_everything(data_dir):
     assert sum(float(b["loss_mask"].sum()) for b in batches) == 2 * info.num_tokens
 
 
-@pytest.mark.parametrize("streams,objective", [(1, NEXT_TOKEN), (2, RANDOM_SUFFIX)])
-def test_state_restore_is_exact(data_dir, streams, objective):
-    ds = make(data_dir, seed=7, num_streams=streams, objective=objective)
+@pytest.mark.parametrize("streams,objective,window", [(1, NEXT_TOKEN, 1024),
+                                                      (2, RANDOM_SUFFIX, 1024),
+                                                      (1, NEXT_TOKEN, 3)])
+def test_state_restore_is_exact(data_dir, streams, objective, window):
+    """window=3: restores land inside and across shuffle windows."""
+    ds = make(data_dir, seed=7, num_streams=streams, objective=objective, shuffle_window=window)
     it = iter(ds)
     for skip in (0, 5, 1):  # the initial state (no packing remainder), then mid-document ones
         for _ in range(skip):
@@ -195,3 +198,16 @@ def test_bad_arguments(data_dir, tmp_path):
         make(data_dir, "test")
     with pytest.raises(sources.DataError, match=r"Run `python -m tools\.prepare_data"):
         make(str(tmp_path / "missing"))
+
+
+def test_window_shuffle_permutes_rows_within_windows(data_dir):
+    """Packing emits a long document as consecutive rows; the row shuffle reorders each window
+    of packed rows (same rows, new order), so a batch is not one document's run of rows."""
+    def rows(window, n):
+        it = iter(make(data_dir, seed=3, shuffle_window=window))
+        out = np.concatenate([next(it)["targets"] for _ in range(n // BATCH)])
+        return [r.tobytes() for r in out]
+
+    window = 4 * BATCH
+    plain, shuffled = rows(1, window), rows(window, window)
+    assert sorted(plain) == sorted(shuffled) and plain != shuffled

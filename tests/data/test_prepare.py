@@ -5,10 +5,10 @@ import os
 import gin
 import pytest
 
+from llm.data import prepare as prepare_data
 from llm.data import shards, sources, tokenizer
 from llm.data.objectives import EOS_ID
 from tests.data import TINY_VOCAB, tiny_corpus, tiny_docs
-from llm.data import prepare as prepare_data
 
 KW = dict(corpus_fn=tiny_corpus, vocab_size=TINY_VOCAB, validation_fraction=0.25, num_shards=2)
 
