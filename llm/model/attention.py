@@ -15,25 +15,68 @@ from flax import nnx
 from llm.kernels.reference import mha_reference
 from llm.model.config import ModelConfig
 from llm.model.layers import Dense, rope
-from llm.parallel.rules import constrain
+from llm.parallel.rules import active_spec, constrain
+
+
+def prefix_lm_mask(prefix: jax.Array) -> jax.Array:
+    """prefix [batch, seq] (1/True on prefix positions) -> bool [batch, 1, seq, seq], True where
+    query i may see key j: j <= i (causal) or both in the prefix (bidirectional)."""
+    seq = prefix.shape[1]
+    causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
+    p = prefix.astype(bool)
+    return (causal[None] | (p[:, :, None] & p[:, None, :]))[:, None]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
-           causal: bool, impl: str, kv_segment_ids: jax.Array | None = None) -> jax.Array:
+           causal: bool, impl: str, kv_segment_ids: jax.Array | None = None,
+           prefix: jax.Array | None = None) -> jax.Array:
     """q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] -> like q.
 
     segment_ids [batch, q_len] (and kv_segment_ids [batch, kv_len], default the same): tokens
     attend only within their own segment, so packed documents never see each other.
+    causal=False is bidirectional (encoders) and, with q_len != kv_len, cross-attention.
+    prefix [batch, seq] (with causal=True, self-attention): prefix-LM masking -- positions marked
+    1 see each other bidirectionally, the rest stays causal (`prefix_lm_mask`).
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    if prefix is not None:
+        if not causal:
+            raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
+        if impl == "pallas":
+            raise ValueError("attention_impl='pallas' has no prefix-LM mask (the flash kernel is "
+                             "causal or full); use ModelConfig.attention_impl='xla' or 'cudnn' "
+                             "for the prefix_lm objective.")
+        mask = prefix_lm_mask(prefix)
+        if impl == "xla":
+            return mha_reference(q, k, v, q_segment_ids=segment_ids,
+                                 kv_segment_ids=kv_segment_ids, causal=False, mask=mask)
+        if impl == "cudnn":
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if impl == "xla":
         return mha_reference(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                              causal=causal)
     if impl == "pallas":
         from llm.kernels import flash_attention
+        from llm.kernels.sharding import sharded_flash_attention
 
-        return flash_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                               causal=causal)
+        # XLA cannot partition a Pallas call; on a multi-device mesh run it per shard (batch and
+        # heads split as the activation rules say) instead of gathering q/k/v everywhere.
+        placed = active_spec(("batch", "length", "heads", "head_dim"), q.shape)
+        kv_placed = active_spec(("batch", "length", "kv_heads", "head_dim"), k.shape)
+        if placed is None:
+            return flash_attention(q, k, v, q_segment_ids=segment_ids,
+                                   kv_segment_ids=kv_segment_ids, causal=causal)
+        mesh, spec = placed
+        batch_axes = spec[0] if len(spec) > 0 else None
+        head_axes = spec[2] if len(spec) > 2 else None
+        kv_spec = kv_placed[1] if kv_placed else ()
+        if head_axes is not None and (len(kv_spec) <= 2 or kv_spec[2] != head_axes):
+            head_axes = None  # q and kv heads must split alike to keep GQA groups together
+        return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=batch_axes,
+                                       head_axes=head_axes, q_segment_ids=segment_ids,
+                                       kv_segment_ids=kv_segment_ids, causal=causal)
     if impl == "cudnn":
         mask = None
         if segment_ids is not None:
@@ -70,12 +113,13 @@ class Attention(nnx.Module):
                        std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: KVCache | None = None, cache_lengths: jax.Array | None = None
-                 ) -> jax.Array:
+                 cache: KVCache | None = None, cache_lengths: jax.Array | None = None,
+                 prefix: jax.Array | None = None) -> jax.Array:
         """x [batch, seq, embed]; positions, segment_ids [batch, seq] -> [batch, seq, embed].
 
         With `cache`, x holds the new tokens of each sequence; they are written into the cache at
         `cache_lengths` [batch] and attend to the cache's valid prefix plus themselves.
+        prefix [batch, seq]: prefix-LM mask (see `attend`); only without a cache.
         """
         q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
         k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
@@ -85,7 +129,7 @@ class Attention(nnx.Module):
             k = rope(k, positions, self.cfg.rope_theta)
         if cache is None:
             out = attend(q, k, v, segment_ids=segment_ids, causal=self.causal,
-                         impl=self.cfg.attention_impl)
+                         impl=self.cfg.attention_impl, prefix=prefix)
         else:
             out = self._decode(q, k, v, cache, cache_lengths)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
@@ -105,3 +149,34 @@ class Attention(nnx.Module):
         kv_pos = jnp.arange(cache.k.shape[1])
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None])[:, None]
         return mha_reference(q, cache.k[...], cache.v[...], causal=False, mask=mask)
+
+
+class CrossAttention(nnx.Module):
+    """Decoder-to-encoder attention (T5): queries from the decoder stream, keys and values from
+    the encoder output; no position encoding (the encoder already carries it). Goes through
+    `attend` like self-attention, so xla | pallas | cudnn all apply."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        self.cfg = cfg
+        self.q = Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), cfg, rngs)
+        self.k = Dense((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), cfg, rngs)
+        self.v = Dense((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), cfg, rngs)
+        self.o = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), cfg, rngs,
+                       std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+
+    def __call__(self, x: jax.Array, context: jax.Array, *, segment_ids: jax.Array | None,
+                 context_segment_ids: jax.Array | None) -> jax.Array:
+        """x [batch, q_len, embed], context [batch, kv_len, embed]; segment_ids [batch, q_len] and
+        context_segment_ids [batch, kv_len] (both or neither): a decoder token sees only the
+        encoder tokens of its own packed example. Returns [batch, q_len, embed]."""
+        if (segment_ids is None) != (context_segment_ids is None):
+            raise ValueError("CrossAttention: pass both segment_ids and context_segment_ids, or "
+                             "neither.")
+        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k(context), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v(context), ("batch", "length", "kv_heads", "head_dim"))
+        out = attend(q, k, v, segment_ids=segment_ids, kv_segment_ids=context_segment_ids,
+                     causal=False, impl=self.cfg.attention_impl)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return self.o(out)

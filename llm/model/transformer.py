@@ -31,20 +31,33 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: KVCache | None = None, cache_lengths: jax.Array | None = None
-                 ) -> jax.Array:
+                 cache: KVCache | None = None, cache_lengths: jax.Array | None = None,
+                 prefix: jax.Array | None = None) -> jax.Array:
         h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                      cache=cache, cache_lengths=cache_lengths)
+                      cache=cache, cache_lengths=cache_lengths, prefix=prefix)
         x = constrain(x + h, ("batch", "length", "embed"))
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed"))
 
 
-def _run_block(block: Block, x, positions, segment_ids):
-    return block(x, positions, segment_ids)
+def _run_block(block: Block, x, positions, segment_ids, prefix=None):
+    return block(x, positions, segment_ids, prefix=prefix)
 
 
 _run_block_remat = nnx.remat(_run_block)
+
+
+def embed_tokens(embed: Embed, pos_embed: Embed | None, cfg: ModelConfig, ids: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+    """Token embeddings plus learned or sinusoidal positions (RoPE acts inside attention).
+
+    ids, positions [batch, seq] -> [batch, seq, embed]."""
+    x = embed(ids)
+    if pos_embed is not None:
+        x = x + pos_embed(positions)
+    elif cfg.position == "sinusoidal":
+        x = x + sinusoidal(positions, cfg.d_model).astype(x.dtype)
+    return constrain(x, ("batch", "length", "embed"))
 
 
 class Decoder(nnx.Module):
@@ -67,25 +80,22 @@ class Decoder(nnx.Module):
 
     def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, caches: list[KVCache] | None = None,
-                 cache_lengths: jax.Array | None = None) -> jax.Array:
+                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None
+                 ) -> jax.Array:
         """inputs, positions, segment_ids: [batch, seq] int32. positions default to 0..seq-1;
         segment_ids None means one document per row. With `caches` (one per layer) the call is an
-        incremental decode step (see `Attention`)."""
+        incremental decode step (see `Attention`). prefix [batch, seq]: prefix-LM attention
+        (positions marked 1 see each other bidirectionally; see `attention.attend`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-        x = self.embed(inputs)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        elif self.cfg.position == "sinusoidal":
-            x = x + sinusoidal(positions, self.cfg.d_model).astype(x.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = embed_tokens(self.embed, self.pos_embed, self.cfg, inputs, positions)
         for i, block in enumerate(self.layers()):
             if caches is not None:
                 x = block(x, positions, segment_ids, caches[i], cache_lengths)
             elif self.cfg.remat == "block":
-                x = _run_block_remat(block, x, positions, segment_ids)
+                x = _run_block_remat(block, x, positions, segment_ids, prefix)
             else:
-                x = block(x, positions, segment_ids)
+                x = block(x, positions, segment_ids, prefix=prefix)
         x = self.final_norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)
@@ -98,23 +108,28 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def init(cfg: ModelConfig, rng: jax.Array) -> tuple[nnx.GraphDef, Params]:
-    """Build the model; returns its graph definition and parameters as a nested dict."""
-    graphdef, state = nnx.split(Decoder(cfg, nnx.Rngs(params=rng)), nnx.Param)
+def init(cfg: ModelConfig, rng: jax.Array, module: type[nnx.Module] = Decoder
+         ) -> tuple[nnx.GraphDef, Params]:
+    """Build the model (`module(cfg, rngs)`: Decoder, or `encoder_decoder.Encoder` /
+    `EncoderDecoder`); returns its graph definition and parameters as a nested dict."""
+    graphdef, state = nnx.split(module(cfg, nnx.Rngs(params=rng)), nnx.Param)
     return graphdef, nnx.to_pure_dict(state)
 
 
-def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, dict]:
+def abstract(cfg: ModelConfig, module: type[nnx.Module] = Decoder
+             ) -> tuple[nnx.GraphDef, Params, dict]:
     """Shapes without allocation: (graphdef, params as ShapeDtypeStructs, logical axes per param).
 
     The logical-axes tree has the same structure as params, each leaf a tuple of axis names.
     """
-    model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+    model = nnx.eval_shape(lambda: module(cfg, nnx.Rngs(params=0)))
     graphdef, state = nnx.split(model, nnx.Param)
     axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state, is_leaf=_is_variable)
     return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
 
 
-def apply(graphdef: nnx.GraphDef, params: Params, inputs: jax.Array, **kwargs) -> jax.Array:
-    """Pure forward pass: fp32 logits [batch, seq, vocab]. kwargs as `Decoder.__call__`."""
-    return nnx.merge(graphdef, params)(inputs, **kwargs)
+def apply(graphdef: nnx.GraphDef, params: Params, inputs: jax.Array, *args, **kwargs
+          ) -> jax.Array:
+    """Pure forward pass: fp32 logits [batch, seq, vocab]. Arguments as the module's `__call__`
+    (`Decoder.__call__` for a decoder)."""
+    return nnx.merge(graphdef, params)(inputs, *args, **kwargs)

@@ -1,0 +1,151 @@
+"""The run plumbing every pretraining experiment shares.
+
+An experiment decides *what* to train -- a `ModelSpec` (model, loss, cost) and an objective --
+and how to summarise evaluation sums. `train_and_evaluate` does the rest, identically for all:
+mesh and rules, optimizer and sharded state, restore (model, optimizer, step, RNG and data
+iterator), manifest.json + config.gin, the training loop (metrics.jsonl, TensorBoard, checkpoints,
+SIGTERM), the final validation pass, eval.json and plots/loss.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from llm.data.objectives import Objective
+from llm.data.pipeline import make_dataset
+from llm.data.prepare import prepare
+from llm.data.shards import DatasetInfo, load_dataset_info
+from llm.data.sources import DataError
+from llm.eval.perplexity import accumulate
+from llm.parallel.mesh import make_mesh, mesh_shape
+from llm.parallel.rules import axis_rules
+from llm.train import checkpoint
+from llm.train.loop import TrainConfig, to_global, train_loop
+from llm.train.manifest import write_manifest
+from llm.train.metrics import MetricsWriter, peak_flops, plot_loss
+from llm.train.optimizer import make_optimizer
+from llm.train.state import TrainState, create_train_state
+from llm.train.step import LossFn, batch_sharding, jit_eval_step, jit_train_step
+
+
+def _prepared_elsewhere(data_dir: str) -> bool:
+    """True for a data directory written by `seqio_tasks.seqio_to_dataset` (not from the
+    configured corpus, so `prepare` must not rebuild it)."""
+    from llm.data.seqio_tasks import PREPARED_BY
+
+    try:
+        return load_dataset_info(data_dir).settings.get("prepared_by") == PREPARED_BY
+    except DataError:
+        return False
+
+
+def prepare_on_one_process(data_dir: str) -> DatasetInfo:
+    """Process 0 prepares (or reuses) the data; the others wait, then read dataset.json.
+    A directory exported from seqio (`seqio_to_dataset`) is used as it is."""
+    if jax.process_index() == 0 and not _prepared_elsewhere(data_dir):
+        prepare(data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("prepare_data")
+    return load_dataset_info(data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What is trained, independent of the mesh.
+
+    graphdef / abstract_params / logical_axes: from `transformer.abstract(cfg, module)`.
+    init: rng -> params (jitted into the final sharding).
+    loss_fn: (params, batch) -> sums, see `llm.train.step`.
+    num_params: parameter count (manifest, console).
+    flops_per_row: training FLOPs of one batch row (MFU).
+    """
+
+    graphdef: nnx.GraphDef
+    abstract_params: dict
+    logical_axes: dict
+    init: Callable[[jax.Array], dict]
+    loss_fn: LossFn
+    num_params: int
+    flops_per_row: float
+
+
+@dataclasses.dataclass
+class RunResult:
+    """status: "completed" or "preempted" (SIGTERM: checkpointed, eval skipped).
+    eval: the final validation record (also in eval.json), None when preempted."""
+
+    status: str
+    state: TrainState
+    eval: dict | None
+
+
+def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetInfo,
+                       tc: TrainConfig, model: ModelSpec, objective: Objective,
+                       summarize_eval: Callable[[dict[str, float]], dict]) -> RunResult:
+    """Train `model` on `objective` rows of `data_dir` into `run_dir`, resuming if it holds a
+    checkpoint, then evaluate on the whole validation split.
+
+    name: the experiment's name, prefixed to console lines.
+    summarize_eval: summed eval-step outputs (nll, tokens, correct, ...) -> the eval record
+      (used for intermediate passes and the final one, which gets `step` added).
+    """
+    mesh, rules = make_mesh(), axis_rules()
+    tx, schedule = make_optimizer(total_steps=tc.steps)
+    state, shardings = create_train_state(model.init, model.abstract_params, model.logical_axes,
+                                          tx, mesh, rules, seed=tc.seed)
+    train_step = jit_train_step(shardings, mesh, rules, loss_fn=model.loss_fn, tx=tx,
+                                schedule=schedule, accum_steps=tc.accum_steps)
+    eval_step = jit_eval_step(shardings.params, mesh, rules, model.loss_fn)
+    batch_shard = batch_sharding(mesh, rules)
+
+    data_iter = iter(make_dataset(data_dir, "train", seq_len=tc.seq_len,
+                                  global_batch_size=tc.global_batch_size, seed=tc.seed,
+                                  objective=objective))
+    manager = checkpoint.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
+    restored = checkpoint.restore_latest(manager, state, data_iter)
+    if restored is not None:
+        state = restored
+        print(f"{name}: resumed from step {int(state.step)} of {tc.steps}")
+
+    def evaluate(state: TrainState, max_batches: int | None) -> dict:
+        batches = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
+                               global_batch_size=tc.global_batch_size, seed=tc.seed,
+                               objective=objective, shuffle=False, num_epochs=1)
+        sums = accumulate(eval_step, state.params, batches,
+                          lambda b: to_global(b, batch_shard), max_batches)
+        return summarize_eval(sums)
+
+    write_manifest(run_dir, mesh_shape=mesh_shape(mesh), seed=tc.seed,
+                   data={"data_dir": os.path.abspath(data_dir), **info.to_json()},
+                   extra={"objective": objective.name,
+                          "model": {"params": model.num_params,
+                                    "flops_per_token": model.flops_per_row / tc.seq_len}})
+    writer = MetricsWriter(run_dir)
+    peak, peak_source = peak_flops()
+    print(f"{name}: {model.num_params / 1e6:.2f}M params, objective {objective.name}, mesh "
+          f"{mesh_shape(mesh)}, peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
+    state, status = train_loop(
+        cfg=tc, state=state, step_fn=train_step, batches=data_iter, data_iter=data_iter,
+        batch_sharding=batch_shard, manager=manager, writer=writer,
+        flops_per_step=model.flops_per_row * tc.global_batch_size,
+        peak_flops_total=peak * jax.device_count(), evaluate=evaluate)
+    if status == "preempted":
+        print(f"{name}: stopped by signal at step {int(state.step)}; checkpoint written.")
+        writer.close()
+        return RunResult(status, state, None)
+
+    result = {**evaluate(state, None), "step": int(state.step)}
+    writer.write(int(state.step), result, prefix="eval")
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot_loss(run_dir)
+    return RunResult(status, state, result)
