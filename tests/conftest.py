@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -21,10 +22,22 @@ TINY = [
 ]
 
 
+# Experiment subprocesses share one persistent XLA compilation cache per test session (across
+# xdist workers): a repeated or resumed tiny run loads its programs instead of recompiling them,
+# and compiling is most of a tiny run's time.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+COMPILE_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"llm-xla-cache-{_RUN_ID}"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
 def run_experiment(module: str, args: list[str], *, env: dict | None = None,
                    timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """python -m <module> <args> from the repo root, in a subprocess with its own XLA flags."""
-    full_env = {**os.environ, **(env or {})}
+    """python -m <module> <args> from the repo root, in a subprocess with its own XLA flags and
+    the session's shared compilation cache."""
+    full_env = {**os.environ, **COMPILE_CACHE, **(env or {})}
     full_env.setdefault("XLA_FLAGS", "")
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

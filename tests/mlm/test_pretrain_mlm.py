@@ -39,11 +39,11 @@ def assert_run_directory(run_dir: str, steps: int, objective: str) -> dict:
         return json.load(f)
 
 
-def test_bert_mlm_beats_the_unigram_baseline(tiny_data, tmp_path, compile_cache_env):
+def test_bert_mlm_beats_the_unigram_baseline(tiny_data, tmp_path):
     run_dir = str(tmp_path)
     proc = run_experiment("experiments.pretrain_mlm", args(
         "mlm_bert_tiny", run_dir, tiny_data, "--gin_param=TrainConfig.steps=400",
-        "--gin_param=checkpoint_manager.save_every=200"), env=compile_cache_env)
+        "--gin_param=checkpoint_manager.save_every=200"))
     result = assert_run_directory(run_dir, 400, "bert_mlm")
     print(f"\nBERT MLM, 400 steps: validation masked-token accuracy {result['accuracy']:.4f} "
           f"(unigram baseline {result['unigram_accuracy']:.4f}), loss {result['loss']:.4f} "
@@ -59,11 +59,11 @@ def test_bert_mlm_beats_the_unigram_baseline(tiny_data, tmp_path, compile_cache_
 
 
 @pytest.fixture(scope="module")
-def span_run(tiny_data, tmp_path_factory, compile_cache_env) -> tuple[str, str]:
+def span_run(tiny_data, tmp_path_factory) -> tuple[str, str]:
     run_dir = str(tmp_path_factory.mktemp("span"))
     proc = run_experiment("experiments.pretrain_mlm", args(
         "mlm_t5_tiny", run_dir, tiny_data, "--gin_param=TrainConfig.steps=60",
-        "--gin_param=checkpoint_manager.save_every=30"), env=compile_cache_env)
+        "--gin_param=checkpoint_manager.save_every=30"))
     return run_dir, proc.stdout
 
 
@@ -82,18 +82,16 @@ def test_span_corruption_learns(span_run):
     print(demo)
 
 
-def test_span_corruption_resumes_bit_for_bit(span_run, tiny_data, tmp_path, compile_cache_env):
+def test_span_corruption_resumes_bit_for_bit(span_run, tiny_data, tmp_path):
     straight, _ = span_run
     run_dir = str(tmp_path)
     common = ["--gin_param=TrainConfig.steps=60", "--gin_param=checkpoint_manager.save_every=30"]
     killed = run_experiment("experiments.pretrain_mlm", args(
         "mlm_t5_tiny", run_dir, tiny_data, *common,
-        "--gin_param=TrainConfig.fault_injection='sigkill_after_save:30'"), check=False,
-        env=compile_cache_env)
+        "--gin_param=TrainConfig.fault_injection='sigkill_after_save:30'"), check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_experiment("experiments.pretrain_mlm",
-                             args("mlm_t5_tiny", run_dir, tiny_data, *common),
-                             env=compile_cache_env)
+                             args("mlm_t5_tiny", run_dir, tiny_data, *common))
     assert "resumed from step 30" in resumed.stdout
     assert losses(run_dir) == losses(straight)  # same floats, every step
     with open(os.path.join(run_dir, "eval.json")) as a, \
