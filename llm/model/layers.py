@@ -49,9 +49,19 @@ class Dense(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """One 2-D GEMM: [prod(leading dims), prod(in_shape)] x [prod(in_shape), prod(out_shape)].
+
+        Flattening (free reshapes of contiguous dims) makes autodiff's weight gradient a plain
+        x^T . dy over the flattened tokens. With the 3-D dot_general the gradient contracted two
+        dims (batch, length) and XLA:CPU transposed the cotangent into a copy and ran the dot on
+        its slower non-YNN path: ~25% of the MLP's fwd+bwd time (docs/benchmarks.md).
+        """
         kernel = self.kernel[...].astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        lead, w_in = x.shape[:x.ndim - self.n_in], kernel.shape[:self.n_in]
+        w_out = kernel.shape[self.n_in:]
+        x2 = x.astype(self.dtype).reshape(math.prod(lead), math.prod(w_in))
+        y = jnp.dot(x2, kernel.reshape(math.prod(w_in), math.prod(w_out)))
+        y = y.reshape(*lead, *w_out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -71,10 +81,43 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """x [batch, seq, embed] -> fp32 logits [batch, seq, vocab]."""
-        return jnp.einsum("bse,ve->bsv", x.astype(self.dtype),
-                          self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        """x [batch, seq, embed] -> fp32 logits [batch, seq, vocab] (see `tied_logits`)."""
+        lead = x.shape[:-1]
+        logits = tied_logits(x.astype(self.dtype).reshape(-1, x.shape[-1]),
+                             self.embedding[...].astype(self.dtype))
+        return logits.reshape(*lead, logits.shape[-1])
+
+
+@jax.custom_vjp
+def tied_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [tokens, embed] . table [vocab, embed]^T -> fp32 logits [tokens, vocab].
+
+    The backward is written out so that the table's gradient is computed as
+    (x^T [embed, tokens] . dlogits [tokens, vocab])^T: the transposes are of the small arrays
+    (x, and the [embed, vocab] result). Left to autodiff, XLA:CPU computes dlogits^T . x and
+    writes the [tokens, vocab] cotangent -- the largest array of the step -- transposed into a
+    strided copy (with the loss's fused softmax backward, ~12% of a GPT-2-tiny CPU step). The
+    optimization barriers keep XLA from folding the transposes back into the dot. Same math,
+    fp32 accumulation; with bf16 compute the cotangent is cast to bf16 for the two matmuls.
+    """
+    return jnp.dot(x, table.T, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, table):
+    return tied_logits(x, table), (x, table)
+
+
+def _tied_logits_bwd(res, g):
+    x, table = res
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, table, preferred_element_type=jnp.float32).astype(x.dtype)
+    x_t = jax.lax.optimization_barrier(x.T)
+    d_table_t = jax.lax.optimization_barrier(
+        jnp.dot(x_t, g, preferred_element_type=jnp.float32))
+    return dx, d_table_t.T.astype(table.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class Norm(nnx.Module):
