@@ -19,7 +19,6 @@ validation row is printed with its masked spans filled in by the model.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -27,18 +26,17 @@ import gin
 import jax
 import numpy as np
 
-from llm.config import ConfigError, parse_gin
+from llm.config import ConfigError
 from llm.data import objectives
 from llm.data.objectives import VocabInfo
 from llm.data.pipeline import make_dataset, pad_row
 from llm.data.shards import read_all
-from llm.data.sources import DataError
 from llm.data.tokenizer import Tokenizer, load_tokenizer
 from llm.model import encoder_decoder, transformer
 from llm.model.config import ModelConfig
-from llm.parallel.mesh import initialize_distributed
+from llm.train import experiment
 from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
-from llm.train.loop import NonFiniteLoss, TrainConfig
+from llm.train.loop import TrainConfig
 from llm.train.step import encoder_decoder_loss, encoder_loss
 
 LOSSES = {"encoder": encoder_loss, "encoder_decoder": encoder_decoder_loss}
@@ -208,18 +206,7 @@ def pretrain_mlm(run_dir: str = "runs/mlm", data_dir: str = "data/embedded",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
-    parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
-    args = parser.parse_args(argv)
-    try:
-        parse_gin(args.gin_file, args.gin_param)
-        initialize_distributed()
-        pretrain_mlm()
-    except (ConfigError, DataError, NonFiniteLoss) as e:
-        print(f"pretrain_mlm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return experiment.main("pretrain_mlm", __doc__.split("\n\n")[0], pretrain_mlm, argv)
 
 
 if __name__ == "__main__":

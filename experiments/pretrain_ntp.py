@@ -19,23 +19,21 @@ checkpoints/, tb/, plots/loss.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import gin
 import jax
 
-from llm.config import ConfigError, parse_gin
+from llm.config import ConfigError
 from llm.data import objectives
-from llm.data.sources import DataError
 from llm.data.tokenizer import load_tokenizer
 from llm.eval.perplexity import summarize
 from llm.model import transformer
 from llm.model.config import ModelConfig
-from llm.parallel.mesh import initialize_distributed
 from llm.serve.sampler import generate
+from llm.train import experiment
 from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
-from llm.train.loop import NonFiniteLoss, TrainConfig
+from llm.train.loop import TrainConfig
 from llm.train.step import decoder_loss
 
 __all__ = ["main", "prepare_on_one_process", "pretrain"]
@@ -95,18 +93,7 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
-    parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
-    args = parser.parse_args(argv)
-    try:
-        parse_gin(args.gin_file, args.gin_param)
-        initialize_distributed()
-        pretrain()
-    except (ConfigError, DataError, NonFiniteLoss) as e:
-        print(f"pretrain_ntp: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return experiment.main("pretrain_ntp", __doc__.split("\n\n")[0], pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,28 @@ SIGTERM), the final validation pass, eval.json and plots/loss.png.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable
 
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from llm.config import ConfigError, parse_gin
 from llm.data.objectives import Objective
 from llm.data.pipeline import make_dataset
 from llm.data.prepare import prepare
 from llm.data.shards import DatasetInfo, load_dataset_info
 from llm.data.sources import DataError
 from llm.eval.perplexity import accumulate
-from llm.parallel.mesh import make_mesh, mesh_shape
+from llm.parallel.mesh import initialize_distributed, make_mesh, mesh_shape
 from llm.parallel.rules import axis_rules
 from llm.train import checkpoint
-from llm.train.loop import TrainConfig, to_global, train_loop
+from llm.train.loop import NonFiniteLoss, TrainConfig, to_global, train_loop
 from llm.train.manifest import write_manifest
 from llm.train.metrics import MetricsWriter, peak_flops, plot_loss
 from llm.train.optimizer import make_optimizer
@@ -149,3 +152,22 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
             json.dump(result, f, indent=2)
         plot_loss(run_dir)
     return RunResult(status, state, result)
+
+
+def main(name: str, description: str, run: Callable[[], object],
+         argv: list[str] | None = None) -> int:
+    """An experiment's command line: `--gin_file`/`--gin_param`, multi-process start-up, then
+    `run()`. Bad configuration or data and a diverged loss print one clear line and return 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
+                                     description=description)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
+    parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
+    args = parser.parse_args(argv)
+    try:
+        parse_gin(args.gin_file, args.gin_param)
+        initialize_distributed()
+        run()
+    except (ConfigError, DataError, NonFiniteLoss) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

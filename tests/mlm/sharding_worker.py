@@ -9,7 +9,6 @@ mesh: a gin file under gin_configs/mesh/ or 'single'.
 import json
 import sys
 
-import gin
 import jax
 import numpy as np
 
@@ -17,11 +16,10 @@ from llm.data import objectives
 from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.model.encoder_decoder import MODELS
-from llm.parallel.mesh import make_mesh
-from llm.parallel.rules import axis_rules
 from llm.train.optimizer import make_optimizer
 from llm.train.state import create_train_state
 from llm.train.step import batch_sharding, encoder_decoder_loss, encoder_loss, jit_train_step
+from tests.train.sharding_worker import configure
 
 VOCAB = objectives.VocabInfo(size=128, extra_ids=16)
 OBJECTIVE = {"encoder": "bert_mlm", "encoder_decoder": "span_corruption"}
@@ -45,17 +43,7 @@ def batch(model: str, step: int, rows: int = 8, seq: int = 32) -> dict:
 
 
 def main(model: str, mesh_file: str) -> list[float]:
-    gin.clear_config()
-    gin.parse_config(["learning_rate_schedule.peak = 1e-2",
-                      "learning_rate_schedule.warmup_steps = 0"])
-    if mesh_file == "single":
-        gin.parse_config(["make_mesh.data = 1"])
-        devices = jax.devices()[:1]
-    else:
-        gin.parse_config_file(mesh_file)
-        devices = None
-    mesh = make_mesh(devices=devices)
-    rules = axis_rules()
+    mesh, rules = configure(mesh_file)
     cfg = ModelConfig(vocab_size=VOCAB.size, d_model=64, num_layers=1, num_heads=4,
                       num_kv_heads=2, mlp_dim=128)
     module = MODELS[model]

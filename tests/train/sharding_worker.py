@@ -35,7 +35,9 @@ def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) 
             "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
 
 
-def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> list[float]:
+def configure(mesh_file: str):
+    """Fresh gin config (a fast-learning schedule + the mesh file) -> (mesh, rules). 'single' is
+    a one-device mesh on the first of the 8 fake devices."""
     gin.clear_config()
     gin.parse_config(["learning_rate_schedule.peak = 1e-2",
                       "learning_rate_schedule.warmup_steps = 0"])
@@ -45,8 +47,11 @@ def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> l
     else:
         gin.parse_config_file(mesh_file)
         devices = None
-    mesh = make_mesh(devices=devices)
-    rules = axis_rules()
+    return make_mesh(devices=devices), axis_rules()
+
+
+def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> list[float]:
+    mesh, rules = configure(mesh_file)
     cfg = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=128, attention_impl=attention_impl)
     graphdef, abstract_params, axes = transformer.abstract(cfg)
