@@ -63,7 +63,7 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """The training loss became NaN or inf; the message names the step and what to change."""
 
 
 def _fault(cfg: TrainConfig, kind: str, step: int, manager) -> None:
