@@ -66,3 +66,14 @@ def test_corrupt_shard(capsys, tmp_path, tiny_data):
     err = run(capsys, *TINY, f"--gin_param=pretrain.data_dir='{data}'",
               f"--gin_param=pretrain.run_dir='{tmp_path}/run'")
     assert shard.split("/")[-1] in err and "prepare_data" in err
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(capsys, tmp_path, tiny_data):
+    err = run(capsys, *TINY, f"--gin_param=pretrain.data_dir='{tiny_data}'",
+              f"--gin_param=pretrain.run_dir='{tmp_path}/run'",
+              "--gin_param=learning_rate_schedule.peak=1e9",
+              "--gin_param=make_optimizer.clip_norm=None",
+              "--gin_param=checkpoint_manager.save_every=1000")
+    assert "Loss became" in err and "at step" in err and "learning_rate_schedule.peak" in err
+    step = int(err.split("at step ")[1].split()[0])
+    assert 1 <= step <= 12
