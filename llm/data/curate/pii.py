@@ -141,31 +141,55 @@ _RULES: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None, str]] = [
 TYPES = tuple(dict.fromkeys(t for t, _, _, _ in _RULES))
 
 
-def scrub(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, dict[str, int]]:
-    """(text with PII replaced by `<TYPE>` placeholders, count per type)."""
-    counts: dict[str, int] = {}
+def find(text: str, types: tuple[str, ...] = TYPES) -> list[tuple[int, int, str]]:
+    """Sorted, non-overlapping PII spans `(start, end, TYPE)` in `text`.
+
+    Rules run in `_RULES` order; a span a rule accepts is masked (same length, NUL characters)
+    before the next rule runs, so earlier rules win and offsets stay those of `text`. For
+    `key = "..."` assignments only the value is a span."""
+    spans: list[tuple[int, int, str]] = []
+    work = text
     if "API_KEY" in types:
         low = text.lower()
         if any(k in low for k in ("key", "token", "secret", "passw")):
-            text, n = _KEY_ASSIGN.subn(lambda m: m.group(1) + "<API_KEY>" + m.group(3), text)
-            if n:
-                counts["API_KEY"] = n
+            for m in _KEY_ASSIGN.finditer(text):
+                spans.append((m.start(2), m.end(2), "API_KEY"))
+            work = _mask(work, spans)
     for name, pattern, check, hint in _RULES:
-        if name not in types or (hint and not _HINTS[hint](text)):
+        if name not in types or (hint and not _HINTS[hint](work)):
             continue
-        n = 0
+        new = [(m.start(), m.end(), name) for m in pattern.finditer(work)
+               if check is None or check(m)]
+        if new:
+            spans.extend(new)
+            work = _mask(work, new)
+    spans.sort()
+    return spans
 
-        def repl(m: re.Match, name=name, check=check) -> str:
-            nonlocal n
-            if check is None or check(m):
-                n += 1
-                return f"<{name}>"
-            return m.group()
 
-        text = pattern.sub(repl, text)
-        if n:
-            counts[name] = counts.get(name, 0) + n
-    return text, counts
+def _mask(text: str, spans: list[tuple[int, int, str]]) -> str:
+    parts, pos = [], 0
+    for a, b, _ in sorted(spans):
+        if a >= pos:
+            parts += [text[pos:a], "\0" * (b - a)]
+            pos = b
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def scrub(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, dict[str, int]]:
+    """(text with PII replaced by `<TYPE>` placeholders, count per type)."""
+    spans = find(text, types)
+    if not spans:
+        return text, {}
+    counts: dict[str, int] = {}
+    parts, pos = [], 0
+    for a, b, name in spans:
+        parts += [text[pos:a], f"<{name}>"]
+        pos = b
+        counts[name] = counts.get(name, 0) + 1
+    parts.append(text[pos:])
+    return "".join(parts), counts
 
 
 def pii(doc: Document, types: tuple[str, ...] = TYPES) -> Document | tuple[Document, dict]:
