@@ -27,13 +27,16 @@ def toxicity_predictor(scorer: str, min_hits: int, threshold: float):
     return lambda text: float(fn(text)) >= threshold
 
 
-def run(scorer: str = "wordlist", min_hits: int = 1, threshold: float = 0.5) -> dict:
+def run(scorer: str = "wordlist", min_hits: int = 1, threshold: float = 0.5,
+        ip_scope: str = "public") -> dict:
     """Both evaluations; the result is JSON-serializable."""
-    pii_res = filter_eval.score_pii(pii.find, filter_eval.load_pii())
+    pii_res = filter_eval.score_pii(lambda t: pii.find(t, ip_scope=ip_scope),
+                                    filter_eval.load_pii())
     tox_res = filter_eval.score_toxicity(toxicity_predictor(scorer, min_hits, threshold),
                                          filter_eval.load_toxicity())
     return {"pii": pii_res, "toxicity": tox_res,
-            "toxicity_scorer": {"scorer": scorer, "min_hits": min_hits, "threshold": threshold}}
+            "toxicity_scorer": {"scorer": scorer, "min_hits": min_hits, "threshold": threshold},
+            "pii_ip_scope": ip_scope}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,11 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scorer", default="wordlist")
     ap.add_argument("--min_hits", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--ip_scope", default="public", choices=pii.IP_SCOPES)
     ap.add_argument("--errors", action="store_true", help="list every miss and false positive")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
-    res = run(a.scorer, a.min_hits, a.threshold)
-    print("PII (frozen set tests/curate/eval_sets/pii.jsonl)")
+    res = run(a.scorer, a.min_hits, a.threshold, a.ip_scope)
+    print(f"PII (frozen set tests/curate/eval_sets/pii.jsonl, ip_scope={a.ip_scope})")
     print(filter_eval.pii_table(res["pii"]))
     t = res["toxicity"]
     print(f"\nToxicity ({a.scorer}): TP {t['tp']} FP {t['fp']} FN {t['fn']} TN {t['tn']}  "

@@ -39,25 +39,37 @@ _API_KEY = re.compile(
     r"|[sr]k_(?:live|test)_[0-9A-Za-z]{16,}\b"             # Stripe
     r"|sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}\b"            # OpenAI / Anthropic style
     r"|hf_[A-Za-z0-9]{30,}\b"                              # Hugging Face
-    r"|glpat-[A-Za-z0-9_\-]{20}\b")                        # GitLab
-_KEY_ASSIGN = re.compile(
-    r"""(?i)\b((?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|"""
-    r"""password|passwd)["']?\s*[:=]\s*["'])([^"'\s]{12,})(["'])""")
+    r"|glpat-[A-Za-z0-9_\-]{20}\b"                         # GitLab
+    r"|npm_[A-Za-z0-9]{36}\b"                              # npm
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}")  # JWT
+# `name = "value"` (quoted, any value of 8+ characters) or `name=value` (unquoted, 8+ characters
+# with a letter and a digit, so that `api_key=YOUR_KEY_HERE` or `password = os.environ[...]` stay).
+_KEY_NAME = (r"""(?i)(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*?(?:api[_-]?key|secret(?:[_-]access)?"""
+             r"""[_-]?key|access[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|"""
+             r"""refresh[_-]?token|bearer[_-]?token|password|passwd|secret|token)""")
+_KEY_ASSIGN = re.compile(_KEY_NAME + r"""["']?\s*[:=]\s*(?:(["'])([^"'\s]{8,})["']"""
+                         r"""|([^"'\s,;)\]}<>]{8,}))""")
+_LETTER_DIGIT = re.compile(r"(?=.*[A-Za-z])(?=.*\d)")
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
                     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
 _IBAN = re.compile(r"[A-Z](?<![A-Za-z0-9_][A-Z])[A-Z]\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}"
                    r"(?:[ ]?[A-Z0-9]{1,3})?\b")
 _CARD = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])")
-_SSN = re.compile(r"\d(?<![\d-]\d)\d\d-\d\d-\d{4}(?![\d-])")
+_SSN = re.compile(r"\d(?<![\d-]\d)\d\d-\d\d-\d{4}(?![\d-])"
+                  r"|\d(?<!\d\d)(?<!\d \d)\d\d \d\d \d{4}(?! ?\d)")   # spaced: needs "SSN" nearby
+_SSN_CONTEXT = re.compile(r"(?i)\bssn\b|social[ -]security")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\.?\w)")
 _IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])[0-9A-Fa-f]{0,3}:?"
                    r"(?:[0-9A-Fa-f]{0,4}:){1,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 _PHONE = re.compile(
     r"\+(?<![\w+]\+)\d{1,3}[ .-]?(?:\(0?\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]?\d{2,5}){1,4}(?!\w)"
-    r"|\((?<![\w(]\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}(?!\w)"
+    r"|\((?<![\w(]\()0?\d{2,4}\)[ .-]?\d{3,5}[ .-]?\d{4}(?!\w)"
     r"|\d(?<![\w.-]\d)\d\d[.-]\d{3}[.-]\d{4}(?![\w-]|\.\d)"
+    r"|1(?<![\w.+-]1)[ .-]\d{3}[ .-]\d{3}[ .-]\d{4}(?![\w-]|\.\d)"
+    r"|0(?<![\w(.-]0)\d{1,4}[.-]\d{2,8}(?:[.-]\d{2,4}){0,3}(?![\w-]|[.]\d)"
     r"|\((?<![\w(]\()0\d{1,4}\)[ ]\d{2,4}(?:[ ]\d{2,4}){1,3}(?!\w)"
-    r"|0(?<![\w(]0)\d{1,4}[ ]\d{2,4}(?:[ ]\d{2,4}){1,3}(?!\w)")
+    r"|0(?<![\w(]0)\d{1,4}[ ]\d{2,8}(?:[ ]\d{2,4}){0,3}(?!\w)")
+_DATE = re.compile(r"\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
 _DIGIT_RUN = re.compile(r"\d\d")
 _DOTTED_DIGIT = re.compile(r"\d\.\d")
 _HINTS: dict[str, Callable[[str], bool]] = {
@@ -96,7 +108,10 @@ def _card(m: re.Match) -> bool:
 
 
 def _ssn(m: re.Match) -> bool:
-    area, group, serial = m.group().split("-")
+    s = m.group()
+    if " " in s and not _SSN_CONTEXT.search(m.string, max(0, m.start() - 40), m.start()):
+        return False
+    area, group, serial = s.replace(" ", "-").split("-")
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
@@ -105,32 +120,46 @@ def _api_key(m: re.Match) -> bool:
     return i == 0 or not (m.string[i - 1].isalnum() or m.string[i - 1] == "_")
 
 
-def _ipv4(m: re.Match) -> bool:
+def _ipv4(m: re.Match, ip_scope: str = "public") -> bool:
     return all(int(p) <= 255 and (p == "0" or p[0] != "0") for p in m.group().split(".")) \
-        and _public_ip(m)
+        and _public_ip(m, ip_scope)
 
 
-def _public_ip(m: re.Match) -> bool:
+def _public_ip(m: re.Match, ip_scope: str = "public") -> bool:
     s = m.group()
     if ":" in s and sum(1 for g in s.split(":") if g) < 3:
         return False  # slices like `x[::2]`, `a::b`
     before = m.string[max(0, m.start() - 12):m.start()].lower()
-    if "version" in before or before.endswith(("v", "v.")):
-        return False  # version strings such as "version 1.2.3.4"
+    if any(w in before for w in _NOT_IP_CONTEXT) or before.endswith(("v", "v.")):
+        return False  # version strings such as "version 1.2.3.4", "section 4.2.1.3"
     try:
-        return ipaddress.ip_address(s).is_global
+        ip = ipaddress.ip_address(s)
     except ValueError:
         return False
+    return ip.is_global or (ip_scope == "all" and not ip.is_unspecified)
+
+
+_NOT_IP_CONTEXT = ("version", "section", "sec.", "\u00a7", "chapter", "clause", "release",
+                   "build", "firmware", "oid")
+
+
+def _email(m: re.Match) -> bool:
+    after = m.string[m.end():m.end() + 2]
+    return not (after[:1] == ":" and after[1:2].strip())  # `git@github.com:org/repo` (scp syntax)
 
 
 def _phone(m: re.Match) -> bool:
-    return 7 <= sum(c.isdigit() for c in m.group()) <= 15
+    s = m.group()
+    digits = sum(c.isdigit() for c in s)
+    if s[0] == "0" and (("." in s or "-" in s) and digits < 9 or _DATE.fullmatch(s)):
+        return False  # trunk-prefixed numbers with dots/dashes: 9+ digits and not a date
+    return 7 <= digits <= 15
 
 
 _RULES: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None, str]] = [
     ("PRIVATE_KEY", _PRIVATE_KEY, None, "PRIVATE_KEY"),
     ("API_KEY", _API_KEY, _api_key, ""),
-    ("EMAIL", _EMAIL, None, "EMAIL"),
+    ("EMAIL", _EMAIL, _email, "EMAIL"),
     ("IBAN", _IBAN, lambda m: iban_ok(m.group()), "DIGITS"),
     ("CREDIT_CARD", _CARD, _card, "DIGITS"),
     ("SSN", _SSN, _ssn, "DIGITS"),
@@ -141,23 +170,30 @@ _RULES: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None, str]] = [
 TYPES = tuple(dict.fromkeys(t for t, _, _, _ in _RULES))
 
 
-def find(text: str, types: tuple[str, ...] = TYPES) -> list[tuple[int, int, str]]:
+def find(text: str, types: tuple[str, ...] = TYPES,
+         ip_scope: str = "public") -> list[tuple[int, int, str]]:
     """Sorted, non-overlapping PII spans `(start, end, TYPE)` in `text`.
 
     Rules run in `_RULES` order; a span a rule accepts is masked (same length, NUL characters)
     before the next rule runs, so earlier rules win and offsets stay those of `text`. For
-    `key = "..."` assignments only the value is a span."""
+    `key = "..."` assignments only the value is a span. `ip_scope`: "public" keeps private,
+    loopback, link-local and documentation addresses; "all" replaces every IP address."""
     spans: list[tuple[int, int, str]] = []
     work = text
     if "API_KEY" in types:
         low = text.lower()
         if any(k in low for k in ("key", "token", "secret", "passw")):
             for m in _KEY_ASSIGN.finditer(text):
-                spans.append((m.start(2), m.end(2), "API_KEY"))
+                if m.group(2) is not None:
+                    spans.append((m.start(2), m.end(2), "API_KEY"))
+                elif _LETTER_DIGIT.match(m.group(3)):
+                    spans.append((m.start(3), m.end(3), "API_KEY"))
             work = _mask(work, spans)
     for name, pattern, check, hint in _RULES:
         if name not in types or (hint and not _HINTS[hint](work)):
             continue
+        if name == "IP_ADDRESS":
+            check = functools.partial(check, ip_scope=ip_scope)
         new = [(m.start(), m.end(), name) for m in pattern.finditer(work)
                if check is None or check(m)]
         if new:
@@ -177,9 +213,10 @@ def _mask(text: str, spans: list[tuple[int, int, str]]) -> str:
     return "".join(parts)
 
 
-def scrub(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, dict[str, int]]:
+def scrub(text: str, types: tuple[str, ...] = TYPES,
+          ip_scope: str = "public") -> tuple[str, dict[str, int]]:
     """(text with PII replaced by `<TYPE>` placeholders, count per type)."""
-    spans = find(text, types)
+    spans = find(text, types, ip_scope)
     if not spans:
         return text, {}
     counts: dict[str, int] = {}
@@ -192,19 +229,26 @@ def scrub(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, dict[str, int
     return "".join(parts), counts
 
 
-def pii(doc: Document, types: tuple[str, ...] = TYPES) -> Document | tuple[Document, dict]:
+def pii(doc: Document, types: tuple[str, ...] = TYPES,
+        ip_scope: str = "public") -> Document | tuple[Document, dict]:
     """Replace PII in a document; the counts go to the datasheet under the `pii` step."""
-    text, counts = scrub(doc.text, types)
+    text, counts = scrub(doc.text, types, ip_scope)
     if not counts:
         return doc
     return dataclasses.replace(doc, text=text), counts
 
 
+IP_SCOPES = ("public", "all")
+
+
 @gin.configurable("pii")
-def pii_step(types: tuple[str, ...] = TYPES):
+def pii_step(types: tuple[str, ...] = TYPES, ip_scope: str = "public"):
     """Gin: `types` to replace (default: all of EMAIL, PHONE, IP_ADDRESS, CREDIT_CARD, IBAN, SSN,
-    API_KEY, PRIVATE_KEY)."""
+    API_KEY, PRIVATE_KEY); `ip_scope` "public" (keep private/loopback/link-local/documentation
+    addresses) or "all" (replace every IP address, as Presidio and Dolma do)."""
     unknown = set(types) - set(TYPES)
     if unknown:
         raise ValueError(f"pii.types has unknown types {sorted(unknown)}; choose from {TYPES}.")
-    return functools.partial(pii, types=tuple(types))
+    if ip_scope not in IP_SCOPES:
+        raise ValueError(f"pii.ip_scope={ip_scope!r}; choose one of {IP_SCOPES}.")
+    return functools.partial(pii, types=tuple(types), ip_scope=ip_scope)
