@@ -132,6 +132,8 @@ class SplitInfo:
     `gzip -9` of the same text concatenated (validation only), for a baseline bits per byte;
     unigram_bits is the split's total loss in bits under the train split's unigram token
     frequencies (validation only): the floor a model must beat to have learned anything.
+    `prepare` writes shards per domain, so the split's shards are its domains' shards in sorted
+    domain order, and gzip_bytes is the sum over its shards (each compressed on its own).
     """
 
     num_documents: int
@@ -140,6 +142,15 @@ class SplitInfo:
     shards: list[str]  # relative to the data directory
     gzip_bytes: int | None = None
     unigram_bits: float | None = None
+    # {domain: {num_documents, num_tokens, num_bytes, shards}}; "" is "no domain". None for
+    # directories written before domains existed (one domain: all shards).
+    domains: dict | None = None
+
+    def domain_shards(self) -> dict[str, list[str]]:
+        """{domain: its shard files}: the components `make_dataset.mixture` mixes."""
+        if not self.domains:
+            return {"": list(self.shards)}
+        return {d: list(v["shards"]) for d, v in self.domains.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Text sources: the embedded standard-library corpus, text files, and JSONL.
+"""Text sources: the embedded standard-library corpus, text files, JSONL, and curation output.
 
 Every source yields `Document`s with a stable `id` (used for the train/validation split and for
 dedup bookkeeping) and a `source` name. Sources raise `DataError` with a message naming the
@@ -105,8 +105,89 @@ def pydoc_documents() -> Iterator[Document]:
                        metadata={"domain": "docs", "language": "en"})
 
 
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One input file of a file-based corpus: the unit that `prepare` reads in parallel, locally
+    or on Beam workers (plain data, so it pickles across process boundaries).
+
+    kind: "text" (the file is one document), "jsonl" (one document per line, `.gz` allowed) or
+      "curated" (a `tools/curate` kept shard: `.array_record` or `.jsonl.gz` records with id,
+      text, source and metadata).
+    """
+
+    path: str
+    kind: str
+    text_field: str = "text"
+    id_field: str | None = None
+    encoding: str = "utf-8"
+
+
+class UnitCorpus:
+    """A corpus made of input files: iterating it reads the units in order (`read_unit`)."""
+
+    def __init__(self, units: list[Unit]):
+        self.units = list(units)
+
+    def __iter__(self) -> Iterator[Document]:
+        for unit in self.units:
+            yield from read_unit(unit)
+
+
+def read_unit(unit: Unit) -> Iterator[Document]:
+    """The documents of one input file, in file order."""
+    if unit.kind == "text":
+        try:
+            text = pathlib.Path(unit.path).read_text(encoding=unit.encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{unit.path} is not valid {unit.encoding} ({e.reason} at byte "
+                            f"{e.start}). Fix the file, set `text_files.encoding`, or run it "
+                            "through `tools/curate` which repairs or drops such files.") from None
+        yield Document(id=unit.path, text=text, source=f"files:{unit.path}")
+    elif unit.kind == "jsonl":
+        opener = gzip.open if unit.path.endswith(".gz") else open
+        with opener(unit.path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield jsonl_document(line, unit.path, lineno, unit.text_field, unit.id_field)
+    elif unit.kind == "curated":
+        yield from _curated_records(unit.path)
+    else:
+        raise DataError(f"Unknown input kind {unit.kind!r} for {unit.path}.")
+
+
+def _curated_document(raw: bytes | str, where: str) -> Document:
+    try:
+        r = json.loads(raw)
+        if not isinstance(r.get("text"), str) or not isinstance(r.get("id"), str):
+            raise ValueError("no string 'id' and 'text'")
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"{where} is not a record written by tools/curate ({e}). Point "
+                        "`curated.path` at a curation output directory.") from None
+    return Document(id=r["id"], text=r["text"], source=r.get("source") or "curated",
+                    metadata=r.get("metadata") or {})
+
+
+def _curated_records(path: str, chunk: int = 256) -> Iterator[Document]:
+    if path.endswith(".array_record"):
+        from array_record.python import array_record_module
+
+        reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+        try:
+            n = reader.num_records()
+            for start in range(0, n, chunk):
+                for i, raw in enumerate(reader.read(start, min(n, start + chunk))):
+                    yield _curated_document(raw, f"{path} record {start + i}")
+        finally:
+            reader.close()
+    else:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield _curated_document(line, f"{path}:{lineno}")
+
+
 @gin.configurable
-def text_files(pattern: str, encoding: str = "utf-8") -> Iterator[Document]:
+def text_files(pattern: str, encoding: str = "utf-8") -> UnitCorpus:
     """Every file matching a glob pattern (recursive `**` allowed), one document per file.
 
     A directory path is read as `<dir>/**/*`. Raises `DataError` if nothing matches or a file
@@ -118,29 +199,40 @@ def text_files(pattern: str, encoding: str = "utf-8") -> Iterator[Document]:
     if not paths:
         raise DataError(f"No files match {pattern!r}. Check the path, or point "
                         "`text_files.pattern` at an existing file, directory or glob.")
-    for path in paths:
-        try:
-            text = pathlib.Path(path).read_text(encoding=encoding)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not valid {encoding} ({e.reason} at byte {e.start}). "
-                            "Fix the file, set `text_files.encoding`, or run it through "
-                            "`tools/curate` which repairs or drops such files.") from None
-        yield Document(id=path, text=text, source=f"files:{pattern}")
+    return UnitCorpus([Unit(p, "text", encoding=encoding) for p in paths])
 
 
 @gin.configurable
-def jsonl(path: str, text_field: str = "text", id_field: str | None = None) -> Iterator[Document]:
+def jsonl(path: str, text_field: str = "text", id_field: str | None = None) -> UnitCorpus:
     """Documents from a JSONL or JSONL.gz file (or a glob of them), text under `text_field`."""
     paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
     if not paths or not all(os.path.isfile(p) for p in paths):
         raise DataError(f"JSONL input {path!r} does not exist. Fix `jsonl.path`.")
-    for p in paths:
-        opener = gzip.open if p.endswith(".gz") else open
-        with opener(p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                yield jsonl_document(line, p, lineno, text_field, id_field)
+    return UnitCorpus([Unit(p, "jsonl", text_field=text_field, id_field=id_field)
+                       for p in paths])
+
+
+@gin.configurable
+def curated(path: str) -> UnitCorpus:
+    """The documents `tools/curate` kept, read directly: ids, sources and metadata (domain,
+    language, ...) intact.
+
+    path: a curation output directory (its `kept/` is read), a `kept/` directory, or a glob of
+      kept shards. `kept/*.array_record` is read when present, else `kept/*.jsonl.gz` (both hold
+      the same records). Units are taken in sorted file order, which is curation's corpus order.
+    """
+    if os.path.isdir(os.path.join(path, "kept")):
+        path = os.path.join(path, "kept")
+    if os.path.isdir(path):
+        paths = sorted(glob.glob(os.path.join(path, "*.array_record"))) or \
+            sorted(glob.glob(os.path.join(path, "*.jsonl.gz")))
+    else:
+        paths = sorted(glob.glob(path))
+    if not paths:
+        raise DataError(f"No curated shards at {path!r} (expected kept/*.array_record or "
+                        "kept/*.jsonl.gz written by `python -m tools.curate`). Fix "
+                        "`curated.path`.")
+    return UnitCorpus([Unit(p, "curated") for p in paths])
 
 
 def jsonl_document(line: str, path: str, lineno: int, text_field: str = "text",
@@ -167,12 +259,15 @@ def jsonl_document(line: str, path: str, lineno: int, text_field: str = "text",
                     metadata=meta)
 
 
-SOURCES = {"embedded": embedded_corpus, "files": text_files, "jsonl": jsonl}
+SOURCES = {"embedded": embedded_corpus, "files": text_files, "jsonl": jsonl, "curated": curated}
 
 
 @gin.configurable
-def corpus(name: str = "embedded") -> Iterator[Document]:
-    """The configured corpus. `name` is one of SOURCES; each source's own args are gin-bound."""
+def corpus(name: str = "embedded") -> Iterable[Document]:
+    """The configured corpus. `name` is one of SOURCES; each source's own args are gin-bound.
+
+    File-based sources (files, jsonl, curated) return a `UnitCorpus`, whose `units` `prepare`
+    reads in parallel (and on Beam)."""
     if name not in SOURCES:
         raise DataError(f"Unknown corpus {name!r}; choose one of {sorted(SOURCES)} "
                         "(gin: `corpus.name`).")

@@ -202,3 +202,22 @@ class Tokenizer:
 def load_tokenizer(model_path: str, extra_ids: int = 0) -> Tokenizer:
     """Loads a model written by `train_sentencepiece`; DataError if it is missing or corrupt."""
     return Tokenizer(model_path, extra_ids)
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Each text's ids + EOS as int32: one shard record per document."""
+    return [np.asarray([*ids, EOS_ID], dtype=np.int32) for ids in tok.encode_batch(texts)]
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def init_worker(model_path: str) -> None:
+    """Pool initializer: loads the tokenizer once per worker process."""
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(model_path)
+
+
+def encode_in_worker(texts: Sequence[str]) -> list[np.ndarray]:
+    """`encode_documents` with the worker's tokenizer (see `init_worker`)."""
+    return encode_documents(_WORKER_TOKENIZER, texts)
