@@ -36,6 +36,21 @@ AMBIGUOUS = frozenset([
     "semen", "vagina", "penis", "erotic", "escort", "testicle", "urine", "vomit", "nazi", "drug",
     "drugs", "wang", "willy", "beaver", "omg", "wtf", "lmao", "thrust", "trashy", "tramp",
     "tampon", "undies", "sperm",
+    # clinical and anatomical terms, crime and history vocabulary (news, medicine, law):
+    "anal", "anus", "areole", "clitoris", "crotch", "ejaculate", "ejaculated", "ejaculates",
+    "ejaculating", "ejaculation", "enlargement", "erect", "erection", "foreskin", "glans", "gonad",
+    "gonads", "hemp", "heroin", "herpes", "hiv", "hymen", "labia", "menses", "menstruate",
+    "menstruation", "murder", "nipple", "nipples", "oral", "orally", "organ", "ovary", "ovum",
+    "ovums", "pcp", "penetrate", "penetration", "penile", "pubic", "pubis", "rectal", "rectus",
+    "sniper", "testes", "testis", "uterus", "valium", "viagra", "virgin", "vodka", "vulva", "womb",
+    "raping", "masturbate", "masturbating", "masturbation", "cum", "hitler", "nazism", "reich",
+    "uzi", "napalm", "pornography", "rum", "pawn", "organ", "revue", "seaman", "seamen", "sandbar",
+])
+# Insults and obfuscations the shipped list lacks.
+EXTRA = frozenset([
+    "idiot", "idiots", "imbecile", "imbeciles", "cretin", "cretins", "asshat", "asshats",
+    "dipshit", "dipshits", "horseshit", "kys", "fck", "fcking", "biatch", "halfwit", "scumbag",
+    "shitbag", "dumbfuck", "fuckwits", "bullshit",
 ])
 _LEET = str.maketrans({"@": "a", "4": "a", "0": "o", "1": "i", "!": "i", "3": "e", "$": "s",
                        "5": "s", "7": "t", "+": "t"})
@@ -52,19 +67,44 @@ def wordlist() -> tuple[frozenset, frozenset]:
         path = os.path.join(os.path.dirname(better_profanity.__file__), "profanity_wordlist.txt")
         with open(path, encoding="utf-8") as f:
             entries = [ln.strip().lower() for ln in f if ln.strip()]
-        words = frozenset(e for e in entries if " " not in e) - AMBIGUOUS
+        words = (frozenset(e for e in entries if " " not in e) | EXTRA) - AMBIGUOUS
+        words |= frozenset(w + "s" for w in words if len(w) > 2) - AMBIGUOUS  # plurals
         pairs = frozenset(tuple(e.split()[:2]) for e in entries if e.count(" ") == 1)
         _LIST = (words, pairs)
     return _LIST
 
 
+_SPELLED = re.compile(r"\b(?:[a-z][ .\-_]){2,}[a-z]\b")     # f u c k, s.h.i.t, p-r-i-c-k
+_SPELLED_HINT = re.compile(r"[ .\-_][a-z][ .\-_][a-z][ .\-_]")
+_REPEAT = re.compile(r"([a-z])\1{2,}")
+_TRIPLES = tuple(c * 3 for c in "abcdefghijklmnopqrstuvwxyz")                            # fuuuuck
+
+
+def _obfuscated(t: str, words: frozenset) -> bool:
+    """A token is listed after undoing masks (f*ck) or letter repeats (fuuuck)."""
+    if "*" in t:
+        pat = re.compile(t.replace("*", "[a-z]") + "$")
+        return any(len(w) == len(t) and pat.match(w) for w in words)
+    if _REPEAT.search(t):
+        return _REPEAT.sub(r"\1", t) in words or _REPEAT.sub(r"\1\1", t) in words
+    return False
+
+
 def wordlist_score(text: str) -> tuple[float, int]:
-    """(fraction of tokens that are listed, number of listed tokens)."""
+    """(fraction of tokens that are listed, number of listed tokens).
+
+    Tokens are lowercase letter runs after undoing leetspeak and letter spacing."""
     words, pairs = wordlist()
-    toks = [t.strip("*") for t in _TOKEN.findall(text.lower().translate(_LEET))]
+    low = text.lower().translate(_LEET)
+    if _SPELLED_HINT.search(low):
+        low = _SPELLED.sub(lambda m: re.sub(r"[ .\-_]", "", m.group()), low)
+    toks = [t.strip("*") for t in _TOKEN.findall(low)]
     if not toks:
         return 0.0, 0
     hits = sum(1 for t in toks if t in words)
+    if "*" in low or any(t in low for t in _TRIPLES):  # masks and letter repeats: the slow path
+        extra = {t for t in set(toks) if t not in words and _obfuscated(t, words)}
+        hits += sum(1 for t in toks if t in extra) if extra else 0
     hits += sum(1 for a, b in zip(toks, toks[1:]) if (a, b) in pairs)
     return hits / len(toks), hits
 
