@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = inspect.signature(curate).parameters["out_dir"].default
     print(f"curate: {a['input']} input documents -> {a['kept_unique']} kept, {a['removed']} "
           f"removed (accounting OK). Datasheet: {out_dir}/datasheet.md")
+    bad = ds.get("corrupt_files", {})
+    if bad.get("count"):
+        where = ", ".join(bad["where"][:5]) + (", ..." if bad["count"] > 5 else "")
+        print(f"curate: WARNING: {bad['count']} compressed input file(s) corrupt or truncated "
+              f"({where}): the documents before each break were read; an unknown number of "
+              "documents after it were lost and are not in the counts above. Re-fetch the "
+              "file(s) and rerun with --restart.")
     return 0
 
 

@@ -239,7 +239,8 @@ def jsonl_document(line: str, path: str, lineno: int, text_field: str = "text",
                    id_field: str | None = None) -> Document:
     """Parse one JSONL line into a Document; the parsing core shared with the curation readers.
 
-    Raises `DataError` whose `reason` attribute is `malformed_json` or `missing_text_field`.
+    Raises `DataError` whose `reason` attribute is `malformed_json`, `missing_text_field`,
+    `missing_text` (the text is null) or `bad_record` (the text is not a string).
     """
     try:
         record = json.loads(line)
@@ -253,10 +254,15 @@ def jsonl_document(line: str, path: str, lineno: int, text_field: str = "text",
                         "`jsonl.text_field` to the field holding the text.")
         err.reason = "missing_text_field"
         raise err
+    text = record[text_field]
+    if not isinstance(text, str):
+        err = DataError(f"{path}:{lineno} has {text_field!r}: {json.dumps(text)[:40]}, not a "
+                        "string. Drop the record, or curate the file with `tools/curate`.")
+        err.reason = "missing_text" if text is None else "bad_record"
+        raise err
     doc_id = str(record[id_field]) if id_field and id_field in record else f"{path}:{lineno}"
     meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
-    return Document(id=doc_id, text=str(record[text_field]), source=f"jsonl:{path}",
-                    metadata=meta)
+    return Document(id=doc_id, text=text, source=f"jsonl:{path}", metadata=meta)
 
 
 SOURCES = {"embedded": embedded_corpus, "files": text_files, "jsonl": jsonl, "curated": curated}

@@ -38,6 +38,7 @@ def test_every_bad_input_is_counted(tmp_path):
     j = tmp_path / "j"
     j.mkdir()
     lines = [json.dumps({"text": _good(3)}), "{not json", json.dumps({"body": "no text"}),
+             json.dumps({"text": None}), json.dumps({"text": ["a", "list"]}),
              json.dumps({"text": _good(4)})]
     (j / "a.jsonl").write_text("\n".join(lines) + "\n")
     data = gzip.compress(("\n".join(json.dumps({"text": _good(i)}) for i in range(5, 25))
@@ -51,7 +52,9 @@ def test_every_bad_input_is_counted(tmp_path):
     assert read["step"] == "read"
     assert read["removed"] == {"invalid_utf8": 1, "empty_file": 2, "binary_file": 1,
                                "too_large": 1, "malformed_json": 1, "missing_text_field": 1,
-                               "corrupt_compressed": 1}
+                               "missing_text": 1, "bad_record": 1, "corrupt_compressed": 1}
+    assert ds["corrupt_files"]["count"] == 1
+    assert ds["corrupt_files"]["where"][0].startswith(str(j / "truncated.jsonl.gz:after-line-"))
     a = ds["accounting"]
     assert a["ok"] and a["input"] == a["kept_unique"] + a["removed"]
     # good.txt, repairable.txt, 2 good JSONL lines, and the truncated gzip's complete lines
@@ -89,7 +92,7 @@ def test_parquet_source_and_metadata(tmp_path):
     recs = list(read_unit(Unit("parquet", "code", "code", (str(tmp_path / "c.parquet"),),
                                (("text_field", "content"),))))
     assert recs[0].metadata["repo"] == "a/b" and recs[0].metadata["domain"] == "code"
-    assert isinstance(recs[1], Rejected) and recs[1].reason == "bad_record"
+    assert isinstance(recs[1], Rejected) and recs[1].reason == "missing_text"
 
 
 def test_misconfigured_source_names_the_fix(tmp_path):
@@ -104,3 +107,23 @@ def test_misconfigured_source_names_the_fix(tmp_path):
                                                 "text_feild": "body"}])
     with pytest.raises(CurationError, match="Unknown curation steps"):
         curate(out_dir=str(tmp_path), steps=["normalise"])
+
+
+def test_cli_summary_reports_a_truncated_gzip(tmp_path, capsys):
+    from tools.curate import main
+
+    data = gzip.compress(("\n".join(json.dumps({"text": _good(i)}) for i in range(30))
+                          + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"text": None}) + "\n"
+                                       + json.dumps({"text": _good(99)}) + "\n")
+    src = [{"kind": "jsonl", "path": str(tmp_path / "*.jsonl*")}]
+    rc = main(["--out_dir", str(tmp_path / "out"), "--gin_param", f"curate.sources={src!r}",
+               "--gin_param", "curate.steps=['normalize']", "--gin_param", "curate.quiet=True"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "1 compressed input file(s) corrupt or truncated" in out
+    assert "cut.jsonl.gz:after-line-" in out and "unknown number of documents" in out
+    ds = json.loads((tmp_path / "out" / "datasheet.json").read_text())
+    assert ds["steps"][0]["removed"]["missing_text"] == 1
+    assert "corrupt or truncated" in (tmp_path / "out" / "datasheet.md").read_text()

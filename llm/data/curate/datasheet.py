@@ -67,8 +67,17 @@ def build(t: dict, order: list[str], summaries: dict, meta: dict, examples: int 
         "steps": step_table(t, order),
         "composition": t["composition"],
         "global_steps": {k: v for k, v in summaries.items() if not k.startswith("_")},
+        "corrupt_files": corrupt_files(t),
         "examples_removed": samples,
     })
+
+
+def corrupt_files(t: dict) -> dict:
+    """Compressed inputs that broke mid-stream: how many, and `path:after-line-N` for (up to
+    `run_options.sample_size` of) them. Documents after the break are lost and uncounted."""
+    n = t["removed"].get("read", {}).get("corrupt_compressed", 0)
+    where = [r[1] for r in sorted(t["samples"].get("read/corrupt_compressed", []))]
+    return {"count": n, "where": where}
 
 
 def write_removed(out_dir: str, t: dict) -> None:
@@ -130,6 +139,11 @@ def markdown(ds: dict) -> str:
     if read["removed"]:
         out.append("- Unreadable input: " + ", ".join(f"{k}: {v}"
                                                       for k, v in read["removed"].items()))
+    bad = ds.get("corrupt_files", {})
+    if bad.get("count"):
+        out.append(f"- **{bad['count']} compressed file(s) corrupt or truncated** "
+                   f"({', '.join(bad['where'])}): an unknown number of documents after each "
+                   "break was lost and is not counted anywhere in this datasheet.")
     out += ["", "## Preprocessing / cleaning",
             _table(["step", "in", "out", "removed by reason", "changes"],
                    [[s["step"], s["in"], s["out"],

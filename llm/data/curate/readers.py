@@ -18,7 +18,8 @@ a slice of a TFDS split); units are the grain of parallelism and of resumption.
 
 Rejection reasons: `empty_file`, `binary_file`, `invalid_utf8`, `too_large`,
 `corrupt_compressed` (truncated gzip/zstd), `malformed_json`, `missing_text_field`,
-`unreadable_file`, `bad_record` (Parquet/TFDS row whose text is not a string).
+`missing_text` (a JSONL/Parquet record whose text is null), `unreadable_file`, `bad_record`
+(a record whose text is not a string).
 """
 
 from __future__ import annotations
@@ -304,7 +305,8 @@ def _read_parquet(unit: Unit, limits: ReadLimits) -> Iterator[Document | Rejecte
             doc_id = str(rec[id_field]) if id_field and id_field in rec else f"{path}:{row}"
             text = rec.pop(text_field)
             if not isinstance(text, str):
-                yield _reject(doc_id, unit.source, "bad_record", repr(text)[:200])
+                yield _reject(doc_id, unit.source, "missing_text" if text is None else "bad_record",
+                              repr(text)[:200])
                 continue
             if len(text) > limits.max_doc_bytes:
                 yield _reject(doc_id, unit.source, "too_large", text[:200], bytes=len(text))
