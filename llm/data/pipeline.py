@@ -26,6 +26,17 @@ token scored exactly once) want. First-fit packing would keep short documents wh
 rows and, for documents longer than a row, needs truncation -- losing tokens, which breaks the
 evaluation guarantee and bits-per-byte.
 
+Mixtures (`mixture`, as seqio mixtures): the documents of several domains of the split (written
+per domain by `prepare`) are mixed before step 3 by `grain.MapDataset.mix`, each domain shuffled
+and repeated on its own. Rates are shares of *tokens*: a domain's document weight is its rate
+divided by its mean document length, so documents are drawn in a fixed, deterministic interleave
+and token shares match the rates up to document-length noise. `mixture_temperature` T instead
+rates every domain by (its tokens)^(1/T) (T=1: proportional, large T: uniform). The mixture is a
+`MapDataset`, so streams, process-count invariance and exact resume are unchanged. Every row
+carries its tokens per domain through packing; the returned iterator sums them (in its
+checkpointed state) as `mixture_tokens` / `mixture_proportions()`: what training actually saw.
+Mixtures apply to infinite passes only; a finite pass (evaluation) reads the split whole.
+
 Finite passes (`num_epochs` set, e.g. evaluation with `shuffle=False, num_epochs=1`): every stream
 is padded to the same number of batches -- the partial last batch with pad rows
 (`segment_ids == 0`, `loss_mask == 0`) and then whole pad batches -- so every process yields the
@@ -149,6 +160,114 @@ class _JsonSafePackIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+MIXTURE_TOKENS = "mixture_tokens"  # per row: [num_domains] tokens of each domain in the row
+_DOMAIN = "_mixture_domain"  # per document, then per token through packing
+
+
+class _MixtureReportIterDataset(grain.IterDataset):
+    """Removes `MIXTURE_TOKENS` from every batch and sums it into the iterator's state."""
+
+    def __init__(self, parent: grain.IterDataset, names: list[str]):
+        super().__init__(parent)
+        self._names = names
+
+    def __iter__(self):
+        return _MixtureReportIterator(self._parent.__iter__(), self._names)
+
+
+class _MixtureReportIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, names):
+        super().__init__(parent)
+        self.mixture_names = list(names)
+        self.mixture_tokens = np.zeros(len(names), np.int64)
+
+    def __next__(self):
+        batch = dict(next(self._parent))
+        self.mixture_tokens += batch.pop(MIXTURE_TOKENS).sum(axis=0)
+        return batch
+
+    def mixture_proportions(self) -> dict[str, float]:
+        """Share of each domain among the (non-padding) tokens yielded so far."""
+        total = max(int(self.mixture_tokens.sum()), 1)
+        return {n: int(c) / total for n, c in zip(self.mixture_names, self.mixture_tokens)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "tokens": self.mixture_tokens.tolist()}
+
+    def set_state(self, state: dict[str, Any]):
+        self._parent.set_state(state["parent"])
+        self.mixture_tokens = np.asarray(state["tokens"], np.int64)
+
+
+def mixture_rates(info: shards.DatasetInfo, split: str, mixture: dict[str, float] | None,
+                  temperature: float | None) -> dict[str, float]:
+    """Token rates per domain (summing to 1) from explicit `mixture` rates or a temperature."""
+    s = info.splits[split]
+    domains = s.domains or {"": {"num_tokens": s.num_tokens, "num_documents": s.num_documents,
+                                 "shards": s.shards}}
+    if mixture is not None and temperature is not None:
+        raise ValueError("Set make_dataset.mixture (rates) or make_dataset.mixture_temperature, "
+                         "not both.")
+    if temperature is not None:
+        if temperature <= 0:
+            raise ValueError(f"make_dataset.mixture_temperature={temperature} must be > 0.")
+        mixture = {d: v["num_tokens"] ** (1.0 / temperature) for d, v in domains.items()}
+    unknown = sorted(set(mixture) - set(domains))
+    if unknown:
+        raise DataError(f"make_dataset.mixture names {unknown}, which split {split!r} of "
+                        f"{info.data_dir} does not have; its domains are {sorted(domains)} "
+                        "(prepare writes the domains of `prepare.domain_field`).")
+    bad = {d: r for d, r in mixture.items() if not (isinstance(r, (int, float)) and r > 0)}
+    if bad:
+        raise ValueError(f"make_dataset.mixture rates must be > 0, got {bad}; leave a domain "
+                         "out to exclude it.")
+    total = sum(mixture.values())
+    return {d: mixture[d] / total for d in sorted(mixture)}
+
+
+def _mixed_documents(info: shards.DatasetInfo, split: str, rates: dict[str, float], seed: int
+                     ) -> grain.MapDataset:
+    """The domains' documents, each shuffled and repeated forever, mixed by `rates` of tokens;
+    every document carries its domain index under `_DOMAIN`."""
+    s = info.splits[split]
+    domains = s.domain_shards()
+    components, weights = [], []
+    for i, d in enumerate(rates):
+        source = shards.open_shards([f"{info.data_dir}/{p}" for p in domains[d]])
+        docs = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0, 1000 + i))
+        components.append(docs.repeat(None).map(
+            lambda t, i=i: {"targets": t, _DOMAIN: np.int32(i)}))
+        stats = s.domains[d] if s.domains else {"num_tokens": s.num_tokens,
+                                                "num_documents": s.num_documents}
+        weights.append(rates[d] * stats["num_documents"] / max(stats["num_tokens"], 1))
+    return grain.MapDataset.mix(components, weights)
+
+
+def _with_domain(pre_pack, key: str):
+    """pre_pack that keeps the document's domain aside, then tags each token of `key` with it."""
+
+    def fn(f: dict, rng: np.random.Generator) -> dict:
+        domain = f[_DOMAIN]
+        rest = {k: v for k, v in f.items() if k != _DOMAIN}
+        out = pre_pack(rest, rng) if pre_pack is not None else rest
+        return {**out, _DOMAIN: np.full(len(out[key]), domain, np.int32)}
+
+    return fn
+
+
+def _count_domains(post_pack, num_domains: int):
+    """post_pack on the row without the domain tags, plus `MIXTURE_TOKENS` of the row."""
+
+    def fn(f: dict, rng: np.random.Generator) -> dict:
+        tags, seg = f[_DOMAIN], f[f"{_DOMAIN}_segment_ids"]
+        rest = {k: v for k, v in f.items() if not k.startswith(_DOMAIN)}
+        return {**post_pack(rest, rng),
+                MIXTURE_TOKENS: np.bincount(tags[seg > 0], minlength=num_domains)[:num_domains]}
+
+    return fn
+
+
 def _concat_streams(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
     if len(batches) == 1:
         return batches[0]
@@ -167,7 +286,8 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
                  objective: Objective = NEXT_TOKEN, shuffle: bool = True,
                  num_epochs: int | None = None, num_streams: int | None = None,
                  shuffle_window: int = 1024, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, mixture: dict[str, float] | None = None,
+                 mixture_temperature: float | None = None) -> grain.IterDataset:
     """Batches of this process's slice of `split` of a `tools/prepare_data` directory.
 
     Yields dicts of numpy arrays from `objective.post_pack` (next-token: inputs, targets,
@@ -182,6 +302,9 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
       per stream. Packing emits a long document as consecutive rows, so without it a batch is
       often one file (measured: loss swinging 2.8 <-> 4.7 between batches of the stdlib
       corpus); 1024 rows of 512 tokens hold ~100 files. 1 disables it.
+    mixture: {domain: rate} -- token shares of the split's domains (see the module docstring);
+      only for infinite passes. Domains left out are not read.
+    mixture_temperature: rate every domain by (its tokens)^(1/T) instead.
     """
     if process_index is None or process_count is None:
         import jax
@@ -207,31 +330,48 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
                         "`make_dataset.num_streams` or prepare more data.")
     lengths = objective.lengths(seq_len)
     rows = global_batch_size // num_streams
-
-    docs = grain.MapDataset.source(source)
-    if shuffle:
-        docs = docs.shuffle(seed=_derived_seed(seed, 0))
-    docs = docs.repeat(num_epochs).map(_as_features)
-    if objective.pre_pack is not None:
-        docs = docs.random_map(objective.pre_pack, seed=_derived_seed(seed, 1))
+    names = None
+    if num_epochs is None and (mixture is not None or mixture_temperature is not None):
+        info = shards.load_dataset_info(data_dir)
+        names = list(mixture_rates(info, split, mixture, mixture_temperature))
+        if len(lengths) != 1:
+            raise ValueError(f"make_dataset.mixture needs an objective that packs one feature; "
+                             f"{objective.name!r} packs {sorted(lengths)}.")
+        key = next(iter(lengths))
+        docs = _mixed_documents(info, split, mixture_rates(info, split, mixture,
+                                                           mixture_temperature), seed)
+        docs = docs.random_map(_with_domain(objective.pre_pack, key), seed=_derived_seed(seed, 1))
+        pack_lengths = {**lengths, _DOMAIN: lengths[key]}
+        post_pack = _count_domains(objective.post_pack, len(names))
+    else:
+        docs = grain.MapDataset.source(source)
+        if shuffle:
+            docs = docs.shuffle(seed=_derived_seed(seed, 0))
+        docs = docs.repeat(num_epochs).map(_as_features)
+        if objective.pre_pack is not None:
+            docs = docs.random_map(objective.pre_pack, seed=_derived_seed(seed, 1))
+        pack_lengths, post_pack = lengths, objective.post_pack
 
     def packed(s: int) -> grain.IterDataset:
         return _JsonSafePackIterDataset(
-            docs[s::num_streams].to_iter_dataset(_READ_OPTIONS), lengths)
+            docs[s::num_streams].to_iter_dataset(_READ_OPTIONS), pack_lengths)
 
     num_batches = None
     if num_epochs is not None:  # finite: every stream gets as many batches as the longest one
         num_batches = max(math.ceil(sum(1 for _ in packed(s)) / rows)
                           for s in range(num_streams))
     pad = pad_row(objective, seq_len)
+    if names is not None:
+        pad[MIXTURE_TOKENS] = np.zeros(len(names), np.int64)
     per_process = num_streams // process_count
     streams = []
     for s in range(process_index * per_process, (process_index + 1) * per_process):
-        ds = packed(s).random_map(objective.post_pack, seed=_derived_seed(seed, 2, s))
+        ds = packed(s).random_map(post_pack, seed=_derived_seed(seed, 2, s))
         if shuffle and shuffle_window > 1:
             ds = grain.experimental.WindowShuffleIterDataset(
                 ds, window_size=shuffle_window, seed=_derived_seed(seed, 3, s))
         ds = ds.batch(rows, drop_remainder=False)
         streams.append(_PadBatchesIterDataset(ds, rows=rows, num_batches=num_batches, pad=pad))
-    return grain.experimental.ZipIterDataset(streams).map(_concat_streams)
+    out = grain.experimental.ZipIterDataset(streams).map(_concat_streams)
+    return out if names is None else _MixtureReportIterDataset(out, names)
 

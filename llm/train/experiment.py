@@ -59,6 +59,34 @@ def prepare_on_one_process(data_dir: str) -> DatasetInfo:
     return load_dataset_info(data_dir)
 
 
+class _MixtureMetrics:
+    """With a data mixture (`make_dataset.mixture`): adds `mixture/<domain>`, the cumulative token
+    shares of the domains training has seen (the data iterator's checkpointed counts right after
+    the step's batch was drawn; process 0's rows), to every train record of metrics.jsonl."""
+
+    def __init__(self, writer: MetricsWriter, data_iter, step: int):
+        self._writer, self._it, self._step, self._seen = writer, data_iter, step, {}
+
+    def batches(self):
+        while True:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                return
+            self._step += 1
+            self._seen[self._step] = self._it.mixture_proportions()
+            yield batch
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if prefix == "train" and step in self._seen:
+            shares = self._seen.pop(step)
+            metrics = {**metrics, **{f"mixture/{d or 'none'}": p for d, p in shares.items()}}
+        self._writer.write(step, metrics, prefix)
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What is trained, independent of the mesh.
@@ -131,14 +159,22 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
                           "model": {"params": model.num_params,
                                     "flops_per_token": model.flops_per_row / tc.seq_len}})
     writer = MetricsWriter(run_dir)
+    batches, log = data_iter, writer
+    if hasattr(data_iter, "mixture_proportions"):
+        mixture = _MixtureMetrics(writer, data_iter, int(state.step))
+        batches, log = mixture.batches(), mixture
     peak, peak_source = peak_flops()
     print(f"{name}: {model.num_params / 1e6:.2f}M params, objective {objective.name}, mesh "
           f"{mesh_shape(mesh)}, peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
     state, status = train_loop(
-        cfg=tc, state=state, step_fn=train_step, batches=data_iter, data_iter=data_iter,
-        batch_sharding=batch_shard, manager=manager, writer=writer,
+        cfg=tc, state=state, step_fn=train_step, batches=batches, data_iter=data_iter,
+        batch_sharding=batch_shard, manager=manager, writer=log,
         flops_per_step=model.flops_per_row * tc.global_batch_size,
         peak_flops_total=peak * jax.device_count(), evaluate=evaluate)
+    if hasattr(data_iter, "mixture_proportions"):
+        shares = ", ".join(f"{d or '(none)'} {p:.3f}"
+                           for d, p in data_iter.mixture_proportions().items())
+        print(f"{name}: training tokens by domain: {shares}")
     if status == "preempted":
         print(f"{name}: stopped by signal at step {int(state.step)}; checkpoint written.")
         writer.close()
