@@ -66,13 +66,16 @@ def _combine(partials, g):
 
 
 def _minhash_rows(e, g):
+    """Tagged rows: ("band", ((band, hash), ordinal)) and ("keys", (ordinal, survivor keys))."""
     a = g.analyze(list(e[1]))
+    bands = g.config.bands
     signed = a.view("int64")  # Beam's integer coder is signed 64-bit
     for row, srow in zip(a, signed):
         o = int(row[0])
-        for b, h in enumerate(srow[1:].tolist()):
+        for b, h in enumerate(srow[1:1 + bands].tolist()):
             if h:
-                yield (b, h), o
+                yield "band", ((b, h), o)
+        yield "keys", (o, tuple(srow[1 + bands:].tolist()))
 
 
 def _bucket_edges(kv):
@@ -80,7 +83,12 @@ def _bucket_edges(kv):
     return [(ords[0], o) for o in ords[1:]]
 
 
-def _minhash_state(edges, docs):
+def _bucket_collisions(kv):
+    ords = kv[1]
+    return [(o, len(ords) - 1) for o in ords] if len(ords) > 1 else []
+
+
+def _minhash_state(edges, docs, keys, cent, cfg):
     import numpy as np
 
     from llm.data.curate import minhash
@@ -88,7 +96,11 @@ def _minhash_state(edges, docs):
     edges = sorted(edges)
     src = np.array([a for a, _ in edges], np.uint64)
     dst = np.array([b for _, b in edges], np.uint64)
-    return minhash.state_from_edges(src, dst, docs)
+    keys = sorted(keys)
+    ords = np.array([o for o, _ in keys], np.uint64)
+    cols = np.array([k for _, k in keys], np.int64).reshape(len(keys), 3).view(np.uint64)
+    c = np.array([cent.get(int(o), 0) for o in ords], np.int64)
+    return minhash.state_from_edges(src, dst, docs, ords, cols, c, cfg)
 
 
 def _exact_removed(removed):
@@ -110,14 +122,24 @@ def _global_state(beam, cur, g, k: int):
     """The combined state of global step `g` as a PCollection with one element."""
     name = f"{k}_{g.name}"
     if g.name == "minhash_dedup":
-        rows = cur | f"bands{name}" >> beam.FlatMap(_minhash_rows, g)
+        tagged = cur | f"bands{name}" >> beam.FlatMap(_minhash_rows, g)
+        rows = (tagged | f"band_rows{name}" >> beam.Filter(lambda t: t[0] == "band")
+                | f"untag{name}" >> beam.Map(lambda t: t[1]))
+        keys = (tagged | f"key_rows{name}" >> beam.Filter(lambda t: t[0] == "keys")
+                | f"untag_keys{name}" >> beam.Map(lambda t: t[1])
+                | f"gather_keys{name}" >> beam.combiners.ToList())
         docs = (cur | f"count{name}" >> beam.Map(lambda e: len(e[1]))
                 | f"docs{name}" >> beam.CombineGlobally(sum))
-        return (rows | f"buckets{name}" >> beam.GroupByKey()
+        buckets = rows | f"buckets{name}" >> beam.GroupByKey()
+        cent = (buckets | f"collisions{name}" >> beam.FlatMap(_bucket_collisions)
+                | f"centrality{name}" >> beam.CombinePerKey(sum))
+        return (buckets
                 | f"edges{name}" >> beam.FlatMap(_bucket_edges)
                 | f"distinct{name}" >> beam.Distinct()
                 | f"gather{name}" >> beam.combiners.ToList()
-                | f"union_find{name}" >> beam.Map(_minhash_state, beam.pvalue.AsSingleton(docs)))
+                | f"union_find{name}" >> beam.Map(
+                    _minhash_state, beam.pvalue.AsSingleton(docs), beam.pvalue.AsSingleton(keys),
+                    beam.pvalue.AsDict(cent), g.config))
     if g.name == "exact_dedup":
         return (cur | f"hash{name}" >> beam.FlatMap(
                     lambda e: ((h, o) for h, o in g.analyze(list(e[1])).view("int64").tolist()))

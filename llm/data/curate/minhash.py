@@ -13,8 +13,22 @@ worker and on every machine.
 Per unit, `analyze` returns an (n, 1 + bands) uint64 array [ordinal, band hashes...]; the local
 runner spills it to disk as `.npy` (atomically), so a killed run resumes at the first unfinished
 unit. `combine` then walks one band at a time (memory: ~40 bytes x documents), links documents
-that share a band hash, takes connected components (scipy), and keeps the lowest ordinal of each
-component.
+that share a band hash, and takes connected components (scipy).
+
+Which document of a cluster survives is decided by `minhash.survivor`, a priority list of keys
+(default `SURVIVOR_KEYS`), each breaking the ties of the one before:
+  source      the position of the document's domain (or source name) in `minhash.source_priority`
+              (listed first wins; unlisted sources come after all listed ones);
+  centrality  how many band-hash collisions the document has inside its cluster, i.e. how many
+              of the other copies it resembles (the original of several independently edited
+              copies is closer to each of them than they are to each other);
+  quality     higher first: the numeric metadata field `minhash.quality_field` (for instance a
+              score tagged by an earlier step), or by default the fraction of the document's words
+              that are common English function words (`COMMON_WORDS`: a unigram signal; random
+              word edits and spam lower it);
+  length      more words first;
+  ordinal     the earliest input position (always the final tie-break, so the choice is stable).
+Per unit, `analyze` returns [ordinal, band hashes..., source rank, quality (float64 bits), words].
 """
 
 from __future__ import annotations
@@ -41,6 +55,24 @@ class MinHashConfig:
     rows: int = 8
     seed: int = 1
     batch_bytes: int = 4_000_000
+    survivor: tuple[str, ...] = ("source", "centrality", "quality", "length", "ordinal")
+    source_priority: tuple[str, ...] = ()
+    quality_field: str = ""
+
+    def __post_init__(self):
+        bad = [k for k in self.survivor if k not in SURVIVOR_KEYS]
+        if bad:
+            raise ValueError(f"minhash.survivor has unknown keys {bad}; choose from "
+                             f"{SURVIVOR_KEYS} (in priority order).")
+
+
+SURVIVOR_KEYS = ("source", "centrality", "quality", "length", "ordinal")
+_COMMON = """the of and to a in is that for it as was with be by on not he i this are or
+his from at which but have an they you were her she there been one all we their has would when if
+so no will more can who its them than into out about up what do said our also had some these other
+then my me him your could after any only over such how most where those may should because each
+through very both between during under while being before"""
+COMMON_WORDS = tuple(_COMMON.split())
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -128,10 +160,18 @@ def shingle_hashes(wh: np.ndarray, counts: np.ndarray, n: int, seed: int = 1
 
 def signatures(texts: list[str], cfg: MinHashConfig = MinHashConfig()) -> np.ndarray:
     """(len(texts), bands*rows) uint64 MinHash signatures; all-max rows for texts without words."""
+    return _signatures(texts, cfg)[0]
+
+
+def _signatures(texts: list[str], cfg: MinHashConfig, common: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signatures, words per text, words per text that are in the sorted hash array `common`)."""
     n_perm = cfg.bands * cfg.rows
     a = _constants(cfg.seed, n_perm, 3) | np.uint64(1)
     c = _constants(cfg.seed, n_perm, 5)
     sig = np.full((len(texts), n_perm), np.iinfo(np.uint64).max, np.uint64)
+    words = np.zeros(len(texts), np.int64)
+    hits = np.zeros(len(texts), np.int64)
     i = 0
     while i < len(texts):  # batches of ~batch_bytes of text
         j, size = i, 0
@@ -139,10 +179,15 @@ def signatures(texts: list[str], cfg: MinHashConfig = MinHashConfig()) -> np.nda
             size += len(texts[j])
             j += 1
         wh, counts = word_hashes(texts[i:j], cfg.seed)
+        words[i:j] = counts
+        if common is not None and len(wh):
+            pos = np.minimum(np.searchsorted(common, wh), len(common) - 1)
+            doc = np.repeat(np.arange(j - i), counts)
+            hits[i:j] = np.bincount(doc, weights=common[pos] == wh, minlength=j - i)
         sh, per_doc = shingle_hashes(wh, counts, cfg.n_gram, cfg.seed)
         _minhash_into(sig[i:j], sh, per_doc, a, c)
         i = j
-    return sig
+    return sig, words, hits
 
 
 def _minhash_into(sig: np.ndarray, sh: np.ndarray, per_doc: np.ndarray, a: np.ndarray,
@@ -181,19 +226,56 @@ def band_hashes(sig: np.ndarray, cfg: MinHashConfig = MinHashConfig()) -> np.nda
     return out
 
 
+def _common_hashes(seed: int) -> np.ndarray:
+    return np.sort(word_hashes([" ".join(COMMON_WORDS)], seed)[0])
+
+
+def _source_rank(doc: Document, priority: tuple[str, ...]) -> int:
+    for i, name in enumerate(priority):
+        if name in (doc.metadata.get("domain"), doc.source):
+            return i
+    return len(priority)
+
+
 def analyze(docs: list[tuple[int, Document]], cfg: MinHashConfig = MinHashConfig()
             ) -> np.ndarray:
-    """(n, 1 + bands) uint64: [ordinal, band hashes] for one unit's documents."""
-    out = np.empty((len(docs), 1 + cfg.bands), np.uint64)
+    """(n, 1 + bands + 3) uint64 for one unit's documents: [ordinal, band hashes..., source
+    rank, quality (the bits of a float64), words]."""
+    out = np.empty((len(docs), 1 + cfg.bands + 3), np.uint64)
     if docs:
+        common = None if cfg.quality_field else _common_hashes(cfg.seed)
+        sig, words, hits = _signatures([d.text for _, d in docs], cfg, common)
         out[:, 0] = [o for o, _ in docs]
-        out[:, 1:] = band_hashes(signatures([d.text for _, d in docs], cfg), cfg)
+        out[:, 1:1 + cfg.bands] = band_hashes(sig, cfg)
+        out[:, 1 + cfg.bands] = [_source_rank(d, cfg.source_priority) for _, d in docs]
+        if cfg.quality_field:
+            q = np.array([float(d.metadata.get(cfg.quality_field, 0.0)) for _, d in docs])
+        else:
+            q = hits / np.maximum(words, 1)
+        out[:, 2 + cfg.bands] = q.astype(np.float64).view(np.uint64)
+        out[:, 3 + cfg.bands] = words
     return out
 
 
-def resolve(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def survivor_rank(ords: np.ndarray, keys: np.ndarray, centrality: np.ndarray,
+                  cfg: MinHashConfig = MinHashConfig()) -> np.ndarray:
+    """Rank (0 = best) of each document by `cfg.survivor`; `ords` sorted, `keys` the aligned
+    [source rank, quality bits, words] columns of `analyze`, `centrality` aligned counts."""
+    cols = {"source": keys[:, 0].astype(np.int64),
+            "centrality": -centrality.astype(np.int64),
+            "quality": -keys[:, 1].view(np.float64),
+            "length": -keys[:, 2].astype(np.int64),
+            "ordinal": ords}
+    order = np.lexsort([ords] + [cols[k] for k in reversed(cfg.survivor)])
+    rank = np.empty(len(ords), np.int64)
+    rank[order] = np.arange(len(ords))
+    return rank
+
+
+def resolve(src: np.ndarray, dst: np.ndarray, rank_of=None) -> tuple[np.ndarray, np.ndarray]:
     """Union-find over duplicate edges between ordinals: (removed ordinals, sorted; the ordinal
-    kept for each, aligned). Each connected component keeps its lowest ordinal."""
+    kept for each, aligned). Each connected component keeps its best node by `rank_of(nodes)`
+    (lower is better; default: the lowest ordinal)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -206,24 +288,32 @@ def resolve(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     graph = coo_matrix((np.ones(len(src), np.int8), (inv[:len(src)], inv[len(src):])),
                        shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, n, np.int64)
-    np.minimum.at(first, labels, np.arange(n))   # nodes are sorted: lowest index = lowest ordinal
-    keeper = nodes[first[labels]]
+    rank = np.arange(n) if rank_of is None else np.asarray(rank_of(nodes))
+    order = np.lexsort((rank, labels))               # by component, best first
+    lab = labels[order]
+    best = np.empty(labels.max() + 1, np.int64)
+    best[lab[np.r_[True, lab[1:] != lab[:-1]]]] = order[np.r_[True, lab[1:] != lab[:-1]]]
+    keeper = nodes[best[labels]]
     dup = keeper != nodes
     return nodes[dup], keeper[dup]
 
 
-def band_edges(partials, bands: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(src, dst, documents): edges linking each document to the lowest ordinal sharing one of
-    its band hashes. `partials` is a sequence of (key, [ordinal, bands...] array) iterated once
-    per band, so the arrays may be memory-mapped files."""
+def band_edges(partials, bands: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray,
+                                              np.ndarray, np.ndarray]:
+    """(src, dst, documents, ordinals, survivor keys, centrality): edges linking each document to
+    the lowest ordinal sharing one of its band hashes; ordinals sorted, with their
+    [source rank, quality bits, words] columns and band-collision counts aligned. `partials` is a
+    sequence of (key, analyze array) iterated once per band, so the arrays may be memory-mapped."""
     parts = sorted(partials, key=lambda p: p[0])
+    empty = np.empty(0, np.uint64)
     if not parts:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64), 0
+        return empty, empty, 0, empty, np.empty((0, 3), np.uint64), np.empty(0, np.int64)
     ords = np.concatenate([np.asarray(a[:, 0]) for _, a in parts])
     order = np.argsort(ords, kind="stable")
     ords = ords[order]
+    keys = np.concatenate([np.asarray(a[:, 1 + bands:4 + bands]) for _, a in parts])[order]
     n = len(ords)
+    cent = np.zeros(n, np.int64)
     src, dst = [], []
     for b in range(bands):
         h = np.concatenate([np.asarray(a[:, 1 + b]) for _, a in parts])[order]
@@ -232,30 +322,40 @@ def band_edges(partials, bands: int) -> tuple[np.ndarray, np.ndarray, int]:
         same = (hs[1:] == hs[:-1]) & (hs[1:] != 0)
         if not same.any():
             continue
-        run_start = np.maximum.accumulate(np.where(np.concatenate(([True], ~same)),
-                                                   np.arange(n), 0))
+        starts = np.concatenate(([True], ~same))
+        run = np.cumsum(starts) - 1
+        cent[idx] += np.bincount(run)[run] - 1
+        run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
         j = np.flatnonzero(np.concatenate(([False], same)))
         src.append(ords[idx[run_start[j]]])
         dst.append(ords[idx[j]])
     if not src:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64), n
-    return np.concatenate(src), np.concatenate(dst), n
+        return empty, empty, n, ords, keys, cent
+    return np.concatenate(src), np.concatenate(dst), n, ords, keys, cent
 
 
-def state_from_edges(src: np.ndarray, dst: np.ndarray, docs: int) -> dict:
-    """The combined MinHash state (shared by the local and the Beam runner)."""
-    removed, kept = resolve(src, dst)
+def state_from_edges(src: np.ndarray, dst: np.ndarray, docs: int, ords: np.ndarray | None = None,
+                     keys: np.ndarray | None = None, centrality: np.ndarray | None = None,
+                     cfg: MinHashConfig = MinHashConfig()) -> dict:
+    """The combined MinHash state (shared by the local and the Beam runner). Without `ords`, each
+    cluster keeps its lowest ordinal."""
+    rank_of = None
+    if ords is not None and len(ords):
+        rank = survivor_rank(ords, keys, centrality, cfg)
+        rank_of = lambda nodes: rank[np.searchsorted(ords, nodes)]  # noqa: E731
+    removed, kept = resolve(src, dst, rank_of)
     return {"removed": removed, "kept_copy": kept,
             "clusters": int(len(np.unique(kept))), "docs": int(docs)}
 
 
 def combine(partials, cfg: MinHashConfig = MinHashConfig()) -> dict:
     """Sorted removed ordinals and, aligned with them, the ordinal of the copy that was kept."""
-    return state_from_edges(*band_edges(partials, cfg.bands))
+    src, dst, n, ords, keys, cent = band_edges(partials, cfg.bands)
+    return state_from_edges(src, dst, n, ords, keys, cent, cfg)
 
 
 def apply(o: int, doc: Document, state: dict) -> Document | str:
-    """Removes every document of a cluster except its lowest ordinal."""
+    """Removes every document of a cluster except its survivor."""
     removed = state["removed"]
     i = np.searchsorted(removed, np.uint64(o))
     if i < len(removed) and removed[i] == o:
