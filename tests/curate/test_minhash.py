@@ -70,6 +70,7 @@ def test_transitive_clusters_keep_lowest_ordinal():
         w[rng.randrange(len(w))] = "zzz"
         chain.append(" ".join(w))
     items = [(o, Document(str(o), t, "s")) for o, t in zip([40, 10, 30, 20], chain)]
-    state = minhash.combine([(0, minhash.analyze(items))])
+    cfg = minhash.MinHashConfig(survivor=("ordinal",))
+    state = minhash.combine([(0, minhash.analyze(items, cfg))], cfg)
     assert sorted(state["removed"].tolist()) == [20, 30, 40]
     assert set(state["kept_copy"].tolist()) == {10}
