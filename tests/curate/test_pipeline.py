@@ -6,11 +6,13 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
 from llm.data.curate import datasheet, minhash
 from llm.data.curate.records import CurationError
 from llm.data.curate.run import curate
+from llm.data.sources import Document
 from tests.curate.corpus import web_corpus
 
 STEPS = ["normalize", "boilerplate", "exact_dedup", "gopher_quality", "gopher_repetition", "c4",
@@ -108,7 +110,7 @@ def test_resume_after_crash_in_minhash(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "crash")
     sig_dir = [d for d in os.listdir(tmp_path / "crash" / "_work") if "minhash" in d
-               and not d.endswith(".pkl")][0]
+               and not d.endswith(".msgpack")][0]
     done = [n for n in os.listdir(tmp_path / "crash" / "_work" / sig_dir) if n.endswith(".done")]
     assert len(done) == 2                                             # 2 of 3 units finished
     calls.clear()
@@ -181,7 +183,7 @@ def test_resume_after_sigkill_in_minhash(tmp_path):
     sig_dir = None
     while time.time() < deadline:
         dirs = [d for d in (os.listdir(out / "_work") if (out / "_work").exists() else [])
-                if "minhash" in d and not d.endswith(".pkl")]
+                if "minhash" in d and not d.endswith(".msgpack")]
         if dirs:
             sig_dir = out / "_work" / dirs[0]
             if len([n for n in os.listdir(sig_dir) if n.endswith(".done")]) == 2:
@@ -196,3 +198,41 @@ def test_resume_after_sigkill_in_minhash(tmp_path):
     clean = _run(tmp_path, "clean")
     assert resumed == clean
     assert _outputs(str(out)) == _outputs(str(tmp_path / "clean"))
+
+
+def test_work_files_are_versioned_msgpack_never_pickles(tmp_path):
+    from llm.data.curate import workfile
+
+    out = tmp_path / "out"
+    src = [{"kind": "jsonl", "path": web_corpus(str(tmp_path / "in"), n=12)}]
+    steps = ["normalize", "exact_dedup", "minhash_dedup"]
+    first = curate(out_dir=str(out), quiet=True, steps=steps, sources=src)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(out / "_work") for f in fs]
+    assert not any(f.endswith((".pkl", ".pickle")) for f in files)
+    for f in files:
+        if f.endswith(".msgpack") or f.endswith(".stats"):
+            with open(f, "rb") as fh:
+                assert fh.read(len(workfile.MAGIC) + 1) == workfile.MAGIC + bytes([2])
+    # a round trip keeps arrays, tuples, sets and documents
+    doc = Document("d", "text", "s", {"k": [1, 2], "n": None})
+    obj = {"a": np.arange(5, dtype=np.uint64), "t": (1, "x"), "s": {3, 1}, 5: [doc]}
+    assert workfile.loads(workfile.dumps(obj)).keys() == obj.keys()
+    back = workfile.loads(workfile.dumps(obj))
+    assert back["a"].dtype == np.uint64 and back["a"].tolist() == [0, 1, 2, 3, 4]
+    assert back["t"] == (1, "x") and back["s"] == {1, 3} and back[5] == [doc]
+    # a pickle planted in the work dir is refused, never unpickled
+    import pickle
+    state = next(f for f in files if f.endswith(".state.msgpack"))
+    with open(state, "wb") as fh:
+        fh.write(pickle.dumps({"removed": []}))
+    with pytest.raises(CurationError, match="not a curation work file"):
+        curate(out_dir=str(out), quiet=True, steps=steps, sources=src)
+    # a work dir of another format version is refused on resume, with the fix
+    with open(out / "_work" / "fingerprint") as fh:
+        fp = fh.read().split()[0]
+    with open(out / "_work" / "fingerprint", "w") as fh:
+        fh.write(fp)                                   # what format 1 (pickles) wrote
+    with pytest.raises(CurationError, match="format version 1.*--restart"):
+        curate(out_dir=str(out), quiet=True, steps=steps, sources=src)
+    again = curate(out_dir=str(out), quiet=True, steps=steps, sources=src, restart=True)
+    assert again["accounting"] == first["accounting"]

@@ -23,10 +23,9 @@ identical (tested with the DirectRunner).
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 
-from llm.data.curate import process
+from llm.data.curate import process, workfile
 from llm.data.curate.plan import Plan
 from llm.data.curate.records import CurationError
 
@@ -232,10 +231,10 @@ def run_beam(plan: Plan, beam_args: list[str] | None = None) -> tuple[list[dict]
             _stats_combine_fn(len(plan.segments), plan.options.sample_size))
         gathered_s = summ | "gather_summaries" >> beam.combiners.ToList()
         _ = gathered | "write_stats" >> beam.Map(
-            lambda st, sm: _write(stats_path, pickle.dumps((st, sm))),
+            lambda st, sm: _write(stats_path, workfile.dumps((st, sm))),
             beam.pvalue.AsSingleton(gathered_s))
     from apache_beam.io.filesystem import CompressionTypes
 
     with FileSystems.open(stats_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        merged, summ_list = pickle.loads(f.read())
+        merged, summ_list = workfile.loads(f.read(), stats_path)
     return merged, dict(summ_list)

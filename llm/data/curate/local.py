@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from llm.data.curate import process
+from llm.data.curate import process, workfile
 from llm.data.curate.plan import Plan
 from llm.data.sources import Document
 
@@ -40,12 +39,12 @@ def atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-CHUNK_DOCS = 1000          # documents per pickle chunk in stage files
+CHUNK_DOCS = 1000          # documents per chunk in stage files
 CHUNK_CHARS = 32 << 20     # ... or fewer, once this many characters are buffered
 
 
 def _stage_path(plan: Plan, k: int, u: int) -> str:
-    return os.path.join(plan.work_dir, f"stage{k}", f"u{u:06d}.pkl")
+    return os.path.join(plan.work_dir, f"stage{k}", f"u{u:06d}.msgpack")
 
 
 def _analyze_dir(plan: Plan, k: int) -> str:
@@ -67,22 +66,17 @@ def chunks(items: Iterable[tuple[int, Document]]) -> Iterator[list[tuple[int, Do
 
 
 def write_stage(path: str, items: Iterable[tuple[int, Document]]) -> None:
-    """Stream documents to a stage file (a sequence of pickled chunks), atomically."""
+    """Stream documents to a stage file (a versioned msgpack stream of chunks), atomically."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        for chunk in chunks(items):
-            pickle.dump(chunk, f, protocol=5)
+        workfile.write_stream(f, chunks(items))
     os.replace(tmp, path)
 
 
 def read_stage(path: str) -> Iterator[list[tuple[int, Document]]]:
     """The chunks of a stage file."""
-    with open(path, "rb") as f:
-        while True:
-            try:
-                yield pickle.load(f)
-            except EOFError:
-                return
+    for chunk in workfile.read_stream(path):
+        yield [tuple(it) for it in chunk]
 
 
 def _segment_task(u: int) -> tuple[int, dict, bool]:
@@ -90,8 +84,7 @@ def _segment_task(u: int) -> tuple[int, dict, bool]:
     k: int = _CTX["k"]
     stats_path = _stage_path(plan, k, u) + ".stats"
     if os.path.exists(stats_path):
-        with open(stats_path, "rb") as f:
-            return u, pickle.load(f), True
+        return u, workfile.load(stats_path), True
     stats = process.new_stats()
     opts = plan.options
     if k == 0:
@@ -104,7 +97,7 @@ def _segment_task(u: int) -> tuple[int, dict, bool]:
                                    opts, stats)
     else:
         write_stage(_stage_path(plan, k, u), items)
-    atomic_write(stats_path, pickle.dumps(stats, protocol=5))
+    atomic_write(stats_path, workfile.dumps(stats))
     return u, stats, False
 
 
@@ -125,7 +118,7 @@ def _analyze_task(u: int) -> tuple[int, bool]:
             np.save(tmp, partial)
             os.replace(tmp, path + ".npy")
         else:
-            atomic_write(path + ".pkl", pickle.dumps(partial, protocol=5))
+            atomic_write(path + ".msgpack", workfile.dumps(partial))
     atomic_write(done, b"")
     return u, False
 
@@ -134,15 +127,14 @@ def _load_partials(d: str) -> list[tuple[tuple[int, int], object]]:
     """((unit, chunk), partial) for every finished chunk; arrays are memory-mapped."""
     out = []
     for name in sorted(os.listdir(d)):
-        if ".tmp-" in name or not name.endswith((".npy", ".pkl")):
+        if ".tmp-" in name or not name.endswith((".npy", ".msgpack")):
             continue
         u, c = int(name[1:7]), int(name[9:14])
         path = os.path.join(d, name)
         if name.endswith(".npy"):
-            out.append(((u, c), np.load(path, mmap_mode="r")))
+            out.append(((u, c), np.load(path, mmap_mode="r", allow_pickle=False)))
         else:
-            with open(path, "rb") as f:
-                out.append(((u, c), pickle.load(f)))
+            out.append(((u, c), workfile.load(path)))
     return out
 
 
@@ -178,10 +170,9 @@ def run_local(plan: Plan, workers: int = 1, quiet: bool = False) -> tuple[list[d
         if seg.global_step is not None:
             g = seg.global_step
             os.makedirs(_analyze_dir(plan, k), exist_ok=True)
-            state_path = os.path.join(plan.work_dir, f"stage{k}.{g.name}.state.pkl")
+            state_path = os.path.join(plan.work_dir, f"stage{k}.{g.name}.state.msgpack")
             if os.path.exists(state_path):
-                with open(state_path, "rb") as f:
-                    state = pickle.load(f)
+                state = workfile.load(state_path)
             else:
                 t = time.time()
                 for _, skipped in _map(_analyze_task, units, {"plan": plan, "k": k}, workers,
@@ -189,7 +180,7 @@ def run_local(plan: Plan, workers: int = 1, quiet: bool = False) -> tuple[list[d
                     resumed += skipped
                 partials = _load_partials(_analyze_dir(plan, k))
                 state = g.combine(partials)
-                atomic_write(state_path, pickle.dumps(state, protocol=5))
+                atomic_write(state_path, workfile.dumps(state))
                 if not quiet:
                     print(f"{g.name}: analyzed and combined {len(units)} units in "
                           f"{time.time() - t:.1f}s")

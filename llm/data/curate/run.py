@@ -10,7 +10,7 @@ import time
 
 import gin
 
-from llm.data.curate import datasheet
+from llm.data.curate import datasheet, workfile
 from llm.data.curate import steps as registry
 from llm.data.curate.plan import Plan, jsonable
 from llm.data.curate.process import RunOptions
@@ -44,21 +44,29 @@ def fingerprint(plan: Plan) -> str:
 
 
 def prepare_dirs(plan: Plan, fp: str, restart: bool) -> None:
-    """Create out/work dirs; refuse to resume a work dir made by a different config."""
+    """Create out/work dirs; refuse to resume a work dir made by a different config or written
+    in another work-file format version."""
     fp_path = os.path.join(plan.work_dir, "fingerprint")
+    stamp = f"{fp} format={workfile.VERSION}"
     if restart and os.path.exists(plan.out_dir):
         for sub in ("_work", "kept", "removed"):
             shutil.rmtree(os.path.join(plan.out_dir, sub), ignore_errors=True)
     if os.path.exists(fp_path):
         with open(fp_path) as f:
             old = f.read().strip()
-        if old != fp:
+        old_fp, _, old_format = old.partition(" format=")
+        if old_fp == fp and old_format != str(workfile.VERSION):
+            raise CurationError(
+                f"{plan.work_dir} was written in work-file format version "
+                f"{old_format or '1 (pickles)'}; this version reads format {workfile.VERSION}. "
+                "Pass --restart to discard it.")
+        if old_fp != fp:
             raise CurationError(
                 f"{plan.work_dir} holds a run with a different config (fingerprint {old}, now "
                 f"{fp}). Pass --restart to discard it, or choose another --out_dir.")
     os.makedirs(plan.work_dir, exist_ok=True)
     with open(fp_path, "w") as f:
-        f.write(fp)
+        f.write(stamp)
 
 
 def finalize(plan: Plan, seg_stats: list[dict], summaries: dict, meta: dict) -> dict:
