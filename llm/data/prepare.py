@@ -482,8 +482,13 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
         scans = prepare_beam.scan(units, routing, seed, tokenizer_sample_docs, data_dir,
                                   list(beam_options))
     else:
-        scans = [scan_documents((d for _, d in documents([u], corpus_fn)), routing, seed,
-                                tokenizer_sample_docs) for u in units]
+        scans, sample = [], []
+        for u in units:  # the running sample is merged per unit: at most 2x its size in memory
+            scans.append(scan_documents((d for _, d in documents([u], corpus_fn)), routing,
+                                        seed, tokenizer_sample_docs))
+            sample = merge_samples([sample, scans[-1].pop("sample")], tokenizer_sample_docs)
+        scans[0]["sample"] = sample
+        del sample
     fp = fingerprint_of(settings, [s["digest"] for s in scans])
     if not force and (info := _reusable(data_dir, fp)) is not None:
         print(f"prepare_data: {data_dir} is up to date (fingerprint {fp[:12]}); reusing it.")
@@ -506,7 +511,7 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
 
     _clear(data_dir)
     t = time.time()
-    sample = merge_samples((s["sample"] for s in scans), tokenizer_sample_docs)
+    sample = merge_samples((s.get("sample", []) for s in scans), tokenizer_sample_docs)
     del scans
     model_path = tokenizer.train_sentencepiece((text for _, _, text in sample),
                                                os.path.join(data_dir, TOKENIZER_FILE),
