@@ -7,6 +7,10 @@ the code filter only looks at `domains` (code by default). The reason names the 
 e.g. `gopher_mean_word_length`, so the datasheet shows which rule removed what.
 
 Words are whitespace-separated tokens (`str.split`), which is what the published rules count.
+Each step also has `mode = "datatrove"`, which runs `dt_compat`'s port of datatrove 0.10.1's
+filter instead (spaCy word splitting, datatrove's parameter names and switches): verdicts then
+agree with datatrove's (tests/curate/test_datatrove_compat.py); the native mode is faster. The
+differences are listed, each with an example, in docs/curation.md.
 """
 
 from __future__ import annotations
@@ -173,10 +177,12 @@ _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
 def c4(doc: Document, min_words_per_line: int = 3, min_sentences: int = 5,
        filter_lorem_ipsum: bool = True, filter_javascript: bool = True,
        filter_curly_bracket: bool = True, filter_policy: bool = True,
+       filter_no_terminal_punct: bool = True,
        skip_domains: tuple[str, ...] = ("code",)) -> Document | str | tuple[Document, dict]:
-    """C4 rules: drop documents with lorem ipsum or `{`; drop lines without terminal punctuation,
-    with fewer than `min_words_per_line` words, mentioning javascript or cookie/terms policies;
-    drop the document if fewer than `min_sentences` sentences remain."""
+    """C4 rules: drop documents with lorem ipsum or `{`; drop lines without terminal punctuation
+    (unless `filter_no_terminal_punct=False`, as FineWeb runs it), with fewer than
+    `min_words_per_line` words, mentioning javascript or cookie/terms policies; drop the document
+    if fewer than `min_sentences` sentences remain."""
     if not _applies(doc, skip_domains):
         return doc
     text = doc.text
@@ -189,7 +195,7 @@ def c4(doc: Document, min_words_per_line: int = 3, min_sentences: int = 5,
     for line in text.split("\n"):
         s = line.strip()
         ls = s.lower()
-        if (not s.endswith(_TERMINAL) or s.endswith("...")
+        if (filter_no_terminal_punct and (not s.endswith(_TERMINAL) or s.endswith("..."))
                 or len(s.split()) < min_words_per_line
                 or (filter_javascript and "javascript" in ls)
                 or (filter_policy and any(p in ls for p in _POLICY))):
@@ -257,31 +263,50 @@ def _tuplify(x):
     return tuple(tuple(i) if isinstance(i, list) else i for i in x)
 
 
+MODES = ("native", "datatrove")
+
+
+def _step(native, compat_name: str, mode: str, step: str, kwargs: dict):
+    if mode not in MODES:
+        raise ValueError(f"{step}.mode={mode!r}; choose one of {MODES}.")
+    if mode == "datatrove":
+        from llm.data.curate import dt_compat
+
+        kwargs.setdefault("skip_domains", ("code",))
+        return functools.partial(getattr(dt_compat, compat_name), **kwargs)
+    return functools.partial(native, **kwargs)
+
+
 @gin.configurable("gopher_quality")
-def gopher_quality_step(**kwargs):
-    """Gin: any keyword of `gopher_quality` (defaults are the Gopher paper's)."""
-    return functools.partial(gopher_quality, **kwargs)
+def gopher_quality_step(mode: str = "native", **kwargs):
+    """Gin: any keyword of `gopher_quality` (defaults are the Gopher paper's); `mode="datatrove"`
+    takes `dt_compat.gopher_quality`'s keywords instead."""
+    return _step(gopher_quality, "gopher_quality", mode, "gopher_quality", kwargs)
 
 
 @gin.configurable("gopher_repetition")
-def gopher_repetition_step(**kwargs):
-    """Gin: any keyword of `gopher_repetition` (defaults are the Gopher paper's)."""
-    for k in ("top_ngram_max_char_frac", "dup_ngram_max_char_frac"):
+def gopher_repetition_step(mode: str = "native", **kwargs):
+    """Gin: any keyword of `gopher_repetition` (defaults are the Gopher paper's), or of
+    `dt_compat.gopher_repetition` with `mode="datatrove"`."""
+    for k in ("top_ngram_max_char_frac", "dup_ngram_max_char_frac", "top_n_grams",
+              "dup_n_grams"):
         if k in kwargs:
             kwargs[k] = _tuplify(kwargs[k])
-    return functools.partial(gopher_repetition, **kwargs)
+    return _step(gopher_repetition, "gopher_repetition", mode, "gopher_repetition", kwargs)
 
 
 @gin.configurable("c4")
-def c4_step(**kwargs):
-    """Gin: any keyword of `c4` (defaults are C4's)."""
-    return functools.partial(c4, **kwargs)
+def c4_step(mode: str = "native", **kwargs):
+    """Gin: any keyword of `c4` (defaults are C4's), or of `dt_compat.c4` with
+    `mode="datatrove"`."""
+    return _step(c4, "c4", mode, "c4", kwargs)
 
 
 @gin.configurable("fineweb")
-def fineweb_step(**kwargs):
-    """Gin: any keyword of `fineweb` (defaults are FineWeb's)."""
-    return functools.partial(fineweb, **kwargs)
+def fineweb_step(mode: str = "native", **kwargs):
+    """Gin: any keyword of `fineweb` (defaults are FineWeb's), or of `dt_compat.fineweb` with
+    `mode="datatrove"`."""
+    return _step(fineweb, "fineweb", mode, "fineweb", kwargs)
 
 
 @gin.configurable("code_quality")
