@@ -30,7 +30,8 @@ setup(
         # seqio / TFDS bring TensorFlow; imported lazily only where used.
         # Data curation: offline language ID, profanity list, zstd sources. Apache Beam is
         # installed separately (requirements-beam.txt, --no-deps; see the comment there).
-        "curate": ["py3langid>=0.3", "better-profanity>=0.7", "zstandard>=0.22", "pyarrow>=14"],
+        "curate": ["py3langid>=0.3", "better-profanity>=0.7", "zstandard>=0.22", "pyarrow>=14",
+                   "spacy>=3.8"],  # spaCy: the datatrove-compatible filter mode (no model)
         "tf": ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "tensorflow>=2.21"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
