@@ -553,7 +553,8 @@ def main(argv: list[str] | None = None) -> shards.DatasetInfo:
     try:
         return prepare(args.data_dir, **({"force": True} if args.force else {}))
     except sources.DataError as e:
-        sys.exit(f"prepare_data: error: {e}")
+        print(f"prepare_data: error: {str(e).splitlines()[0]}", file=sys.stderr)  # no gin notes
+        sys.exit(2)
 
 
 if __name__ == "__main__":
