@@ -14,7 +14,7 @@ def test_training_and_evaluation_sets_are_disjoint():
 def test_classifier_on_the_frozen_set():
     r = filter_eval.score_toxicity(lambda t: toxicity_model.score(t) >= 0.5,
                                    filter_eval.load_toxicity())
-    # measured: precision 0.936, recall 0.910 (TP 132, FP 9, FN 13) -- docs/curation.md
+    # measured: precision 0.936, recall 0.903 (TP 131, FP 9, FN 14) -- docs/curation.md
     assert r["precision"] >= 0.9 and r["recall"] >= 0.85, r
     flagged = {k: int(v.split("/")[0]) for k, v in r["flagged_per_category"].items()}
     assert flagged["threat"] >= 15 and flagged["medical"] == 0      # what the word list cannot

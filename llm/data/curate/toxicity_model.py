@@ -20,6 +20,7 @@ import csv
 import functools
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -39,10 +40,7 @@ def _normalize(text: str) -> str:
 
 
 def _hash(s: str) -> int:
-    h = 2166136261
-    for ch in s.encode("utf-8"):
-        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
-    return h % (DIM - 1)
+    return zlib.crc32(s.encode("utf-8")) % (DIM - 1)   # deterministic in every process
 
 
 def features(text: str) -> dict[int, float]:
