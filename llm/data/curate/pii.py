@@ -61,6 +61,8 @@ _SSN_CONTEXT = re.compile(r"(?i)\bssn\b|social[ -]security")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\.?\w)")
 _IPV6 = re.compile(r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])[0-9A-Fa-f]{0,3}:?"
                    r"(?:[0-9A-Fa-f]{0,4}:){1,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# IPv4-mapped IPv6, ::ffff:a.b.c.d
+_IPV6_MAPPED = re.compile(r":(?<![\w:.]:):[fF]{4}:\d{1,3}(?:\.\d{1,3}){3}(?![\w.])")
 _PHONE = re.compile(
     r"\+(?<![\w+]\+)\d{1,3}[ .-]?(?:\(0?\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]?\d{2,5}){1,4}(?!\w)"
     r"|\((?<![\w(]\()0?\d{2,4}\)[ .-]?\d{3,5}[ .-]?\d{4}(?!\w)"
@@ -125,6 +127,15 @@ def _ipv4(m: re.Match, ip_scope: str = "public") -> bool:
         and _public_ip(m, ip_scope)
 
 
+def _mapped_ip(m: re.Match, ip_scope: str = "public") -> bool:
+    """An IPv4-mapped IPv6 address is judged by its IPv4 part."""
+    try:
+        v4 = ipaddress.ip_address(m.group()[7:])
+    except ValueError:
+        return False
+    return v4.is_global or ip_scope == "all"
+
+
 def _public_ip(m: re.Match, ip_scope: str = "public") -> bool:
     s = m.group()
     if ":" in s and sum(1 for g in s.split(":") if g) < 3:
@@ -163,6 +174,7 @@ _RULES: list[tuple[str, re.Pattern, Callable[[re.Match], bool] | None, str]] = [
     ("IBAN", _IBAN, lambda m: iban_ok(m.group()), "DIGITS"),
     ("CREDIT_CARD", _CARD, _card, "DIGITS"),
     ("SSN", _SSN, _ssn, "DIGITS"),
+    ("IP_ADDRESS", _IPV6_MAPPED, _mapped_ip, "IP_ADDRESS6"),
     ("IP_ADDRESS", _IPV4, _ipv4, "IP_ADDRESS4"),
     ("IP_ADDRESS", _IPV6, _public_ip, "IP_ADDRESS6"),
     ("PHONE", _PHONE, _phone, "DIGITS"),
