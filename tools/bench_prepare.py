@@ -70,7 +70,9 @@ def write_corpus(root: str, size_mb: int, seed: int = 0) -> str:
 def run_prepare(pattern: str, data_dir: str, workers: int) -> dict:
     cmd = [sys.executable, "-m", "tools.prepare_data", f"--data_dir={data_dir}",
            "--gin_param=corpus.name='jsonl'", f"--gin_param=jsonl.path='{pattern}'",
-           "--gin_param=jsonl.id_field='id'", f"--gin_param=prepare.num_workers={workers}"]
+           "--gin_param=jsonl.id_field='id'"]
+    if workers:  # 0: leave the setting out (to run a checkout that predates it)
+        cmd.append(f"--gin_param=prepare.num_workers={workers}")
     t = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, "PYTHONPATH": REPO})
@@ -94,7 +96,7 @@ def run_prepare(pattern: str, data_dir: str, workers: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes_mb", default="100,1000")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="prepare.num_workers (0: not set)")
     p.add_argument("--tmp", default=tempfile.gettempdir())
     p.add_argument("--json", default="")
     p.add_argument("--keep", action="store_true")

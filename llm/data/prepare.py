@@ -442,8 +442,8 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
     seed: tokenizer-sample seed (which documents, and the order of their chunks).
     force: rebuild even if `dataset.json` has the same fingerprint.
     tokenizer_sample_docs: training documents SentencePiece's sample is drawn from (memory grows
-      with it: about this many documents are held at once); `train_sentencepiece.
-      max_training_chars` then caps the characters used.
+      with it: up to twice this many documents are held while merging per-file samples);
+      `train_sentencepiece.max_training_chars` then caps the characters used.
     domain_field: metadata field naming a document's domain (shards are written per split and
       domain, and `make_dataset.mixture` mixes domains); None puts everything in one domain.
     num_workers: tokenizing processes for the local runner (default: the CPU count, at most 16).
