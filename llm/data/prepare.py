@@ -59,6 +59,7 @@ FORMAT_VERSION = 4  # bump when a code change alters what prepare writes for the
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "validation")
 NO_DOMAIN = ""  # documents without `metadata[domain_field]`
+POOL_MIN_BYTES = 4 << 20  # smaller corpora are tokenized in-process (same output)
 
 
 def gzip_bits_per_byte(texts: Iterable[str]) -> tuple[int, int, float]:
@@ -446,7 +447,8 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
       `train_sentencepiece.max_training_chars` then caps the characters used.
     domain_field: metadata field naming a document's domain (shards are written per split and
       domain, and `make_dataset.mixture` mixes domains); None puts everything in one domain.
-    num_workers: tokenizing processes for the local runner (default: the CPU count, at most 16).
+    num_workers: tokenizing processes for the local runner (default: the CPU count, at most 16;
+      corpora under `POOL_MIN_BYTES` are tokenized in-process).
     runner: "local" or "beam" (Apache Beam; `beam_options` are its pipeline options, e.g.
       ['--runner=DataflowRunner', '--project=...']). Both write byte-identical shards.
     """
@@ -520,6 +522,9 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
     tok = tokenizer.load_tokenizer(model_path)
     print(f"prepare_data: trained a {tok.vocab_size}-piece tokenizer in {time.time() - t:.1f} s")
 
+    total_bytes = sum(b for per in layout.totals.values() for _, b in per.values())
+    if total_bytes < POOL_MIN_BYTES:
+        num_workers = 1  # starting worker processes costs more than tokenizing a few MB
     if runner == "beam":
         stats = prepare_beam.write(units, routing, layout, model_path, tok.vocab_size, data_dir,
                                    list(beam_options))

@@ -45,7 +45,9 @@ def local(tmp_path_factory):
     root = tmp_path_factory.mktemp("beam_vs_local")
     pattern = write_jsonl_corpus(str(root / "corpus"))
     out = str(root / "local")
-    info = prepare_data.prepare(out, corpus_fn=corpus_fn(pattern), num_workers=2, **KW)
+    with pytest.MonkeyPatch.context() as m:  # use the worker pool even for this tiny corpus
+        m.setattr(prepare_data, "POOL_MIN_BYTES", 0)
+        info = prepare_data.prepare(out, corpus_fn=corpus_fn(pattern), num_workers=2, **KW)
     return pattern, out, info
 
 
