@@ -35,7 +35,9 @@ rates every domain by (its tokens)^(1/T) (T=1: proportional, large T: uniform). 
 `MapDataset`, so streams, process-count invariance and exact resume are unchanged. Every row
 carries its tokens per domain through packing; the returned iterator sums them (in its
 checkpointed state) as `mixture_tokens` / `mixture_proportions()`: what training actually saw.
-Mixtures apply to infinite passes only; a finite pass (evaluation) reads the split whole.
+Mixtures apply to infinite passes only; a finite pass (evaluation) reads the split whole. Other
+prepared directories with the same tokenizer (`prepare.tokenizer_model`) join a mixture as whole
+components (`mixture_datasets={name: data_dir}`).
 
 Finite passes (`num_epochs` set, e.g. evaluation with `shuffle=False, num_epochs=1`): every stream
 is padded to the same number of batches -- the partial last batch with pad rows
@@ -45,7 +47,9 @@ same number of batches (collectives stay in step) and every token appears exactl
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Any
 
 import gin
@@ -200,24 +204,62 @@ class _MixtureReportIterator(grain.DatasetIterator):
         self.mixture_tokens = np.asarray(state["tokens"], np.int64)
 
 
-def mixture_rates(info: shards.DatasetInfo, split: str, mixture: dict[str, float] | None,
-                  temperature: float | None) -> dict[str, float]:
-    """Token rates per domain (summing to 1) from explicit `mixture` rates or a temperature."""
+def mixture_components(data_dir: str, split: str, datasets: dict[str, str] | None = None
+                       ) -> dict[str, dict]:
+    """What a mixture can draw from: {name: {num_documents, num_tokens, paths}}.
+
+    The domains of `data_dir`'s split (named as in dataset.json; "" for documents without one),
+    plus the whole split of each other prepared directory in `datasets` ({name: data_dir}), which
+    must use the same tokenizer (same `tokenizer.model` bytes).
+    """
+    info = shards.load_dataset_info(data_dir)
     s = info.splits[split]
-    domains = s.domains or {"": {"num_tokens": s.num_tokens, "num_documents": s.num_documents,
-                                 "shards": s.shards}}
+    out = {}
+    for d, paths in s.domain_shards().items():
+        stats = s.domains[d] if s.domains else {"num_tokens": s.num_tokens,
+                                                "num_documents": s.num_documents}
+        out[d] = {"num_documents": stats["num_documents"], "num_tokens": stats["num_tokens"],
+                  "paths": [os.path.join(data_dir, p) for p in paths]}
+    for name, other_dir in (datasets or {}).items():
+        if name in out:
+            raise DataError(f"make_dataset.mixture_datasets name {name!r} is also a domain of "
+                            f"{data_dir}; choose another name.")
+        other = shards.load_dataset_info(other_dir)
+        if split not in other.splits:
+            raise DataError(f"{other_dir} (make_dataset.mixture_datasets[{name!r}]) has no "
+                            f"split {split!r}.")
+        if _file_hash(other.tokenizer_path) != _file_hash(info.tokenizer_path):
+            raise DataError(f"{other_dir} (make_dataset.mixture_datasets[{name!r}]) was prepared "
+                            f"with another tokenizer than {data_dir}; prepare it with "
+                            f"`prepare.tokenizer_model='{info.tokenizer_path}'`.")
+        o = other.splits[split]
+        out[name] = {"num_documents": o.num_documents, "num_tokens": o.num_tokens,
+                     "paths": other.shard_paths(split)}
+    return out
+
+
+def _file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def mixture_rates(components: dict[str, dict], mixture: dict[str, float] | None,
+                  temperature: float | None) -> dict[str, float]:
+    """Token rates per component (summing to 1) from explicit `mixture` rates or a
+    temperature: rate proportional to (component tokens)^(1/T)."""
     if mixture is not None and temperature is not None:
         raise ValueError("Set make_dataset.mixture (rates) or make_dataset.mixture_temperature, "
                          "not both.")
     if temperature is not None:
         if temperature <= 0:
             raise ValueError(f"make_dataset.mixture_temperature={temperature} must be > 0.")
-        mixture = {d: v["num_tokens"] ** (1.0 / temperature) for d, v in domains.items()}
-    unknown = sorted(set(mixture) - set(domains))
+        mixture = {d: v["num_tokens"] ** (1.0 / temperature) for d, v in components.items()}
+    unknown = sorted(set(mixture) - set(components))
     if unknown:
-        raise DataError(f"make_dataset.mixture names {unknown}, which split {split!r} of "
-                        f"{info.data_dir} does not have; its domains are {sorted(domains)} "
-                        "(prepare writes the domains of `prepare.domain_field`).")
+        raise DataError(f"make_dataset.mixture names {unknown}, which are not among the "
+                        f"domains and datasets {sorted(components)} (prepare writes the domains "
+                        "of `prepare.domain_field`; other prepared directories are named in "
+                        "`make_dataset.mixture_datasets`).")
     bad = {d: r for d, r in mixture.items() if not (isinstance(r, (int, float)) and r > 0)}
     if bad:
         raise ValueError(f"make_dataset.mixture rates must be > 0, got {bad}; leave a domain "
@@ -226,22 +268,18 @@ def mixture_rates(info: shards.DatasetInfo, split: str, mixture: dict[str, float
     return {d: mixture[d] / total for d in sorted(mixture)}
 
 
-def _mixed_documents(info: shards.DatasetInfo, split: str, rates: dict[str, float], seed: int
+def _mixed_documents(components: dict[str, dict], rates: dict[str, float], seed: int
                      ) -> grain.MapDataset:
-    """The domains' documents, each shuffled and repeated forever, mixed by `rates` of tokens;
-    every document carries its domain index under `_DOMAIN`."""
-    s = info.splits[split]
-    domains = s.domain_shards()
-    components, weights = [], []
+    """The components' documents, each shuffled and repeated forever, mixed by `rates` of
+    tokens; every document carries its component index under `_DOMAIN`."""
+    parts, weights = [], []
     for i, d in enumerate(rates):
-        source = shards.open_shards([f"{info.data_dir}/{p}" for p in domains[d]])
-        docs = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0, 1000 + i))
-        components.append(docs.repeat(None).map(
-            lambda t, i=i: {"targets": t, _DOMAIN: np.int32(i)}))
-        stats = s.domains[d] if s.domains else {"num_tokens": s.num_tokens,
-                                                "num_documents": s.num_documents}
-        weights.append(rates[d] * stats["num_documents"] / max(stats["num_tokens"], 1))
-    return grain.MapDataset.mix(components, weights)
+        c = components[d]
+        docs = grain.MapDataset.source(shards.open_shards(c["paths"]))
+        docs = docs.shuffle(seed=_derived_seed(seed, 0, 1000 + i))
+        parts.append(docs.repeat(None).map(lambda t, i=i: {"targets": t, _DOMAIN: np.int32(i)}))
+        weights.append(rates[d] * c["num_documents"] / max(c["num_tokens"], 1))
+    return grain.MapDataset.mix(parts, weights)
 
 
 def _with_domain(pre_pack, key: str):
@@ -287,7 +325,8 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
                  num_epochs: int | None = None, num_streams: int | None = None,
                  shuffle_window: int = 1024, process_index: int | None = None,
                  process_count: int | None = None, mixture: dict[str, float] | None = None,
-                 mixture_temperature: float | None = None) -> grain.IterDataset:
+                 mixture_temperature: float | None = None,
+                 mixture_datasets: dict[str, str] | None = None) -> grain.IterDataset:
     """Batches of this process's slice of `split` of a `tools/prepare_data` directory.
 
     Yields dicts of numpy arrays from `objective.post_pack` (next-token: inputs, targets,
@@ -305,6 +344,8 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     mixture: {domain: rate} -- token shares of the split's domains (see the module docstring);
       only for infinite passes. Domains left out are not read.
     mixture_temperature: rate every domain by (its tokens)^(1/T) instead.
+    mixture_datasets: {name: data_dir} of other prepared directories (same tokenizer) whose
+      whole split is a mixture component named `name`, beside `data_dir`'s domains.
     """
     if process_index is None or process_count is None:
         import jax
@@ -332,14 +373,14 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     rows = global_batch_size // num_streams
     names = None
     if num_epochs is None and (mixture is not None or mixture_temperature is not None):
-        info = shards.load_dataset_info(data_dir)
-        names = list(mixture_rates(info, split, mixture, mixture_temperature))
+        components = mixture_components(data_dir, split, mixture_datasets)
+        rates = mixture_rates(components, mixture, mixture_temperature)
+        names = list(rates)
         if len(lengths) != 1:
             raise ValueError(f"make_dataset.mixture needs an objective that packs one feature; "
                              f"{objective.name!r} packs {sorted(lengths)}.")
         key = next(iter(lengths))
-        docs = _mixed_documents(info, split, mixture_rates(info, split, mixture,
-                                                           mixture_temperature), seed)
+        docs = _mixed_documents(components, rates, seed)
         docs = docs.random_map(_with_domain(objective.pre_pack, key), seed=_derived_seed(seed, 1))
         pack_lengths = {**lengths, _DOMAIN: lengths[key]}
         post_pack = _count_domains(objective.post_pack, len(names))

@@ -45,6 +45,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -434,7 +435,8 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
             vocab_size: int = 8192, validation_fraction: float = 0.05, num_shards: int = 4,
             seed: int = 0, force: bool = False, tokenizer_sample_docs: int = 10_000,
             domain_field: str | None = "domain", num_workers: int | None = None,
-            runner: str = "local", beam_options: Sequence[str] = ()) -> shards.DatasetInfo:
+            runner: str = "local", beam_options: Sequence[str] = (),
+            tokenizer_model: str | None = None) -> shards.DatasetInfo:
     """Splits, trains the tokenizer, tokenizes and shards `corpus_fn()` into `data_dir`.
 
     vocab_size: SentencePiece pieces (other tokenizer options: gin `train_sentencepiece.*`).
@@ -451,6 +453,8 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
       corpora under `POOL_MIN_BYTES` are tokenized in-process).
     runner: "local" or "beam" (Apache Beam; `beam_options` are its pipeline options, e.g.
       ['--runner=DataflowRunner', '--project=...']). Both write byte-identical shards.
+    tokenizer_model: an existing `tokenizer.model` (e.g. another prepared directory's) to use
+      instead of training one: datasets to be mixed at train time must share their tokenizer.
     """
     start = time.time()
     if runner not in ("local", "beam"):
@@ -465,6 +469,14 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
             f"prepare.runner='beam' needs a corpus of files; {_corpus_name(corpus_fn)} is one "
             "iterable. Use corpus.name='files', 'jsonl' or 'curated', or prepare.runner='local'.")
     routing = Routing(validation_fraction, domain_field)
+    model_hash = None
+    if tokenizer_model is not None:
+        if not os.path.isfile(tokenizer_model):
+            raise sources.DataError(f"prepare.tokenizer_model={tokenizer_model!r} does not exist; "
+                                    "point it at a tokenizer.model or leave it unset to train one.")
+        tokenizer.load_tokenizer(tokenizer_model)  # checks the id convention
+        with open(tokenizer_model, "rb") as f:
+            model_hash = hashlib.sha256(f.read()).hexdigest()
     settings = {
         "format_version": FORMAT_VERSION,
         "vocab_size": vocab_size,
@@ -476,6 +488,10 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
         "spm_options": tokenizer.SPM_OPTIONS,
         "train_sentencepiece": _train_sentencepiece_settings(),
     }
+    if model_hash is not None:  # a given tokenizer replaces the training settings
+        settings["tokenizer_model_sha256"] = model_hash
+        for key in ("vocab_size", "tokenizer_sample_docs", "spm_options", "train_sentencepiece"):
+            del settings[key]
 
     t = time.time()
     if runner == "beam":
@@ -515,12 +531,19 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
     t = time.time()
     sample = merge_samples((s.get("sample", []) for s in scans), tokenizer_sample_docs)
     del scans
-    model_path = tokenizer.train_sentencepiece((text for _, _, text in sample),
-                                               os.path.join(data_dir, TOKENIZER_FILE),
-                                               vocab_size=vocab_size, seed=seed)
+    model_path = os.path.join(data_dir, TOKENIZER_FILE)
+    if tokenizer_model is not None:
+        if os.path.abspath(tokenizer_model) != os.path.abspath(model_path):
+            shutil.copyfile(tokenizer_model, model_path)
+        tok = tokenizer.load_tokenizer(model_path)
+        print(f"prepare_data: using the {tok.vocab_size}-piece tokenizer {tokenizer_model}")
+    else:
+        tokenizer.train_sentencepiece((text for _, _, text in sample), model_path,
+                                      vocab_size=vocab_size, seed=seed)
+        tok = tokenizer.load_tokenizer(model_path)
+        print(f"prepare_data: trained a {tok.vocab_size}-piece tokenizer in "
+              f"{time.time() - t:.1f} s")
     del sample
-    tok = tokenizer.load_tokenizer(model_path)
-    print(f"prepare_data: trained a {tok.vocab_size}-piece tokenizer in {time.time() - t:.1f} s")
 
     total_bytes = sum(b for per in layout.totals.values() for _, b in per.values())
     if total_bytes < POOL_MIN_BYTES:

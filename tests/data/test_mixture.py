@@ -11,6 +11,7 @@ import pytest
 from llm.data import pipeline, shards, sources
 from llm.data import prepare as prepare_data
 from llm.data.objectives import NEXT_TOKEN
+from tests.data import TINY_VOCAB, tiny_corpus
 from tests.data.test_prepare_beam import KW, corpus_fn, write_jsonl_corpus
 
 SEQ, BATCH = 64, 8
@@ -116,14 +117,47 @@ def test_global_batch_does_not_depend_on_process_count(data_dir):
 
 
 def test_temperature_rates_by_hand(data_dir):
-    info = shards.load_dataset_info(data_dir)
-    tokens = {d: v["num_tokens"] for d, v in info.splits["train"].domains.items()}
-    rates = pipeline.mixture_rates(info, "train", None, 2.0)
+    components = pipeline.mixture_components(data_dir, "train")
+    tokens = {d: c["num_tokens"] for d, c in components.items()}
+    rates = pipeline.mixture_rates(components, None, 2.0)
     z = tokens["code"] ** 0.5 + tokens["prose"] ** 0.5
     assert rates == pytest.approx({"code": tokens["code"] ** 0.5 / z,
                                    "prose": tokens["prose"] ** 0.5 / z})
-    assert pipeline.mixture_rates(info, "train", {"code": 3, "prose": 1}, None) == \
+    assert pipeline.mixture_rates(components, {"code": 3, "prose": 1}, None) == \
         {"code": 0.75, "prose": 0.25}
+
+
+@pytest.fixture(scope="module")
+def other_dir(data_dir, tmp_path_factory):
+    """A second prepared dataset (no domains) sharing data_dir's tokenizer."""
+    out = str(tmp_path_factory.mktemp("other"))
+    docs = [sources.Document(f"other/{i}", f"Other dataset line {i}: " + "zebra quartz " * i,
+                             "other") for i in range(40)]
+    prepare_data.prepare(out, corpus_fn=lambda: iter(docs), validation_fraction=0.25,
+                         tokenizer_model=os.path.join(data_dir, "tokenizer.model"))
+    return out
+
+
+def test_mixing_another_prepared_dataset(data_dir, other_dir):
+    docs = {"code": domain_documents(data_dir)["code"], "other": domain_documents(other_dir)[""]}
+    it = iter(make(data_dir, mixture={"code": 0.5, "other": 0.5},
+                   mixture_datasets={"other": other_dir}))
+    checked, before = 0, np.zeros(2, np.int64)
+    for _ in range(60):
+        batch = next(it)
+        delta, before = it.mixture_tokens - before, it.mixture_tokens.copy()
+        found = attribute(batch, docs)
+        if found is not None:
+            assert [found["code"], found["other"]] == delta.tolist()
+            checked += 1
+    assert checked >= 20 and abs(it.mixture_proportions()["other"] - 0.5) < 0.1
+
+
+def test_datasets_must_share_the_tokenizer(data_dir, tmp_path):
+    prepare_data.prepare(str(tmp_path), corpus_fn=tiny_corpus, vocab_size=TINY_VOCAB - 10,
+                         validation_fraction=0.25)
+    with pytest.raises(sources.DataError, match="another tokenizer.*prepare.tokenizer_model"):
+        make(data_dir, mixture={"code": 1.0, "x": 1.0}, mixture_datasets={"x": str(tmp_path)})
 
 
 def test_evaluation_passes_ignore_the_mixture(data_dir):
@@ -133,7 +167,7 @@ def test_evaluation_passes_ignore_the_mixture(data_dir):
 
 
 def test_bad_mixtures(data_dir):
-    with pytest.raises(sources.DataError, match=r"\['web'\].*domains are \['code', 'prose'\]"):
+    with pytest.raises(sources.DataError, match=r"\['web'\].*datasets \['code', 'prose'\]"):
         make(data_dir, mixture={"web": 1.0})
     with pytest.raises(ValueError, match="rates must be > 0"):
         make(data_dir, mixture={"code": 1.0, "prose": 0})
