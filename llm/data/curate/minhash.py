@@ -12,7 +12,7 @@ worker and on every machine.
 
 Per unit, `analyze` returns an (n, 1 + bands) uint64 array [ordinal, band hashes...]; the local
 runner spills it to disk as `.npy` (atomically), so a killed run resumes at the first unfinished
-unit. `combine` then walks one band at a time (memory: ~40 bytes x documents), links documents
+unit. `combine` then walks one band at a time (memory: ~72 bytes x documents), links documents
 that share a band hash, and takes connected components (scipy).
 
 Which document of a cluster survives is decided by `minhash.survivor`, a priority list of keys
