@@ -1,8 +1,9 @@
-"""Toxicity filter: precision and recall of the offline default on a small labelled set.
+"""Toxicity step behaviour at the document level (default `min_hits=2`), and pluggable scorers.
 
-The set mixes abusive messages (label 1) with benign text that contains look-alike or
-ambiguous words (label 0): Scunthorpe-style substrings, medical and technical vocabulary.
-The measured figures are printed and reported in docs/curation.md.
+This small set is a regression check of the step's defaults on whole messages, written together
+with the first version of the rules: it is NOT a quality figure. Precision and recall are
+measured on the frozen, independently written set (tests/curate/eval_sets/, graded in
+tests/curate/test_eval_sets.py and reported in docs/curation.md).
 """
 
 import dataclasses
@@ -67,12 +68,11 @@ def _measure(**kw):
     return tp / max(tp + fp, 1), tp / (tp + fn)
 
 
-def test_default_scorer_precision_recall():
+def test_document_level_defaults_regression():
     precision, recall = _measure()
-    print(f"\ntoxicity wordlist default: precision={precision:.2f} recall={recall:.2f} "
-          f"on {len(TOXIC)} toxic + {len(CLEAN)} clean")
-    assert precision >= 0.9   # measured: 0.94 (17/18; "Dick Van Dyke" is the false positive)
-    assert recall >= 0.8      # measured: 0.85 (17/20; single-swear messages are missed)
+    # at the time of writing: 18/19 flagged are toxic ("Dick Van Dyke" is the false positive),
+    # 18/20 toxic messages flagged (two-token minimum: single-swear messages pass)
+    assert precision >= 0.9 and recall >= 0.85
 
 
 def test_pluggable_scorer_and_tag_only(monkeypatch):
