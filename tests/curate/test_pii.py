@@ -1,4 +1,10 @@
-"""Planted PII of every type is replaced (recall >= 99 %); a clean control set is untouched."""
+"""Regression checks of the PII rules: planted values in the formats the rules support are all
+replaced, and a control set is untouched.
+
+The generator below writes only supported formats, so this is not a quality figure: precision and
+recall are measured on the frozen, independently written set (tests/curate/eval_sets/pii.jsonl,
+graded in tests/curate/test_eval_sets.py, reported in docs/curation.md).
+"""
 
 import random
 
