@@ -436,7 +436,7 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
             seed: int = 0, force: bool = False, tokenizer_sample_docs: int = 10_000,
             domain_field: str | None = "domain", num_workers: int | None = None,
             runner: str = "local", beam_options: Sequence[str] = (),
-            tokenizer_model: str | None = None) -> shards.DatasetInfo:
+            tokenizer_model: str | None = None, rescan: bool = True) -> shards.DatasetInfo:
     """Splits, trains the tokenizer, tokenizes and shards `corpus_fn()` into `data_dir`.
 
     vocab_size: SentencePiece pieces (other tokenizer options: gin `train_sentencepiece.*`).
@@ -455,8 +455,20 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
       ['--runner=DataflowRunner', '--project=...']). Both write byte-identical shards.
     tokenizer_model: an existing `tokenizer.model` (e.g. another prepared directory's) to use
       instead of training one: datasets to be mixed at train time must share their tokenizer.
+    rescan: False reuses a complete `data_dir` (dataset.json and every file it names) without
+      reading the corpus again -- for corpora too large to scan at every training start (e.g.
+      prepared on Beam); inputs and settings are then not rechecked against the fingerprint.
     """
     start = time.time()
+    if not rescan and not force:
+        try:
+            info = shards.load_dataset_info(data_dir)
+        except sources.DataError:
+            info = None
+        if info is not None and _reusable(data_dir, info.fingerprint) is not None:
+            print(f"prepare_data: reusing {data_dir} without rescanning the corpus "
+                  f"(prepare.rescan=False; fingerprint {info.fingerprint[:12]})")
+            return info
     if runner not in ("local", "beam"):
         raise sources.DataError(f"prepare.runner={runner!r}: choose 'local' or 'beam'.")
     if tokenizer_sample_docs < 1:

@@ -108,3 +108,12 @@ def test_tokenizer_gin_bindings_are_part_of_the_settings():
         assert prepare_data._train_sentencepiece_settings() == {**default, "chunk_chars": 1000}
     finally:
         gin.clear_config()
+
+
+def test_rescan_false_reuses_without_reading_the_corpus(prepared, capsys):
+    def unreadable():
+        raise AssertionError("the corpus was read")
+
+    info = prepare_data.prepare(prepared.data_dir, **{**KW, "corpus_fn": unreadable},
+                                rescan=False)
+    assert info == prepared and "without rescanning" in capsys.readouterr().out
