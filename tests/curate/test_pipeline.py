@@ -140,11 +140,8 @@ def test_local_and_beam_direct_runner_identical(tmp_path):
     steps = ["normalize", "boilerplate", "exact_dedup", "gopher_quality", "pii",
              "minhash_dedup", "balance"]
     local = curate(out_dir=str(tmp_path / "local"), quiet=True, steps=steps, sources=sources)
-    # two worker processes: every function and state crosses a process boundary, as on
-    # Dataflow, Flink or Spark (the in-process DirectRunner would hide serialization bugs)
     beam = curate(out_dir=str(tmp_path / "beam"), quiet=True, steps=steps, sources=sources,
-                  runner="beam", beam_options=("--direct_running_mode=multi_processing",
-                                               "--direct_num_workers=2"))
+                  runner="beam")   # 2 worker processes: tests/curate/test_beam_multiprocess.py
     assert local == beam
     assert _outputs(str(tmp_path / "local")) == _outputs(str(tmp_path / "beam"))
     by_step = {s["step"]: s for s in local["steps"]}
