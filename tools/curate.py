@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         gin.parse_config_files_and_bindings(args.gin_file, params)
         ds = curate()
     except (CurationError, OSError, ValueError, SyntaxError) as e:  # gin parse errors too
-        print(f"curate: error: {e}", file=sys.stderr)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__  # gin appends call lines
+        print(f"curate: error: {msg}", file=sys.stderr)
         return 2
     a = ds["accounting"]
     try:

@@ -127,3 +127,20 @@ def test_cli_summary_reports_a_truncated_gzip(tmp_path, capsys):
     ds = json.loads((tmp_path / "out" / "datasheet.json").read_text())
     assert ds["steps"][0]["removed"]["missing_text"] == 1
     assert "corrupt or truncated" in (tmp_path / "out" / "datasheet.md").read_text()
+
+
+@pytest.mark.parametrize("binding, words", [
+    ("minhash.survivor=('pagerank',)", ["minhash.survivor", "pagerank", "choose from"]),
+    ("c4.mode='spacy'", ["c4.mode", "spacy", "native", "datatrove"]),
+    ("pii.ip_scope='private'", ["pii.ip_scope", "private", "public", "all"]),
+])
+def test_cli_bad_new_settings_are_one_line_errors(tmp_path, capsys, binding, words):
+    from tools.curate import main
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": _good(1)}) + "\n")
+    src = [{"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}]
+    rc = main(["--out_dir", str(tmp_path / "out"), "--gin_param", f"curate.sources={src!r}",
+               "--gin_param", binding, "--gin_param", "curate.quiet=True"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert all(w in err for w in words), err
