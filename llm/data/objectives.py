@@ -101,8 +101,9 @@ def get_objective(name: str = "next_token", vocab: VocabInfo | None = None) -> O
                              "with `python -m experiments.pretrain_mlm`.")
         return VOCAB_OBJECTIVES[name](vocab)
     if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; choose one of "
-                         f"{sorted([*OBJECTIVES, *VOCAB_OBJECTIVES])} (gin: `get_objective.name`).")
+        raise ValueError(f"get_objective.name={name!r} is not one of "
+                         f"{', '.join(map(repr, sorted([*OBJECTIVES, *VOCAB_OBJECTIVES])))}; set "
+                         "get_objective.name to one of them.")
     return OBJECTIVES[name]
 
 

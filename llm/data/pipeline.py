@@ -41,6 +41,7 @@ import gin
 import grain
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data import shards
 from llm.data.objectives import NEXT_TOKEN, Objective
 from llm.data.sources import DataError
@@ -190,15 +191,19 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
         process_count = jax.process_count() if process_count is None else process_count
     num_streams = process_count if num_streams is None else num_streams
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    if num_streams % process_count:
-        raise ValueError(f"num_streams={num_streams} must be a multiple of process_count="
-                         f"{process_count} (gin: `make_dataset.num_streams`).")
+        raise ConfigError(f"process_index={process_index} is not in [0, {process_count}).")
+    if num_streams < 1 or num_streams % process_count:
+        raise ConfigError(f"make_dataset.num_streams={num_streams} must be a positive multiple "
+                          f"of the process count ({process_count}); set make_dataset.num_streams "
+                          f"to {process_count} or a multiple of it.")
     if global_batch_size % num_streams:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
-                         f"num_streams={num_streams} (gin: `make_dataset.num_streams`).")
+        raise ConfigError(f"TrainConfig.global_batch_size={global_batch_size} must be a multiple "
+                          f"of make_dataset.num_streams={num_streams}; change one of them.")
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
+        raise ConfigError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
+    if shuffle_window < 1:
+        raise ConfigError(f"make_dataset.shuffle_window={shuffle_window} must be >= 1 (1: no "
+                          "window shuffle).")
 
     source = shards.open_shards(_split_paths(data_dir, split))
     if len(source) < num_streams:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.config import ConfigError
 from llm.kernels.reference import mha_reference
 from llm.model.config import ModelConfig
 from llm.model.layers import Dense, rope
@@ -39,13 +40,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     1 see each other bidirectionally, the rest stays causal (`prefix_lm_mask`).
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX's "
+                          f"backend is {jax.default_backend()!r}; use ModelConfig.attention_impl="
+                          "'xla' (any backend) or 'pallas'.")
     if prefix is not None:
         if not causal:
             raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
         if impl == "pallas":
-            raise ValueError("attention_impl='pallas' has no prefix-LM mask (the flash kernel is "
-                             "causal or full); use ModelConfig.attention_impl='xla' or 'cudnn' "
-                             "for the prefix_lm objective.")
+            raise ConfigError("ModelConfig.attention_impl='pallas' has no prefix-LM mask (the "
+                              "flash kernel is causal or full); use ModelConfig.attention_impl="
+                              "'xla' or 'cudnn' for the prefix_lm objective.")
         mask = prefix_lm_mask(prefix)
         if impl == "xla":
             return mha_reference(q, k, v, q_segment_ids=segment_ids,
@@ -83,8 +88,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
             mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
-    raise ValueError(f"Unknown attention_impl {impl!r}; choose xla, pallas or cudnn "
-                     "(gin: ModelConfig.attention_impl).")
+    raise ConfigError(f"ModelConfig.attention_impl={impl!r} is not one of 'xla', 'pallas', "
+                      "'cudnn'; set ModelConfig.attention_impl to one of them.")
 
 
 class KVCache(nnx.Module):

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from llm.config import ConfigError
 from llm.train import checkpoint
 from llm.train.metrics import MetricsWriter
 from llm.train.state import TrainState
@@ -51,9 +52,22 @@ class TrainConfig:
     fault_injection: str | None = None
 
     def __post_init__(self):
+        for field in ("steps", "global_batch_size", "seq_len", "accum_steps", "log_every"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"TrainConfig.{field}={getattr(self, field)} must be >= 1.")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(f"TrainConfig.eval_every={self.eval_every} must be >= 0 (0: only "
+                              f"at the end) and TrainConfig.eval_batches={self.eval_batches} "
+                              ">= 1.")
         if self.global_batch_size % self.accum_steps:
-            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
-                             f"divisible by accum_steps={self.accum_steps}.")
+            raise ConfigError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
+                              f"divisible by TrainConfig.accum_steps={self.accum_steps}; make "
+                              "the batch a multiple of accum_steps.")
+        if self.fault_injection is not None:
+            kind, _, at = self.fault_injection.partition(":")
+            if kind not in ("sigkill_after_save", "sigkill_during_save") or not at.isdigit():
+                raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} is not "
+                                  "'sigkill_after_save:N' or 'sigkill_during_save:N'.")
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -77,15 +91,15 @@ def _fault(cfg: TrainConfig, kind: str, step: int, manager) -> None:
 
 
 def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
-               batches: Iterator[dict[str, np.ndarray]], data_iter, batch_sharding: NamedSharding,
+               data_iter: Iterator[dict[str, np.ndarray]], batch_sharding: NamedSharding,
                manager, writer: MetricsWriter, flops_per_step: float, peak_flops_total: float,
                evaluate: Callable[[TrainState, int | None], dict] | None = None
                ) -> tuple[TrainState, str]:
     """Run from `state.step` to `cfg.steps`. Returns (state, status) where status is
     "completed" or "preempted" (SIGTERM: a checkpoint was written, the caller exits 0).
 
-    batches: host batches (this process's rows); data_iter: the checkpointable iterator behind
-    them (its state is saved with every checkpoint).
+    data_iter: the checkpointable iterator of host batches (this process's rows); its state is
+    saved with every checkpoint.
     """
     stop = checkpoint.StopSignal()
     start = int(state.step)
@@ -98,7 +112,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     log_args = (writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total)
     try:
         for step in range(start, cfg.steps):
-            batch = to_global(next(batches), batch_sharding)
+            batch = to_global(next(data_iter), batch_sharding)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 last_time = _log(pending, *log_args, last_time)
