@@ -9,12 +9,10 @@ Order of operations (per split):
 1. `ShardSource` records (one document's tokens + EOS each) as a `grain.MapDataset`;
 2. global shuffle with an explicit seed, reshuffled every epoch (`shuffle(seed).repeat(n)`:
    grain derives epoch e's permutation from seed + e);
-3. `objective.pre_pack` per document (a `random_map` keyed by the global index, so its randomness
-   does not depend on how documents are spread over streams);
-4. streams: stream s takes the documents whose shuffled index % num_streams == s. Each stream is
+3. streams: stream s takes the documents whose shuffled index % num_streams == s. Each stream is
    packed, transformed by `objective.post_pack` and batched to `global_batch_size // num_streams`
    rows on its own;
-5. process p owns streams [p*S/P, (p+1)*S/P) and concatenates their batches along the batch axis
+4. process p owns streams [p*S/P, (p+1)*S/P) and concatenates their batches along the batch axis
    in stream order. The global batch (processes concatenated in order) therefore does not depend
    on the process count for a fixed `num_streams`.
 
@@ -217,8 +215,6 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
     if shuffle:
         docs = docs.shuffle(seed=_derived_seed(seed, 0))
     docs = docs.repeat(num_epochs).map(_as_features)
-    if objective.pre_pack is not None:
-        docs = docs.random_map(objective.pre_pack, seed=_derived_seed(seed, 1))
 
     def packed(s: int) -> grain.IterDataset:
         return _JsonSafePackIterDataset(

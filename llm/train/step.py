@@ -70,7 +70,7 @@ def eval_step(params: dict, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.A
     return loss_fn(params, batch)
 
 
-BATCH_AXES = ("batch", "length")
+BATCH_AXES = ("activation_batch", "activation_length")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
