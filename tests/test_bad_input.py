@@ -176,6 +176,13 @@ def test_missing_data_dir_says_it_prepares_there(capsys, tmp_path):
     assert f"{tmp_path}/nope does not exist; preparing corpus(name='files')" in first, first
 
 
+def test_vocabulary_too_small_for_the_corpus(capsys, tmp_path):
+    err = run(capsys, *TINY, f"--gin_param=pretrain.data_dir='{tmp_path}/data'",
+              "--gin_param=prepare.vocab_size=270")
+    line = one_error_line(err, "pretrain_ntp")
+    assert "vocab_size=270" in line and "change `prepare.vocab_size`" in line
+
+
 def test_mlm_bad_value(capsys, tmp_path, tiny_data):
     from experiments import pretrain_mlm
 
