@@ -61,14 +61,6 @@ def parse_command_line(name: str, description: str, argv: list[str] | None = Non
     initialize_distributed()
 
 
-def report_error(name: str, error: BaseException) -> int:
-    """Print `<name>: error: <first line>` on stderr and return the exit code, 2. (gin appends
-    "In call to configurable ..." lines to errors raised inside configurables.)"""
-    print(f"{name}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
-          file=sys.stderr)
-    return 2
-
-
 def _prepared_elsewhere(data_dir: str) -> bool:
     """True for a data directory written by `seqio_tasks.seqio_to_dataset` (not from the
     configured corpus, so `prepare` must not rebuild it)."""
@@ -205,3 +197,11 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
             json.dump(result, f, indent=2)
         plot_loss(run_dir)
     return RunResult(status, state, result)
+
+
+def report_error(name: str, error: BaseException) -> int:
+    """Print `<name>: error: <first line>` on stderr and return the exit code, 2. (gin appends
+    "In call to configurable ..." lines to errors raised inside configurables.)"""
+    print(f"{name}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+          file=sys.stderr)
+    return 2

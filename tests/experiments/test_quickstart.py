@@ -2,7 +2,7 @@
 corpus, ends with validation bits per byte below `gzip -9` on the same bytes (and far below the
 unigram baseline), then samples. This is the suite's longest test (~6 min on an idle 2-core
 machine). It is bounded by progress, not wall time: it fails only if the run prints nothing (the
-progress bar advances every step) for 10 minutes, so a busy machine slows it down but does not
+progress bar advances every step) for 15 minutes, so a busy machine slows it down but does not
 fail it."""
 
 import json
@@ -19,7 +19,7 @@ def test_quickstart_beats_gzip(tmp_path):
     proc = run_experiment_watched("experiments.pretrain_ntp", [
         "--gin_file=gin_configs/experiments/quickstart.gin",
         f"--gin_param=pretrain.run_dir='{tmp_path / 'run'}'",
-        f"--gin_param=pretrain.data_dir='{tmp_path / 'data'}'"], stall_s=600)
+        f"--gin_param=pretrain.data_dir='{tmp_path / 'data'}'"], stall_s=900)
     with open(tmp_path / "run" / "eval.json") as f:
         ev = json.load(f)
     print(json.dumps(ev, indent=2))  # the figures, in the test's output
