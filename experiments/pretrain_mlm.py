@@ -19,6 +19,7 @@ validation row is printed with its masked spans filled in by the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -37,7 +38,7 @@ from llm.model.config import ModelConfig
 from llm.train import experiment
 from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
 from llm.train.loop import TrainConfig
-from llm.train.step import encoder_decoder_loss, encoder_loss
+from llm.train.loss import encoder_decoder_loss, encoder_loss
 
 LOSSES = {"encoder": encoder_loss, "encoder_decoder": encoder_decoder_loss}
 
@@ -135,8 +136,9 @@ def pretrain_mlm(run_dir: str = "runs/mlm", data_dir: str = "data/embedded",
       corruption needs one per noise span of a row, BERT uses `<extra_id_0>` as [MASK].
     demo_tokens: tokens of the validation row shown by the demo (0: no demo).
     """
+    tc, cfg = TrainConfig(), ModelConfig()  # settings are checked before any data work
+    cfg.check_seq_len(tc.seq_len)
     info = prepare_on_one_process(data_dir)
-    tc = TrainConfig()
     tok = load_tokenizer(info.tokenizer_path, extra_ids)
     vocab = VocabInfo.from_tokenizer(tok)
     try:
@@ -149,7 +151,7 @@ def pretrain_mlm(run_dir: str = "runs/mlm", data_dir: str = "data/embedded",
                           f"{objective.name!r} is for a {objective.model} model. Set "
                           "`get_objective.name` to 'bert_mlm' or 'span_corruption' (or run "
                           "`python -m experiments.pretrain_ntp`).")
-    cfg = ModelConfig(vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
     module = encoder_decoder.MODELS[objective.model]
     graphdef, abstract_params, logical_axes = transformer.abstract(cfg, module)
     model = ModelSpec(
@@ -206,7 +208,14 @@ def pretrain_mlm(run_dir: str = "runs/mlm", data_dir: str = "data/embedded",
 
 
 def main(argv: list[str] | None = None) -> int:
-    return experiment.main("pretrain_mlm", __doc__.split("\n\n")[0], pretrain_mlm, argv)
+    """The command line: exit code 0, or 2 with one line on stderr for a bad setting or bad
+    data (`experiment.USER_ERRORS`)."""
+    try:
+        experiment.parse_command_line("pretrain_mlm", __doc__.split("\n\n")[0], argv)
+        pretrain_mlm()
+    except experiment.USER_ERRORS as e:
+        return experiment.report_error("pretrain_mlm", e)
+    return 0
 
 
 if __name__ == "__main__":

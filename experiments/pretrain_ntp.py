@@ -10,8 +10,10 @@
 5. evaluate validation loss / perplexity / bits per byte against gzip -9, plot the loss curve,
    and sample a completion.
 
-Steps 2-5 (except sampling) are `llm.train.experiment.train_and_evaluate`, shared with
-`experiments.pretrain_mlm`. `--gin_param='get_objective.name="prefix_lm"'` trains a prefix LM.
+`main` parses the command line (`llm.train.experiment.parse_command_line`) and calls `pretrain`,
+which builds the model and its loss (`llm.train.loss.decoder_loss`) and hands steps 2-5 (except
+sampling) to `llm.train.experiment.train_and_evaluate`, shared with `experiments.pretrain_mlm`.
+`--gin_param='get_objective.name="prefix_lm"'` trains a prefix LM.
 
 Everything lands in `runs/<name>/`: manifest.json, config.gin, metrics.jsonl, eval.json,
 checkpoints/, tb/, plots/loss.png.
@@ -19,6 +21,7 @@ checkpoints/, tb/, plots/loss.png.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import gin
@@ -34,7 +37,7 @@ from llm.serve.sampler import generate
 from llm.train import experiment
 from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
 from llm.train.loop import TrainConfig
-from llm.train.step import decoder_loss
+from llm.train.loss import decoder_loss
 
 __all__ = ["main", "prepare_on_one_process", "pretrain"]
 
@@ -47,9 +50,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     The objective is `get_objective.name`: "next_token" (default) or "prefix_lm" (bidirectional
     attention over a random prefix of every document, loss on the rest).
     """
-    info = prepare_on_one_process(data_dir)
-    tc = TrainConfig()
-    cfg = ModelConfig(vocab_size=info.vocab_size)
+    tc, cfg = TrainConfig(), ModelConfig()  # settings are checked before any data work
+    cfg.check_seq_len(tc.seq_len)
     try:
         objective = objectives.get_objective()
     except ValueError as e:
@@ -58,6 +60,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
         raise ConfigError(f"Objective {objective.name!r} trains an {objective.model} model; run "
                           "it with `python -m experiments.pretrain_mlm` (pretrain_ntp takes "
                           "next_token or prefix_lm).")
+    info = prepare_on_one_process(data_dir)
+    cfg = dataclasses.replace(cfg, vocab_size=info.vocab_size)
     graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
     model = ModelSpec(graphdef, abstract_params, logical_axes,
                       init=lambda k: transformer.init(cfg, k)[1],
@@ -93,7 +97,14 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
 
 
 def main(argv: list[str] | None = None) -> int:
-    return experiment.main("pretrain_ntp", __doc__.split("\n\n")[0], pretrain, argv)
+    """The command line: exit code 0, or 2 with one line on stderr for a bad setting or bad
+    data (`experiment.USER_ERRORS`)."""
+    try:
+        experiment.parse_command_line("pretrain_ntp", __doc__.split("\n\n")[0], argv)
+        pretrain()
+    except experiment.USER_ERRORS as e:
+        return experiment.report_error("pretrain_ntp", e)
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,10 +56,11 @@ from llm.model import transformer  # noqa: E402
 from llm.model.config import ModelConfig  # noqa: E402
 from llm.parallel.mesh import make_mesh  # noqa: E402
 from llm.parallel.rules import axis_rules  # noqa: E402
+from llm.train.loss import decoder_loss  # noqa: E402
 from llm.train.metrics import measure_matmul_flops  # noqa: E402
 from llm.train.optimizer import make_optimizer  # noqa: E402
 from llm.train.state import create_train_state  # noqa: E402
-from llm.train.step import batch_sharding, decoder_loss, jit_train_step  # noqa: E402
+from llm.train.step import batch_sharding, jit_train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWIN = os.path.join(ROOT, "tools", "torch_twin.py")

@@ -17,6 +17,7 @@ import sys
 
 import gin
 
+from llm.config import ConfigError, parse_gin
 from llm.data.curate.records import CurationError
 from llm.data.curate.run import curate
 
@@ -44,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gin_file:
         params.append(f"curate.recipe={args.gin_file[-1]!r}")
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, params)
+        parse_gin(args.gin_file, params)
         ds = curate()
-    except (CurationError, OSError, ValueError, SyntaxError) as e:  # gin parse errors too
+    except (ConfigError, CurationError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__  # gin appends call lines
         print(f"curate: error: {msg}", file=sys.stderr)
         return 2

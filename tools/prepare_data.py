@@ -3,7 +3,9 @@
     python -m tools.prepare_data --data_dir=data/embedded [--gin_file=...] [--gin_param=...]
 """
 
+import sys
+
 from llm.data.prepare import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

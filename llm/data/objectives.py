@@ -1,8 +1,8 @@
 """Training objectives as data transforms: what a batch row means to the loss.
 
-An `Objective` says how one tokenized document becomes packable features (`pre_pack`), which
-features are packed to which length (`pack_lengths`), and how one packed row becomes the fields the
-model and loss read (`post_pack`). All transforms are pure numpy so they run inside grain workers.
+An `Objective` says which features are packed to which length (`lengths(seq_len)`; a document
+arrives as {'targets': tokens + EOS}), and how one packed row becomes the fields the model and
+loss read (`post_pack`). All transforms are pure numpy so they run inside grain workers.
 
 Row fields produced for a decoder-only model, each `[seq_len]`:
   inputs       int32  token ids the model reads (per-segment shift-right of targets, BOS = PAD_ID)
@@ -41,9 +41,8 @@ class Objective:
     """How documents become training rows.
 
     name: registry name.
-    pre_pack: per document `(features, rng) -> features`; input is {'targets': tokens + EOS}.
-      None means identity.
-    pack_lengths: feature name -> packed length, derived from the row length by `lengths(seq_len)`.
+    lengths: row length -> {feature name: packed length}; every objective packs the document's
+      {'targets': tokens + EOS} (span corruption packs longer chunks than the rows it makes).
     post_pack: per packed row `(features, rng) -> row fields`; packed features arrive with
       `<name>_segment_ids` and `<name>_positions` beside each packed feature.
     model: the architecture the rows are for: "decoder" (decoder-only), "encoder" (encoder-only,
@@ -53,7 +52,6 @@ class Objective:
     name: str
     lengths: Callable[[int], dict[str, int]]
     post_pack: Callable[[Features, np.random.Generator], Features]
-    pre_pack: Callable[[Features, np.random.Generator], Features] | None = None
     model: str = "decoder"
 
 
@@ -101,8 +99,9 @@ def get_objective(name: str = "next_token", vocab: VocabInfo | None = None) -> O
                              "with `python -m experiments.pretrain_mlm`.")
         return VOCAB_OBJECTIVES[name](vocab)
     if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; choose one of "
-                         f"{sorted([*OBJECTIVES, *VOCAB_OBJECTIVES])} (gin: `get_objective.name`).")
+        raise ValueError(f"get_objective.name={name!r} is not one of "
+                         f"{', '.join(map(repr, sorted([*OBJECTIVES, *VOCAB_OBJECTIVES])))}; set "
+                         "get_objective.name to one of them.")
     return OBJECTIVES[name]
 
 

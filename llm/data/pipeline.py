@@ -9,12 +9,10 @@ Order of operations (per split):
 1. `ShardSource` records (one document's tokens + EOS each) as a `grain.MapDataset`;
 2. global shuffle with an explicit seed, reshuffled every epoch (`shuffle(seed).repeat(n)`:
    grain derives epoch e's permutation from seed + e);
-3. `objective.pre_pack` per document (a `random_map` keyed by the global index, so its randomness
-   does not depend on how documents are spread over streams);
-4. streams: stream s takes the documents whose shuffled index % num_streams == s. Each stream is
+3. streams: stream s takes the documents whose shuffled index % num_streams == s. Each stream is
    packed, transformed by `objective.post_pack` and batched to `global_batch_size // num_streams`
    rows on its own;
-5. process p owns streams [p*S/P, (p+1)*S/P) and concatenates their batches along the batch axis
+4. process p owns streams [p*S/P, (p+1)*S/P) and concatenates their batches along the batch axis
    in stream order. The global batch (processes concatenated in order) therefore does not depend
    on the process count for a fixed `num_streams`.
 
@@ -56,6 +54,7 @@ import gin
 import grain
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data import shards
 from llm.data.objectives import NEXT_TOKEN, Objective
 from llm.data.sources import DataError
@@ -248,11 +247,11 @@ def mixture_rates(components: dict[str, dict], mixture: dict[str, float] | None,
     """Token rates per component (summing to 1) from explicit `mixture` rates or a
     temperature: rate proportional to (component tokens)^(1/T)."""
     if mixture is not None and temperature is not None:
-        raise ValueError("Set make_dataset.mixture (rates) or make_dataset.mixture_temperature, "
-                         "not both.")
+        raise ConfigError("Set make_dataset.mixture (rates) or make_dataset.mixture_temperature, "
+                          "not both.")
     if temperature is not None:
         if temperature <= 0:
-            raise ValueError(f"make_dataset.mixture_temperature={temperature} must be > 0.")
+            raise ConfigError(f"make_dataset.mixture_temperature={temperature} must be > 0.")
         mixture = {d: v["num_tokens"] ** (1.0 / temperature) for d, v in components.items()}
     unknown = sorted(set(mixture) - set(components))
     if unknown:
@@ -262,8 +261,8 @@ def mixture_rates(components: dict[str, dict], mixture: dict[str, float] | None,
                         "`make_dataset.mixture_datasets`).")
     bad = {d: r for d, r in mixture.items() if not (isinstance(r, (int, float)) and r > 0)}
     if bad:
-        raise ValueError(f"make_dataset.mixture rates must be > 0, got {bad}; leave a domain "
-                         "out to exclude it.")
+        raise ConfigError(f"make_dataset.mixture rates must be > 0, got {bad}; leave a domain "
+                          "out to exclude it.")
     total = sum(mixture.values())
     return {d: mixture[d] / total for d in sorted(mixture)}
 
@@ -282,14 +281,11 @@ def _mixed_documents(components: dict[str, dict], rates: dict[str, float], seed:
     return grain.MapDataset.mix(parts, weights)
 
 
-def _with_domain(pre_pack, key: str):
-    """pre_pack that keeps the document's domain aside, then tags each token of `key` with it."""
+def _with_domain(key: str):
+    """Tag each token of feature `key` with the document's domain (packed alongside it)."""
 
-    def fn(f: dict, rng: np.random.Generator) -> dict:
-        domain = f[_DOMAIN]
-        rest = {k: v for k, v in f.items() if k != _DOMAIN}
-        out = pre_pack(rest, rng) if pre_pack is not None else rest
-        return {**out, _DOMAIN: np.full(len(out[key]), domain, np.int32)}
+    def fn(f: dict) -> dict:
+        return {**f, _DOMAIN: np.full(len(f[key]), f[_DOMAIN], np.int32)}
 
     return fn
 
@@ -354,15 +350,19 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
         process_count = jax.process_count() if process_count is None else process_count
     num_streams = process_count if num_streams is None else num_streams
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    if num_streams % process_count:
-        raise ValueError(f"num_streams={num_streams} must be a multiple of process_count="
-                         f"{process_count} (gin: `make_dataset.num_streams`).")
+        raise ConfigError(f"process_index={process_index} is not in [0, {process_count}).")
+    if num_streams < 1 or num_streams % process_count:
+        raise ConfigError(f"make_dataset.num_streams={num_streams} must be a positive multiple "
+                          f"of the process count ({process_count}); set make_dataset.num_streams "
+                          f"to {process_count} or a multiple of it.")
     if global_batch_size % num_streams:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
-                         f"num_streams={num_streams} (gin: `make_dataset.num_streams`).")
+        raise ConfigError(f"TrainConfig.global_batch_size={global_batch_size} must be a multiple "
+                          f"of make_dataset.num_streams={num_streams}; change one of them.")
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
+        raise ConfigError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}.")
+    if shuffle_window < 1:
+        raise ConfigError(f"make_dataset.shuffle_window={shuffle_window} must be >= 1 (1: no "
+                          "window shuffle).")
 
     source = shards.open_shards(_split_paths(data_dir, split))
     if len(source) < num_streams:
@@ -377,11 +377,11 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
         rates = mixture_rates(components, mixture, mixture_temperature)
         names = list(rates)
         if len(lengths) != 1:
-            raise ValueError(f"make_dataset.mixture needs an objective that packs one feature; "
+            raise ConfigError(f"make_dataset.mixture needs an objective that packs one feature; "
                              f"{objective.name!r} packs {sorted(lengths)}.")
         key = next(iter(lengths))
         docs = _mixed_documents(components, rates, seed)
-        docs = docs.random_map(_with_domain(objective.pre_pack, key), seed=_derived_seed(seed, 1))
+        docs = docs.map(_with_domain(key))
         pack_lengths = {**lengths, _DOMAIN: lengths[key]}
         post_pack = _count_domains(objective.post_pack, len(names))
     else:
@@ -389,8 +389,6 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, global_batch_size: 
         if shuffle:
             docs = docs.shuffle(seed=_derived_seed(seed, 0))
         docs = docs.repeat(num_epochs).map(_as_features)
-        if objective.pre_pack is not None:
-            docs = docs.random_map(objective.pre_pack, seed=_derived_seed(seed, 1))
         pack_lengths, post_pack = lengths, objective.post_pack
 
     def packed(s: int) -> grain.IterDataset:

@@ -460,6 +460,14 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
       prepared on Beam); inputs and settings are then not rechecked against the fingerprint.
     """
     start = time.time()
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise sources.DataError(
+            f"data_dir {data_dir!r} is an existing file, not a directory; pass a directory "
+            "(gin: pretrain.data_dir / pretrain_mlm.data_dir, or --data_dir).")
+    if not os.path.isfile(os.path.join(data_dir, shards.DATASET_JSON)):
+        state = "does not exist" if not os.path.exists(data_dir) else "holds no dataset.json"
+        print(f"prepare_data: {data_dir} {state}; preparing {_corpus_name(corpus_fn)} there "
+              "(a typo in the path of your own prepared data also lands here).", flush=True)
     if not rescan and not force:
         try:
             info = shards.load_dataset_info(data_dir)
@@ -580,22 +588,25 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
     return info
 
 
-def main(argv: list[str] | None = None) -> shards.DatasetInfo:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.prepare_data`: exit code 0, or 2 with one line on stderr for a bad
+    setting or bad data."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="output directory")
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
-    from llm.config import parse_gin
+    from llm.config import ConfigError, parse_gin
 
-    parse_gin(args.gin_file, args.gin_param, skip_unknown=True)
     try:
-        return prepare(args.data_dir, **({"force": True} if args.force else {}))
-    except sources.DataError as e:
-        print(f"prepare_data: error: {str(e).splitlines()[0]}", file=sys.stderr)  # no gin notes
-        sys.exit(2)
+        parse_gin(args.gin_file, args.gin_param, skip_unknown=True)
+        prepare(args.data_dir, **({"force": True} if args.force else {}))
+    except (ConfigError, sources.DataError) as e:
+        print(f"prepare_data: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,8 +97,10 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
             model_type=model_type, character_coverage=character_coverage,
             num_threads=num_threads, minloglevel=2, **SPM_OPTIONS)
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training failed: {e}. With a tiny corpus, lower "
-                        "`train_sentencepiece.vocab_size` (or `prepare.vocab_size`).") from None
+        raise DataError(f"SentencePiece training failed with vocab_size={vocab_size}: "
+                        f"{str(e).splitlines()[0]} The vocabulary must fit the corpus: at least "
+                        "its distinct characters + 259 (special ids and byte pieces), at most "
+                        "what the text supports; change `prepare.vocab_size`.") from None
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     tmp = f"{model_path}.tmp"
     with open(tmp, "wb") as f:

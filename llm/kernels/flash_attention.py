@@ -1,7 +1,8 @@
 """Flash attention for training: argument checks, padding, backend dispatch, custom_vjp.
 
-The forward saves the per-row logsumexp; the backward runs a dK/dV kernel and a dQ kernel
-(no atomics, no recomputation of the forward). Sequence lengths that are not a multiple of
+The forward saves the per-row logsumexp; the backward runs a dK/dV kernel and a dQ kernel, each
+recomputing the attention probabilities block by block from q, k and that logsumexp (nothing of
+size [seq, seq] is stored; no atomics). Sequence lengths that are not a multiple of
 the blocks are padded here and the padding is masked inside the kernels.
 """
 

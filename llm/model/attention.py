@@ -12,10 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.config import ConfigError
 from llm.kernels.reference import mha_reference
 from llm.model.config import ModelConfig
 from llm.model.layers import Dense, rope
 from llm.parallel.rules import active_spec, constrain
+
+# Logical names of the attention activations: Q_AXES for q and the output, KV_AXES for k and v
+# (their weights use heads / kv_heads / head_dim).
+Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 
 def prefix_lm_mask(prefix: jax.Array) -> jax.Array:
@@ -39,13 +45,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     1 see each other bidirectionally, the rest stays causal (`prefix_lm_mask`).
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX's "
+                          f"backend is {jax.default_backend()!r}; use ModelConfig.attention_impl="
+                          "'xla' (any backend) or 'pallas'.")
     if prefix is not None:
         if not causal:
             raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
         if impl == "pallas":
-            raise ValueError("attention_impl='pallas' has no prefix-LM mask (the flash kernel is "
-                             "causal or full); use ModelConfig.attention_impl='xla' or 'cudnn' "
-                             "for the prefix_lm objective.")
+            raise ConfigError("ModelConfig.attention_impl='pallas' has no prefix-LM mask (the "
+                              "flash kernel is causal or full); use ModelConfig.attention_impl="
+                              "'xla' or 'cudnn' for the prefix_lm objective.")
         mask = prefix_lm_mask(prefix)
         if impl == "xla":
             return mha_reference(q, k, v, q_segment_ids=segment_ids,
@@ -63,8 +73,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
 
         # XLA cannot partition a Pallas call; on a multi-device mesh run it per shard (batch and
         # heads split as the activation rules say) instead of gathering q/k/v everywhere.
-        placed = active_spec(("batch", "length", "heads", "head_dim"), q.shape)
-        kv_placed = active_spec(("batch", "length", "kv_heads", "head_dim"), k.shape)
+        placed = active_spec(Q_AXES, q.shape)
+        kv_placed = active_spec(KV_AXES, k.shape)
         if placed is None:
             return flash_attention(q, k, v, q_segment_ids=segment_ids,
                                    kv_segment_ids=kv_segment_ids, causal=causal)
@@ -83,8 +93,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
             mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
-    raise ValueError(f"Unknown attention_impl {impl!r}; choose xla, pallas or cudnn "
-                     "(gin: ModelConfig.attention_impl).")
+    raise ConfigError(f"ModelConfig.attention_impl={impl!r} is not one of 'xla', 'pallas', "
+                      "'cudnn'; set ModelConfig.attention_impl to one of them.")
 
 
 class KVCache(nnx.Module):
@@ -121,9 +131,9 @@ class Attention(nnx.Module):
         `cache_lengths` [batch] and attend to the cache's valid prefix plus themselves.
         prefix [batch, seq]: prefix-LM mask (see `attend`); only without a cache.
         """
-        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
-        k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(self.q(x), Q_AXES)
+        k = constrain(self.k(x), KV_AXES)
+        v = constrain(self.v(x), KV_AXES)
         if self.cfg.position == "rope":
             q = rope(q, positions, self.cfg.rope_theta)
             k = rope(k, positions, self.cfg.rope_theta)
@@ -132,7 +142,7 @@ class Attention(nnx.Module):
                          impl=self.cfg.attention_impl, prefix=prefix)
         else:
             out = self._decode(q, k, v, cache, cache_lengths)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = constrain(out, Q_AXES)
         return self.o(out)
 
     def _decode(self, q, k, v, cache: KVCache, lengths: jax.Array) -> jax.Array:
@@ -173,10 +183,10 @@ class CrossAttention(nnx.Module):
         if (segment_ids is None) != (context_segment_ids is None):
             raise ValueError("CrossAttention: pass both segment_ids and context_segment_ids, or "
                              "neither.")
-        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
-        k = constrain(self.k(context), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(self.v(context), ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(self.q(x), Q_AXES)
+        k = constrain(self.k(context), KV_AXES)
+        v = constrain(self.v(context), KV_AXES)
         out = attend(q, k, v, segment_ids=segment_ids, kv_segment_ids=context_segment_ids,
                      causal=False, impl=self.cfg.attention_impl)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = constrain(out, Q_AXES)
         return self.o(out)

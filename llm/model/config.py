@@ -7,6 +7,8 @@ import dataclasses
 import gin
 import jax.numpy as jnp
 
+from llm.config import ConfigError
+
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -18,7 +20,8 @@ DTYPES = ("float32", "bfloat16")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer. Defaults are a tiny LLaMA-style model.
+    """A transformer's shape and numerics, shared by the decoder (`transformer.Decoder`), the
+    encoder and the encoder-decoder (`encoder_decoder`). Defaults are a tiny LLaMA-style model.
 
     LLaMA-style: norm="rmsnorm", position="rope", activation="swiglu", num_kv_heads < num_heads.
     GPT-2-style: norm="layernorm", position="learned", activation="gelu", use_bias=True.
@@ -52,14 +55,34 @@ class ModelConfig:
                                ("activation", ACTIVATIONS), ("attention_impl", ATTENTION_IMPLS),
                                ("remat", REMAT), ("dtype", DTYPES), ("param_dtype", DTYPES)):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of "
-                                 f"{allowed} (gin: ModelConfig.{field}).")
+                raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of "
+                                  f"{', '.join(map(repr, allowed))}; set ModelConfig.{field} to "
+                                  "one of them.")
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"ModelConfig.{field}={getattr(self, field)} must be >= 1.")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.kv_heads}.")
+            raise ConfigError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                              f"ModelConfig.num_kv_heads={self.kv_heads}; set num_kv_heads to a "
+                              f"divisor of {self.num_heads}.")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}; set head_dim explicitly.")
+            raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by "
+                              f"ModelConfig.num_heads={self.num_heads}; change one of them or "
+                              "set ModelConfig.head_dim explicitly.")
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"RoPE needs an even head dimension, got {self.dim_per_head} "
+                              f"(ModelConfig.d_model={self.d_model} / num_heads="
+                              f"{self.num_heads}); set ModelConfig.head_dim to an even number.")
+
+    def check_seq_len(self, seq_len: int, binding: str = "TrainConfig.seq_len") -> None:
+        """Raise ConfigError if rows of `seq_len` tokens do not fit the position table (learned
+        positions only: RoPE and sinusoidal encodings have no limit). Without this check the
+        lookup past the table reads clamped garbage and the loss is NaN at step 1."""
+        if self.position == "learned" and seq_len > self.max_seq_len:
+            raise ConfigError(f"{binding}={seq_len} is longer than ModelConfig.max_seq_len="
+                              f"{self.max_seq_len}, the size of the learned position table; "
+                              f"lower {binding} or raise ModelConfig.max_seq_len to at least "
+                              f"{seq_len}.")
 
     @property
     def kv_heads(self) -> int:

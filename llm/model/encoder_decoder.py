@@ -91,9 +91,10 @@ class Encoder(nnx.Module):
                 x = block(x, positions, segment_ids)
         x = self.final_norm(x)
         h = jax.nn.gelu(self.head_transform(x), approximate=True)
-        h = self.head_norm(constrain(h, ("batch", "length", "mlp")))
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = self.head_norm(h)
         logits = self.embeddings.logits(h) + self.head_bias[...].astype(jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 class DecoderBlock(nnx.Module):
@@ -112,12 +113,12 @@ class DecoderBlock(nnx.Module):
                  ) -> jax.Array:
         """x [batch, dec_len, embed], encoded [batch, enc_len, embed] -> like x."""
         x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         x = x + self.cross(self.cross_norm(x), encoded, segment_ids=segment_ids,
                            context_segment_ids=encoder_segment_ids)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def _run_decoder_block(block: DecoderBlock, x, encoded, positions, segment_ids,
@@ -169,7 +170,7 @@ class EncoderDecoder(nnx.Module):
             else:
                 x = block(x, encoded, positions, segment_ids, encoder_segment_ids)
         logits = self.embeddings.logits(self.decoder_norm(x))
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def __call__(self, encoder_inputs: jax.Array, decoder_inputs: jax.Array, *,
                  encoder_positions: jax.Array | None = None,

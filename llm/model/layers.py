@@ -163,7 +163,7 @@ class MLP(nnx.Module):
             h = jax.nn.silu(self.wg(x)) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
-        h = constrain(h, ("batch", "length", "mlp"))
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         return self.wo(h)
 
 

@@ -1,5 +1,6 @@
-"""Decoder-only transformer (LLaMA- or GPT-2-style, chosen by `ModelConfig`), and the functional
-interface the trainer uses: parameters are a plain nested dict of arrays, and
+"""The decoder (LLaMA- or GPT-2-style, chosen by `ModelConfig`), the residual `Block` that the
+encoder and the encoder-decoder (`llm.model.encoder_decoder`) reuse, and the functional interface
+the trainer uses for all three: parameters are a plain nested dict of arrays, and
 
     graphdef, params = init(cfg, rng)
     logits = apply(graphdef, params, inputs, positions=..., segment_ids=...)
@@ -35,9 +36,9 @@ class Block(nnx.Module):
                  prefix: jax.Array | None = None) -> jax.Array:
         h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
                       cache=cache, cache_lengths=cache_lengths, prefix=prefix)
-        x = constrain(x + h, ("batch", "length", "embed"))
+        x = constrain(x + h, ("activation_batch", "activation_length", "activation_embed"))
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def _run_block(block: Block, x, positions, segment_ids, prefix=None):
@@ -57,7 +58,7 @@ def embed_tokens(embed: Embed, pos_embed: Embed | None, cfg: ModelConfig, ids: j
         x = x + pos_embed(positions)
     elif cfg.position == "sinusoidal":
         x = x + sinusoidal(positions, cfg.d_model).astype(x.dtype)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class Decoder(nnx.Module):
@@ -101,7 +102,7 @@ class Decoder(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def _is_variable(x) -> bool:

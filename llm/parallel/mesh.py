@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from llm.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 log = logging.getLogger(__name__)
@@ -33,20 +35,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     devices = list(jax.devices()) if devices is None else list(devices)
     n = len(devices)
     shape = [data, fsdp, tensor]
-    if shape.count(-1) > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, "
-                         f"tensor={tensor}.")
+    asked = f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor})"
+    fix = ("Set make_mesh.data/fsdp/tensor so that their product is the device count (one of "
+           "them may be -1), e.g. --gin_file=gin_configs/mesh/dp.gin; on CPU, "
+           "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices.")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"{asked}: each axis must be >= 1, and at most one may be -1. {fix}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if n % known:
-            raise ValueError(f"make_mesh: {n} devices cannot be split into fsdp*tensor*data "
-                             f"with fixed axes of product {known}. Change make_mesh.* in gin.")
+            raise ConfigError(f"{asked} needs a multiple of {known} devices, but {n} "
+                              f"{jax.default_backend()} device(s) are available. {fix}")
         shape[shape.index(-1)] = n // known
     if math.prod(shape) != n:
-        raise ValueError(f"make_mesh: mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) "
-                         f"needs {math.prod(shape)} devices but {n} are available. Set "
-                         "make_mesh.data/fsdp/tensor so their product is the device count "
-                         "(one may be -1).")
+        raise ConfigError(f"{asked} needs {math.prod(shape)} devices, but {n} "
+                          f"{jax.default_backend()} device(s) are available. {fix}")
     # Auto axes: shardings are propagated by XLA (GSPMD) from our explicit in/out shardings and
     # `constrain` hints, the model MaxText and t5x use.
     auto = (AxisType.Auto,) * len(MESH_AXES)

@@ -1,9 +1,18 @@
 """Logical axis names -> mesh axes.
 
-Every parameter carries a tuple of logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
-`head_dim`, `vocab`, ...) and key activations are constrained with names such as
-(`batch`, `length`, `embed`). A rule set (gin: `axis_rules.rules`, see gin_configs/mesh/) maps each
-logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
+Weights and activations have separate names (as in MaxText), so a rule set says independently
+how parameters are stored and how activations are laid out:
+
+  weights      embed, mlp, heads, kv_heads, head_dim, vocab        (`WEIGHT_AXES`)
+  activations  activation_batch, activation_length, activation_embed, activation_mlp,
+               activation_heads, activation_kv_heads, activation_head_dim, activation_vocab
+               (`ACTIVATION_AXES`)
+
+Every parameter carries a tuple of weight names (`logical_axes` metadata), and key activations
+are constrained with activation names. A rule set (gin: `axis_rules.rules`, see
+gin_configs/mesh/) maps each logical name to a mesh axis, a tuple of mesh axes, or None
+(replicated). FSDP, for example, maps `embed` (weights) to `fsdp` and leaves `activation_embed`
+unmapped: the batch is split over fsdp and activations are never split along their width.
 
 A dimension whose size is not divisible by the mesh axes it maps to is replicated instead, so one
 rule set works for every model size (e.g. 2 kv heads on a tensor axis of 4).
@@ -19,21 +28,41 @@ import gin
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llm.config import ConfigError
+
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
+WEIGHT_AXES = ("embed", "mlp", "heads", "kv_heads", "head_dim", "vocab")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_mlp",
+                   "activation_heads", "activation_kv_heads", "activation_head_dim",
+                   "activation_vocab")
+
 # Pure data parallel: parameters replicated, batch split over every mesh axis.
-DATA_PARALLEL: Rules = (("batch", ("data", "fsdp")),)
+DATA_PARALLEL: Rules = (("activation_batch", ("data", "fsdp")),)
 
 
 @gin.configurable
 def axis_rules(rules: Sequence[Sequence] = DATA_PARALLEL) -> Rules:
-    """The active rule set (gin: `axis_rules.rules`). Unlisted logical names are replicated."""
+    """The active rule set (gin: `axis_rules.rules`). Unlisted logical names are replicated.
+    Raises ConfigError for a rule that names an unknown logical or mesh axis."""
+    from llm.parallel.mesh import MESH_AXES
+
     out = []
     for rule in rules:
         if len(rule) != 2:
-            raise ValueError(f"axis rule {rule!r} must be (logical_name, mesh_axes).")
+            raise ConfigError(f"axis_rules.rules entry {rule!r} must be a pair "
+                              "(logical_name, mesh_axes).")
         name, target = rule
-        out.append((name, tuple(target) if isinstance(target, list) else target))
+        target = tuple(target) if isinstance(target, list) else target
+        if name not in WEIGHT_AXES + ACTIVATION_AXES:
+            raise ConfigError(f"axis_rules.rules names the logical axis {name!r}, which nothing "
+                              f"carries; weights use {', '.join(WEIGHT_AXES)}; activations use "
+                              f"{', '.join(ACTIVATION_AXES)}.")
+        for axis in (target,) if isinstance(target, str) else (target or ()):
+            if axis not in MESH_AXES:
+                raise ConfigError(f"axis_rules.rules maps {name!r} to {axis!r}, which is not a "
+                                  f"mesh axis; use one of {', '.join(MESH_AXES)} or None.")
+        out.append((name, target))
     return tuple(out)
 
 

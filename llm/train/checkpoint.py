@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import sys
+import time
 
 import gin
 import grain
@@ -40,20 +43,62 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iter
     return manager.save(step, args=args, force=force)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run directory can be restored; the message names the steps and the
+    fix. (A corrupt latest checkpoint alone is not an error: `restore_latest` falls back.)"""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter
                    ) -> TrainState | None:
-    """Restore the newest complete checkpoint into `state`'s shardings and `data_iter` (in place).
+    """Restore the newest readable checkpoint into `state`'s shardings and `data_iter` (in place).
 
-    Returns the restored state, or None when the directory holds no checkpoint.
+    Returns the restored state, or None when the directory holds no checkpoint. A checkpoint
+    that cannot be read (truncated, emptied, corrupted on disk) is moved to
+    `<checkpoints>/../corrupt_checkpoints/<step>` with a warning on stderr, and the next older
+    one is tried, so the run resumes from the previous good step and later saves the steps
+    again. Raises CheckpointError when none can be read.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state(state)),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    log.info("restored checkpoint at step %d from %s", step, manager.directory)
-    return restored["state"]
+    failed = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state(state)),
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
+            failed.append((step, e))
+            continue
+        for bad, e in failed:
+            moved = _move_aside(manager, bad)
+            print(f"warning: checkpoint step {bad} in {manager.directory} cannot be read "
+                  f"({_first_line(e)}); moved it to {moved} and resumed from step {step}.",
+                  file=sys.stderr)
+        if failed:
+            manager.reload()
+        log.info("restored checkpoint at step %d from %s", step, manager.directory)
+        return restored["state"]
+    if failed:
+        step, e = failed[0]
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory} can be restored (steps "
+            f"{', '.join(str(s) for s, _ in failed)}; the latest, step {step}: {_first_line(e)}). "
+            "If the model or optimizer settings changed since they were written, restore "
+            "those settings; otherwise move the directory away to start from step 0.")
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Move an unreadable step directory out of the manager's view (kept for inspection)."""
+    src = os.path.join(str(manager.directory), str(step))
+    dst_root = os.path.join(os.path.dirname(str(manager.directory)), "corrupt_checkpoints")
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+    shutil.move(src, dst)
+    return dst
 
 
 class StopSignal:

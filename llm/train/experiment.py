@@ -1,10 +1,15 @@
-"""The run plumbing every pretraining experiment shares.
+"""The run plumbing every pretraining experiment shares, in the order an experiment calls it.
 
-An experiment decides *what* to train -- a `ModelSpec` (model, loss, cost) and an objective --
-and how to summarise evaluation sums. `train_and_evaluate` does the rest, identically for all:
-mesh and rules, optimizer and sharded state, restore (model, optimizer, step, RNG and data
-iterator), manifest.json + config.gin, the training loop (metrics.jsonl, TensorBoard, checkpoints,
-SIGTERM), the final validation pass, eval.json and plots/loss.png.
+An experiment module's `main` calls, top to bottom:
+
+1. `parse_command_line`: --gin_file / --gin_param -> gin (checked), multi-process start-up;
+2. its own run function, which decides *what* to train -- a `ModelSpec` (model, loss, cost) and
+   an objective -- and how to summarise evaluation sums, and calls
+   `prepare_on_one_process` (data) and then `train_and_evaluate`, which does the rest identically
+   for all: mesh and rules, optimizer and sharded state, restore (model, optimizer, step and data
+   iterator), manifest.json + config.gin, the training loop (`llm.train.loop`: metrics.jsonl,
+   TensorBoard, checkpoints, SIGTERM), the final validation pass, eval.json and plots/loss.png;
+3. `report_error` for the errors in `USER_ERRORS`: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -28,14 +34,31 @@ from llm.data.shards import DatasetInfo, load_dataset_info
 from llm.data.sources import DataError
 from llm.eval.perplexity import accumulate
 from llm.parallel.mesh import initialize_distributed, make_mesh, mesh_shape
-from llm.parallel.rules import axis_rules
+from llm.parallel.rules import axis_rules, logical_to_spec
 from llm.train import checkpoint
 from llm.train.loop import NonFiniteLoss, TrainConfig, to_global, train_loop
+from llm.train.loss import LossFn
 from llm.train.manifest import write_manifest
 from llm.train.metrics import MetricsWriter, peak_flops, plot_loss
 from llm.train.optimizer import make_optimizer
 from llm.train.state import TrainState, create_train_state
-from llm.train.step import LossFn, batch_sharding, jit_eval_step, jit_train_step
+from llm.train.step import BATCH_AXES, batch_sharding, jit_eval_step, jit_train_step
+
+# What a user can fix: bad settings, bad data, a diverged loss, unreadable checkpoints. Anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, NonFiniteLoss, checkpoint.CheckpointError)
+
+
+def parse_command_line(name: str, description: str, argv: list[str] | None = None) -> None:
+    """`python -m experiments.<name> [--gin_file=F ...] [--gin_param=B ...]`: parse and check the
+    gin configuration, then start the multi-process runtime if one is configured."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
+                                     description=description)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
+    parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
+    args = parser.parse_args(argv)
+    parse_gin(args.gin_file, args.gin_param)
+    initialize_distributed()
 
 
 def _prepared_elsewhere(data_dir: str) -> bool:
@@ -59,41 +82,13 @@ def prepare_on_one_process(data_dir: str) -> DatasetInfo:
     return load_dataset_info(data_dir)
 
 
-class _MixtureMetrics:
-    """With a data mixture (`make_dataset.mixture`): adds `mixture/<domain>`, the cumulative token
-    shares of the domains training has seen (the data iterator's checkpointed counts right after
-    the step's batch was drawn; process 0's rows), to every train record of metrics.jsonl."""
-
-    def __init__(self, writer: MetricsWriter, data_iter, step: int):
-        self._writer, self._it, self._step, self._seen = writer, data_iter, step, {}
-
-    def batches(self):
-        while True:
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                return
-            self._step += 1
-            self._seen[self._step] = self._it.mixture_proportions()
-            yield batch
-
-    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
-        if prefix == "train" and step in self._seen:
-            shares = self._seen.pop(step)
-            metrics = {**metrics, **{f"mixture/{d or 'none'}": p for d, p in shares.items()}}
-        self._writer.write(step, metrics, prefix)
-
-    def __getattr__(self, name):
-        return getattr(self._writer, name)
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What is trained, independent of the mesh.
 
     graphdef / abstract_params / logical_axes: from `transformer.abstract(cfg, module)`.
     init: rng -> params (jitted into the final sharding).
-    loss_fn: (params, batch) -> sums, see `llm.train.step`.
+    loss_fn: (params, batch) -> sums, see `llm.train.loss`.
     num_params: parameter count (manifest, console).
     flops_per_row: training FLOPs of one batch row (MFU).
     """
@@ -117,6 +112,25 @@ class RunResult:
     eval: dict | None
 
 
+def check_batch_fits_mesh(tc: TrainConfig, mesh, rules) -> None:
+    """Raise ConfigError unless every micro-batch splits evenly over the mesh axes the rules put
+    the batch on, and over the processes (instead of an IndivisibleError at the first step)."""
+    spec = logical_to_spec(BATCH_AXES[:1], rules, mesh)
+    axes = () if not spec or spec[0] is None else (
+        (spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
+    shards = math.prod(mesh.shape[a] for a in axes)
+    shards = shards * jax.process_count() // math.gcd(shards, jax.process_count())
+    micro = tc.global_batch_size // tc.accum_steps
+    if micro % shards:
+        per_step = f" / TrainConfig.accum_steps={tc.accum_steps} = {micro}" \
+            if tc.accum_steps > 1 else ""
+        raise ConfigError(
+            f"TrainConfig.global_batch_size={tc.global_batch_size}{per_step} rows do not split "
+            f"evenly over {shards} batch shards (mesh {mesh_shape(mesh)}, batch on "
+            f"{' x '.join(axes) or 'no axis'}, {jax.process_count()} process(es)); set "
+            f"TrainConfig.global_batch_size to a multiple of {shards * tc.accum_steps}.")
+
+
 def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetInfo,
                        tc: TrainConfig, model: ModelSpec, objective: Objective,
                        summarize_eval: Callable[[dict[str, float]], dict]) -> RunResult:
@@ -128,6 +142,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
       (used for intermediate passes and the final one, which gets `step` added).
     """
     mesh, rules = make_mesh(), axis_rules()
+    check_batch_fits_mesh(tc, mesh, rules)
     tx, schedule = make_optimizer(total_steps=tc.steps)
     state, shardings = create_train_state(model.init, model.abstract_params, model.logical_axes,
                                           tx, mesh, rules, seed=tc.seed)
@@ -139,6 +154,11 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     data_iter = iter(make_dataset(data_dir, "train", seq_len=tc.seq_len,
                                   global_batch_size=tc.global_batch_size, seed=tc.seed,
                                   objective=objective))
+    # One finite, unshuffled pass; built once (building counts its batches, a full read), then
+    # iterated afresh by every evaluation.
+    validation = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
+                              global_batch_size=tc.global_batch_size, seed=tc.seed,
+                              objective=objective, shuffle=False, num_epochs=1)
     manager = checkpoint.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
     restored = checkpoint.restore_latest(manager, state, data_iter)
     if restored is not None:
@@ -146,10 +166,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
         print(f"{name}: resumed from step {int(state.step)} of {tc.steps}")
 
     def evaluate(state: TrainState, max_batches: int | None) -> dict:
-        batches = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
-                               global_batch_size=tc.global_batch_size, seed=tc.seed,
-                               objective=objective, shuffle=False, num_epochs=1)
-        sums = accumulate(eval_step, state.params, batches,
+        sums = accumulate(eval_step, state.params, validation,
                           lambda b: to_global(b, batch_shard), max_batches)
         return summarize_eval(sums)
 
@@ -159,18 +176,22 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
                           "model": {"params": model.num_params,
                                     "flops_per_token": model.flops_per_row / tc.seq_len}})
     writer = MetricsWriter(run_dir)
-    batches, log = data_iter, writer
+    data_metrics = None
     if hasattr(data_iter, "mixture_proportions"):
-        mixture = _MixtureMetrics(writer, data_iter, int(state.step))
-        batches, log = mixture.batches(), mixture
+        # `mixture/<domain>`: cumulative token shares of the domains seen so far (the iterator's
+        # checkpointed counts right after the step's batch was drawn; process 0's rows).
+        def data_metrics() -> dict[str, float]:
+            return {f"mixture/{d or 'none'}": p
+                    for d, p in data_iter.mixture_proportions().items()}
     peak, peak_source = peak_flops()
     print(f"{name}: {model.num_params / 1e6:.2f}M params, objective {objective.name}, mesh "
           f"{mesh_shape(mesh)}, peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
     state, status = train_loop(
-        cfg=tc, state=state, step_fn=train_step, batches=batches, data_iter=data_iter,
-        batch_sharding=batch_shard, manager=manager, writer=log,
+        cfg=tc, state=state, step_fn=train_step, data_iter=data_iter,
+        batch_sharding=batch_shard, manager=manager, writer=writer,
         flops_per_step=model.flops_per_row * tc.global_batch_size,
-        peak_flops_total=peak * jax.device_count(), evaluate=evaluate)
+        peak_flops_total=peak * jax.device_count(), evaluate=evaluate,
+        data_metrics=data_metrics)
     if hasattr(data_iter, "mixture_proportions"):
         shares = ", ".join(f"{d or '(none)'} {p:.3f}"
                            for d, p in data_iter.mixture_proportions().items())
@@ -190,20 +211,9 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     return RunResult(status, state, result)
 
 
-def main(name: str, description: str, run: Callable[[], object],
-         argv: list[str] | None = None) -> int:
-    """An experiment's command line: `--gin_file`/`--gin_param`, multi-process start-up, then
-    `run()`. Bad configuration or data and a diverged loss print one clear line and return 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
-                                     description=description)
-    parser.add_argument("--gin_file", action="append", default=[], help="gin config file(s)")
-    parser.add_argument("--gin_param", action="append", default=[], help="gin binding(s)")
-    args = parser.parse_args(argv)
-    try:
-        parse_gin(args.gin_file, args.gin_param)
-        initialize_distributed()
-        run()
-    except (ConfigError, DataError, NonFiniteLoss) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def report_error(name: str, error: BaseException) -> int:
+    """Print `<name>: error: <first line>` on stderr and return the exit code, 2. (gin appends
+    "In call to configurable ..." lines to errors raised inside configurables.)"""
+    print(f"{name}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+          file=sys.stderr)
+    return 2

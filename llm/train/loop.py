@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from llm.config import ConfigError
 from llm.train import checkpoint
 from llm.train.metrics import MetricsWriter
 from llm.train.state import TrainState
@@ -51,9 +52,22 @@ class TrainConfig:
     fault_injection: str | None = None
 
     def __post_init__(self):
+        for field in ("steps", "global_batch_size", "seq_len", "accum_steps", "log_every"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"TrainConfig.{field}={getattr(self, field)} must be >= 1.")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(f"TrainConfig.eval_every={self.eval_every} must be >= 0 (0: only "
+                              f"at the end) and TrainConfig.eval_batches={self.eval_batches} "
+                              ">= 1.")
         if self.global_batch_size % self.accum_steps:
-            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
-                             f"divisible by accum_steps={self.accum_steps}.")
+            raise ConfigError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
+                              f"divisible by TrainConfig.accum_steps={self.accum_steps}; make "
+                              "the batch a multiple of accum_steps.")
+        if self.fault_injection is not None:
+            kind, _, at = self.fault_injection.partition(":")
+            if kind not in ("sigkill_after_save", "sigkill_during_save") or not at.isdigit():
+                raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} is not "
+                                  "'sigkill_after_save:N' or 'sigkill_during_save:N'.")
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -77,15 +91,18 @@ def _fault(cfg: TrainConfig, kind: str, step: int, manager) -> None:
 
 
 def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
-               batches: Iterator[dict[str, np.ndarray]], data_iter, batch_sharding: NamedSharding,
+               data_iter: Iterator[dict[str, np.ndarray]], batch_sharding: NamedSharding,
                manager, writer: MetricsWriter, flops_per_step: float, peak_flops_total: float,
-               evaluate: Callable[[TrainState, int | None], dict] | None = None
+               evaluate: Callable[[TrainState, int | None], dict] | None = None,
+               data_metrics: Callable[[], dict[str, float]] | None = None
                ) -> tuple[TrainState, str]:
     """Run from `state.step` to `cfg.steps`. Returns (state, status) where status is
     "completed" or "preempted" (SIGTERM: a checkpoint was written, the caller exits 0).
 
-    batches: host batches (this process's rows); data_iter: the checkpointable iterator behind
-    them (its state is saved with every checkpoint).
+    data_iter: the checkpointable iterator of host batches (this process's rows); its state is
+    saved with every checkpoint.
+    data_metrics: host-side figures of the data read so far (e.g. mixture shares), called right
+    after each step's batch is drawn and written into that step's metrics record.
     """
     stop = checkpoint.StopSignal()
     start = int(state.step)
@@ -98,11 +115,12 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     log_args = (writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total)
     try:
         for step in range(start, cfg.steps):
-            batch = to_global(next(batches), batch_sharding)
+            batch = to_global(next(data_iter), batch_sharding)
+            host = data_metrics() if data_metrics is not None else {}
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 last_time = _log(pending, *log_args, last_time)
-            pending = (step + 1, metrics)
+            pending = (step + 1, metrics, host)
             if manager.should_save(step + 1):
                 # Record this step's metrics before its checkpoint, so a crash right after the
                 # save never leaves steps that are in the checkpoint but not in metrics.jsonl.
@@ -130,7 +148,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
 
 def _log(pending, writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total,
          last_time) -> float:
-    step, metrics = pending
+    step, metrics, host = pending
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     dt = max(now - last_time, 1e-9)
@@ -141,7 +159,7 @@ def _log(pending, writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_
             "(learning_rate_schedule.peak), enable clipping (make_optimizer.clip_norm) or "
             "z-loss (TrainConfig.z_loss), then resume from the last checkpoint.")
     metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                   mfu=flops_per_step / dt / peak_flops_total)
+                   mfu=flops_per_step / dt / peak_flops_total, **host)
     writer.write(step, metrics)
     bar.update(1)
     if step % cfg.log_every == 0 or step == cfg.steps:

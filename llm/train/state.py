@@ -25,13 +25,14 @@ class TrainState:
     step: int32 scalar, number of optimizer updates applied.
     params: nested dict of arrays (see `llm.model.transformer.init`).
     opt_state: the optax state.
-    rng: uint32 [2] raw key data, split once per step (raw so that it checkpoints everywhere).
+
+    Nothing in the step is random (dropout is not used), so there is no RNG in the state; the
+    data pipeline's randomness is keyed by `TrainConfig.seed` and checkpointed with its iterator.
     """
 
     step: jax.Array
     params: dict
     opt_state: optax.OptState
-    rng: jax.Array
 
 
 def create_train_state(init_params: Callable[[jax.Array], dict], abstract_params: dict,
@@ -44,8 +45,7 @@ def create_train_state(init_params: Callable[[jax.Array], dict], abstract_params
     """
     param_shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    root = jax.random.key(seed)
-    param_key, state_key = jax.random.split(root)
+    param_key, _ = jax.random.split(jax.random.key(seed))  # the split keeps seed -> params
     params = jax.jit(init_params, out_shardings=param_shardings)(param_key)
     # Moments take the sharding XLA propagates from their parameter; scalars (step counts) that
     # depend on no input are replicated.
@@ -57,7 +57,6 @@ def create_train_state(init_params: Callable[[jax.Array], dict], abstract_params
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
         params=params,
         opt_state=opt_state,
-        rng=jax.device_put(jax.random.key_data(state_key), replicated),
     )
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return state, shardings

@@ -12,12 +12,12 @@ from tests.data import TINY_VOCAB, tiny_corpus
 
 SEQ, BATCH = 64, 8
 
-# A random pre_pack (appends one random token per document): its randomness must not depend on
-# the process count or on restoring.
-RANDOM_SUFFIX = Objective(
-    name="random_suffix", lengths=NEXT_TOKEN.lengths, post_pack=NEXT_TOKEN.post_pack,
-    pre_pack=lambda f, rng: {"targets": np.append(f["targets"],
-                                                  rng.integers(3, 99, dtype=np.int32))})
+# A random post_pack (a random loss mask per row, like MLM's selection): its randomness must not
+# depend on the process count or on restoring.
+RANDOM_MASK = Objective(
+    name="random_mask", lengths=NEXT_TOKEN.lengths,
+    post_pack=lambda f, rng: {**NEXT_TOKEN.post_pack(f, rng),
+                              "loss_mask": rng.integers(0, 2, SEQ).astype(np.float32)})
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_epochs_reshuffle_and_cover_everything(data_dir):
 
 
 @pytest.mark.parametrize("streams,objective,window", [(1, NEXT_TOKEN, 1024),
-                                                      (2, RANDOM_SUFFIX, 1024),
+                                                      (2, RANDOM_MASK, 1024),
                                                       (1, NEXT_TOKEN, 3)])
 def test_state_restore_is_exact(data_dir, streams, objective, window):
     """window=3: restores land inside and across shuffle windows."""
@@ -165,7 +165,7 @@ def test_orbax_checkpoint_manager_round_trip(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("split,kw", [("train", {}),
-                                      ("train", dict(objective=RANDOM_SUFFIX)),
+                                      ("train", dict(objective=RANDOM_MASK)),
                                       ("validation", dict(shuffle=False, num_epochs=1))])
 def test_process_count_invariance(data_dir, split, kw):
     one = make(data_dir, split, num_streams=4, **kw)
@@ -186,9 +186,9 @@ def test_process_count_invariance(data_dir, split, kw):
 
 
 def test_bad_arguments(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="multiple of num_streams"):
+    with pytest.raises(ValueError, match="multiple of make_dataset.num_streams"):
         make(data_dir, num_streams=3)
-    with pytest.raises(ValueError, match="multiple of process_count"):
+    with pytest.raises(ValueError, match="multiple of the process count"):
         make(data_dir, num_streams=2, process_count=4, process_index=0)
     with pytest.raises(ValueError, match="process_index"):
         make(data_dir, process_index=2, process_count=2)

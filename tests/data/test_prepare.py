@@ -90,12 +90,13 @@ def test_cli_with_gin(tmp_path):
         (src / (d.id.replace("/", "_") + ".txt")).write_text(d.text)
     data_dir = tmp_path / "out"
     try:
-        info = prepare_data.main([
+        assert prepare_data.main([
             f"--data_dir={data_dir}", f"--gin_param=prepare.vocab_size={TINY_VOCAB}",
             "--gin_param=prepare.validation_fraction=0.3", "--gin_param=corpus.name='files'",
-            f"--gin_param=text_files.pattern='{src}'"])
+            f"--gin_param=text_files.pattern='{src}'"]) == 0
     finally:
         gin.clear_config()
+    info = shards.load_dataset_info(str(data_dir))
     assert info.splits["train"].num_documents + info.splits["validation"].num_documents == 24
     assert (data_dir / "dataset.json").exists() and (data_dir / "tokenizer.model").exists()
 

@@ -16,9 +16,10 @@ from llm.data import objectives
 from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.model.encoder_decoder import MODELS
+from llm.train.loss import encoder_decoder_loss, encoder_loss
 from llm.train.optimizer import make_optimizer
 from llm.train.state import create_train_state
-from llm.train.step import batch_sharding, encoder_decoder_loss, encoder_loss, jit_train_step
+from llm.train.step import batch_sharding, jit_train_step
 from tests.train.sharding_worker import configure
 
 VOCAB = objectives.VocabInfo(size=128, extra_ids=16)

@@ -15,7 +15,7 @@ from llm.model.attention import attend
 from llm.model.config import ModelConfig
 from llm.model.encoder_decoder import Encoder, EncoderDecoder
 from llm.parallel.rules import axis_rules
-from llm.train.step import span_exact_match
+from llm.train.loss import span_exact_match
 from tests.conftest import REPO
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -1,5 +1,5 @@
 """Decoder numerics: packing isolation, causality, KV-cache decoding, parameter accounting,
-mixed precision and config validation."""
+mixed precision, rematerialisation, the attention implementations and config validation."""
 
 import jax
 import jax.numpy as jnp
@@ -136,5 +136,66 @@ def test_bad_config_values_name_the_field_and_choices(field, value):
 
 
 def test_heads_must_divide():
-    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of "
+                                         "ModelConfig.num_kv_heads=4"):
         ModelConfig(num_heads=6, num_kv_heads=4, d_model=48)
+
+
+def _loss_and_grads(cfg: ModelConfig, module, batch: dict):
+    from llm.train.loss import decoder_loss, encoder_loss
+
+    graphdef, params = transformer.init(cfg, jax.random.key(3), module)
+    loss_fn = (decoder_loss if module is transformer.Decoder else encoder_loss)(graphdef)
+
+    @jax.jit
+    def f(params):
+        return jax.value_and_grad(lambda p: loss_fn(p, batch)["nll"])(params)
+
+    return f(params)
+
+
+@pytest.mark.parametrize("module", ["decoder", "encoder"])
+def test_block_remat_gives_the_same_loss_and_gradients(module):
+    """remat="block" recomputes each block's activations in the backward pass: the loss is
+    bitwise that of no remat (same forward program) and the gradients agree to fp32 rounding."""
+    from llm.model.encoder_decoder import Encoder
+
+    module = transformer.Decoder if module == "decoder" else Encoder
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 97, (2, 24)).astype(np.int32)
+    seg = np.repeat(np.array([[1] * 10 + [2] * 14]), 2, axis=0).astype(np.int32)
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1),
+             "loss_mask": np.ones((2, 24), np.float32), "segment_ids": seg,
+             "positions": np.concatenate([np.arange(10), np.arange(14)])[None].repeat(2, 0)}
+    loss, grads = _loss_and_grads(ModelConfig(**LLAMA, remat="none"), module, batch)
+    loss_r, grads_r = _loss_and_grads(ModelConfig(**LLAMA, remat="block"), module, batch)
+    assert float(loss) == float(loss_r)
+    for (path, g), g_r in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                              jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_cudnn_without_a_gpu_is_a_clear_error():
+    """On CPU (and TPU) `attention_impl="cudnn"` fails at trace time naming the setting and the
+    alternatives; it is not silently replaced by another implementation."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: test_cudnn_matches_xla_on_gpu covers this backend")
+    from llm.config import ConfigError
+
+    _, graphdef, params = model(**{**LLAMA, "attention_impl": "cudnn"})
+    with pytest.raises(ConfigError, match=r"attention_impl='cudnn' needs an NVIDIA GPU.*'xla'"):
+        forward(graphdef, params, np.ones((1, 8), np.int32))
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_xla_on_gpu():
+    """cuDNN flash attention (bf16) against the jnp reference on packed rows."""
+    kw = {**LLAMA, "dtype": "bfloat16", "num_heads": 4, "d_model": 64}
+    _, graphdef, params = model(**kw, attention_impl="xla")
+    _, graphdef_c, _ = model(**kw, attention_impl="cudnn")
+    x = np.random.default_rng(0).integers(3, 97, (2, 128)).astype(np.int32)
+    seg = np.repeat(np.array([[1] * 50 + [2] * 78]), 2, axis=0).astype(np.int32)
+    ref = forward(graphdef, params, x, segment_ids=jnp.asarray(seg))
+    got = forward(graphdef_c, params, x, segment_ids=jnp.asarray(seg))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=5e-2, rtol=5e-2)

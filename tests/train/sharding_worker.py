@@ -17,9 +17,10 @@ from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.mesh import make_mesh
 from llm.parallel.rules import axis_rules
+from llm.train.loss import decoder_loss
 from llm.train.optimizer import make_optimizer
 from llm.train.state import create_train_state
-from llm.train.step import batch_sharding, decoder_loss, jit_train_step
+from llm.train.step import batch_sharding, jit_train_step
 
 
 def synthetic_batch(step: int, batch: int = 8, seq: int = 32, vocab: int = 128) -> dict:

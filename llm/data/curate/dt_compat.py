@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data.sources import Document
 
 TERMINAL_PUNCTUATION = frozenset(
@@ -206,7 +207,7 @@ def c4(doc: Document, split_paragraph: bool = True, remove_citations: bool = Tru
        ) -> Document | str | tuple[Document, dict]:
     """datatrove's C4QualityFilter (`split_paragraph=False` is not supported)."""
     if not split_paragraph:
-        raise ValueError("c4.split_paragraph=False (sentence mode) is not supported in "
+        raise ConfigError("c4.split_paragraph=False (sentence mode) is not supported in "
                          "datatrove mode; keep the default True.")
     if doc.metadata.get("domain") in skip_domains:
         return doc

@@ -38,6 +38,7 @@ import dataclasses
 import gin
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data.sources import Document
 
 _M64 = (1 << 64) - 1
@@ -62,7 +63,7 @@ class MinHashConfig:
     def __post_init__(self):
         bad = [k for k in self.survivor if k not in SURVIVOR_KEYS]
         if bad:
-            raise ValueError(f"minhash.survivor has unknown keys {bad}; choose from "
+            raise ConfigError(f"minhash.survivor has unknown keys {bad}; choose from "
                              f"{SURVIVOR_KEYS} (in priority order).")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import gin
 
+from llm.config import ConfigError
 from llm.data.sources import Document
 
 # Patterns start with a literal or a character class (lookbehinds come after the first
@@ -260,7 +261,7 @@ def pii_step(types: tuple[str, ...] = TYPES, ip_scope: str = "public"):
     addresses) or "all" (replace every IP address, as Presidio and Dolma do)."""
     unknown = set(types) - set(TYPES)
     if unknown:
-        raise ValueError(f"pii.types has unknown types {sorted(unknown)}; choose from {TYPES}.")
+        raise ConfigError(f"pii.types has unknown types {sorted(unknown)}; choose from {TYPES}.")
     if ip_scope not in IP_SCOPES:
-        raise ValueError(f"pii.ip_scope={ip_scope!r}; choose one of {IP_SCOPES}.")
+        raise ConfigError(f"pii.ip_scope={ip_scope!r}; choose one of {IP_SCOPES}.")
     return functools.partial(pii, types=tuple(types), ip_scope=ip_scope)

@@ -22,6 +22,7 @@ import re
 import gin
 import numpy as np
 
+from llm.config import ConfigError
 from llm.data.sources import Document
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
@@ -268,7 +269,7 @@ MODES = ("native", "datatrove")
 
 def _step(native, compat_name: str, mode: str, step: str, kwargs: dict):
     if mode not in MODES:
-        raise ValueError(f"{step}.mode={mode!r}; choose one of {MODES}.")
+        raise ConfigError(f"{step}.mode={mode!r}; choose one of {MODES}.")
     if mode == "datatrove":
         from llm.data.curate import dt_compat
 

@@ -41,22 +41,6 @@ def ordinal(unit: int, index: int) -> int:
     return (unit << 32) | index
 
 
-def unit_of(ordinal_: int) -> int:
-    """The input unit an ordinal belongs to."""
-    return ordinal_ >> 32
-
-
-def doc_to_json(o: int, doc: Document) -> dict:
-    """A JSON-able dict for a document in flight (stage files, Beam elements)."""
-    return {"o": o, "id": doc.id, "text": doc.text, "source": doc.source, "meta": doc.metadata}
-
-
-def doc_from_json(d: dict) -> tuple[int, Document]:
-    """Inverse of `doc_to_json`."""
-    return d["o"], Document(id=d["id"], text=d["text"], source=d["source"],
-                            metadata=d.get("meta") or {})
-
-
 def sample_of(text: str) -> str:
     """The first `SAMPLE_CHARS` characters of a removed document, for the audit sample."""
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " [...]"

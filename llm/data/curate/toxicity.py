@@ -22,6 +22,7 @@ import re
 
 import gin
 
+from llm.config import ConfigError
 from llm.data.sources import Document
 
 # Listed words that are mostly benign in text we curate (code, docs, news, medicine, religion):
@@ -112,7 +113,7 @@ def wordlist_score(text: str) -> tuple[float, int]:
 def _load(spec: str):
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"toxicity.scorer={spec!r}: write it as 'package.module:function'.")
+        raise ConfigError(f"toxicity.scorer={spec!r}: write it as 'package.module:function'.")
     return getattr(importlib.import_module(module), name)
 
 

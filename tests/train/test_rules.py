@@ -1,0 +1,62 @@
+"""Logical-axis rules: weights and activations have separate names, so each rule set says how
+a weight is stored and how an activation is laid out independently of the order of its rules;
+a rule naming an axis nothing carries is an error."""
+
+import itertools
+import os
+
+import gin
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llm.config import ConfigError
+from llm.parallel.rules import axis_rules, logical_to_spec
+from tests.conftest import REPO
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+MLP_ACTIVATION = ("activation_batch", "activation_length", "activation_mlp")
+EMBEDDING = ("vocab", "embed")
+MLP_IN = ("embed", "mlp")
+
+# Written from the rule files' comments (what each parallelism splits), not from the code.
+EXPECTED = {
+    "dp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp")),
+           EMBEDDING: P(), MLP_IN: P()},
+    "fsdp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp")),
+             EMBEDDING: P("fsdp"), MLP_IN: P("fsdp")},
+    "tp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp"), None, "tensor"),
+           EMBEDDING: P("tensor"), MLP_IN: P(None, "tensor")},
+    "fsdp_tp": {ACTIVATION: P(("data", "fsdp")),
+                MLP_ACTIVATION: P(("data", "fsdp"), None, "tensor"),
+                EMBEDDING: P("tensor", "fsdp"), MLP_IN: P("fsdp", "tensor")},
+}
+
+
+def rules_of(mesh: str):
+    gin.clear_config()
+    try:
+        gin.parse_config_file(os.path.join(REPO, f"gin_configs/mesh/{mesh}.gin"),
+                              skip_unknown=True)
+        return axis_rules()
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("mesh", sorted(EXPECTED))
+def test_rule_sets_place_weights_and_activations_in_any_rule_order(mesh):
+    rules = rules_of(mesh)
+    for order in itertools.islice(itertools.permutations(rules), 24):
+        for names, spec in EXPECTED[mesh].items():
+            assert logical_to_spec(names, order) == spec, (mesh, names, order)
+
+
+@pytest.mark.parametrize("rule, words", [
+    (("batch", "data"), ["'batch'", "activation_batch"]),
+    (("embed", "model"), ["'model'", "data, fsdp, tensor"]),
+    (("embed",), ["must be a pair"]),
+])
+def test_bad_rules_are_config_errors(rule, words):
+    with pytest.raises(ConfigError) as e:
+        axis_rules([rule])
+    for w in words:
+        assert w in str(e.value)
