@@ -32,6 +32,7 @@ import tqdm
 
 from llm.data import shards, sources, tokenizer
 from llm.data.objectives import EOS_ID
+from llm.eval import canaries
 
 FORMAT_VERSION = 3  # bump when a code change alters what prepare writes for the same settings
 TOKENIZER_FILE = "tokenizer.model"
@@ -133,12 +134,15 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
         "spm_options": tokenizer.SPM_OPTIONS,
         "train_sentencepiece": _train_sentencepiece_settings(),
     }
+    if (canary_spec := canaries.spec()) is not None:  # secret canaries for memorization audits
+        settings["canaries"] = canary_spec.settings()
     fp = fingerprint(docs, settings)
     if not force and (info := _reusable(data_dir, fp)) is not None:
         print(f"prepare_data: {data_dir} is up to date (fingerprint {fp[:12]}); reusing it.")
         return info
 
     split_docs = sources.split_documents(docs, validation_fraction)
+    split_docs["train"] = list(canaries.insert(split_docs["train"], data_dir, canary_spec))
     for split, ds in split_docs.items():
         if not ds:
             raise sources.DataError(
