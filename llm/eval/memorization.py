@@ -21,13 +21,16 @@ uniformly from R, two ways (both reported):
 
 **Verbatim extraction** (the discoverable-memorization test of Carlini et al. 2023, "Quantifying
 Memorization Across Neural Language Models"): from windows of `prefix_len + suffix_len` tokens of
-documents, greedy decoding from the `prefix_len`-token prefix; the rate at which all `suffix_len`
+documents (non-overlapping windows, a seeded subset), greedy decoding from the `prefix_len`-token
+prefix; the rate at which all `suffix_len`
 generated tokens equal the document's, on training documents vs held-out (validation) documents.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,32 +68,28 @@ def exposure_extrapolated(canary_nll: float, candidate_nlls: Sequence[float],
 
 def extraction_windows(docs: Sequence[np.ndarray], prefix_len: int = 32, suffix_len: int = 32,
                        max_windows: int = 256, seed: int = 0, eos_id: int | None = 1,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Up to `max_windows` (prefix, suffix) pairs from token documents, one per document.
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Up to `max_windows` (prefix, suffix) pairs from token documents.
 
-    docs: token-id arrays (a trailing `eos_id` is dropped). Documents shorter than
-    `prefix_len + suffix_len` are skipped; from each longer one a window starts at a seeded
-    uniform offset. When more documents qualify than `max_windows`, a seeded subset is taken.
-    Returns prefixes [n, prefix_len], suffixes [n, suffix_len], document indices [n].
+    docs: token-id arrays (a trailing `eos_id` is dropped). Every document is cut into
+    non-overlapping windows of `prefix_len + suffix_len` tokens at offsets 0, w, 2w, ... (a shorter
+    remainder is dropped); when there are more than `max_windows`, a seeded uniform subset is kept
+    (in document order). Returns prefixes [n, prefix_len], suffixes [n, suffix_len], document
+    indices [n] and window starts [n] (offset in the document; 0 = its beginning).
     """
-    rng = np.random.default_rng(seed)
     need = prefix_len + suffix_len
     trimmed = [d[:-1] if eos_id is not None and len(d) and d[-1] == eos_id else d for d in docs]
-    eligible = [i for i, d in enumerate(trimmed) if len(d) >= need]
-    if len(eligible) > max_windows:
-        eligible = sorted(rng.choice(eligible, size=max_windows, replace=False).tolist())
-    prefixes, suffixes = [], []
-    for i in eligible:
-        d = np.asarray(trimmed[i])
-        start = int(rng.integers(0, len(d) - need + 1))
-        prefixes.append(d[start:start + prefix_len])
-        suffixes.append(d[start + prefix_len:start + need])
-    shape = (0, prefix_len), (0, suffix_len)
-    return (np.asarray(prefixes, np.int32).reshape(-1, prefix_len) if prefixes else
-            np.zeros(shape[0], np.int32),
-            np.asarray(suffixes, np.int32).reshape(-1, suffix_len) if suffixes else
-            np.zeros(shape[1], np.int32),
-            np.asarray(eligible, np.int64))
+    windows = [(i, s) for i, d in enumerate(trimmed) for s in range(0, len(d) - need + 1, need)]
+    if len(windows) > max_windows:
+        keep = np.random.default_rng(seed).choice(len(windows), size=max_windows, replace=False)
+        windows = [windows[k] for k in sorted(keep.tolist())]
+    prefixes = np.zeros((len(windows), prefix_len), np.int32)
+    suffixes = np.zeros((len(windows), suffix_len), np.int32)
+    for r, (i, s) in enumerate(windows):
+        prefixes[r] = trimmed[i][s:s + prefix_len]
+        suffixes[r] = trimmed[i][s + prefix_len:s + need]
+    return (prefixes, suffixes, np.asarray([w[0] for w in windows], np.int64),
+            np.asarray([w[1] for w in windows], np.int64))
 
 
 def extraction_stats(generated: Sequence[Sequence[int]], suffixes: np.ndarray) -> dict:
@@ -117,3 +116,186 @@ def extraction_stats(generated: Sequence[Sequence[int]], suffixes: np.ndarray) -
     rate = exact / n
     return {"n": n, "exact": exact, "rate": rate, "stderr": math.sqrt(rate * (1 - rate) / n),
             "token_match": token_match / n, "mean_prefix_match": lead / n}
+
+
+# ------------------------------------------------------------------------- the audit of a run
+
+
+def canary_exposures(lm, canary_list: Sequence, space_size: int, length: int,
+                     num_candidates: int, seed: int) -> list[dict]:
+    """Scores every canary and `num_candidates` uniform random secrets after its prefix.
+
+    lm: an `llm.eval.lm.LanguageModel`. Returns one record per canary with its log-perplexity
+    (bits), both exposure estimates, and whether greedy decoding reproduces the secret.
+    """
+    from llm.eval.canaries import random_secrets
+
+    requests, spans = [], []
+    for i, c in enumerate(canary_list):
+        cands = [r for r in random_secrets(num_candidates, length, seed + 7919 * i)
+                 if r != c.secret]
+        spans.append((len(requests), len(cands)))
+        requests += [(c.prefix, c.secret)] + [(c.prefix, r) for r in cands]
+    scored = lm.loglikelihood(requests)
+    out = []
+    for c, (start, n) in zip(canary_list, spans):
+        nll = -scored[start][0] / math.log(2)
+        cand = [-lp / math.log(2) for lp, _ in scored[start + 1:start + 1 + n]]
+        sampled = exposure_sampled(nll, cand)
+        extrap = exposure_extrapolated(nll, cand, space_size)
+        out.append({"name": c.name, "count": c.count, "secret": c.secret,
+                    "log_perplexity_bits": nll,
+                    "candidates_log_perplexity_bits": {"mean": float(np.mean(cand)),
+                                                       "std": float(np.std(cand)),
+                                                       "min": float(np.min(cand))},
+                    "exposure_sampled": sampled["exposure"], "k": sampled["k"],
+                    "n": sampled["n"], "saturated": sampled["saturated"],
+                    "exposure_extrapolated": extrap["exposure"], "skewnorm": extrap["skewnorm"],
+                    "greedy_extracts_secret": bool(scored[start][1])})
+    return out
+
+
+def greedy_extraction(run, prefixes: np.ndarray, suffixes: np.ndarray, starts: np.ndarray,
+                      batch_size: int = 64) -> tuple[dict, list[list[int]]]:
+    """Greedy-decodes `suffix_len` tokens after each prefix (`llm.serve.sampler.generate`,
+    temperature 0); a window at its document's start is preceded by BOS, as in training."""
+    from llm.data.objectives import PAD_ID
+    from llm.serve.sampler import generate
+
+    prompts = [([PAD_ID] if s == 0 else []) + p.tolist() for p, s in zip(prefixes, starts)]
+    generated: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        generated += generate(run.graphdef, run.params, run.cfg, prompts[i:i + batch_size],
+                              max_new_tokens=suffixes.shape[1], temperature=0.0, top_k=0)
+    return extraction_stats(generated, suffixes), generated
+
+
+def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
+          num_windows: int = 256, prefix_len: int = 32, suffix_len: int = 32, seed: int = 0,
+          batch_size: int = 64, out_dir: str | None = None) -> dict:
+    """Exposure per canary repetition count and verbatim extraction (train vs validation) of a
+    run; writes `<out_dir>/memorization.json` and `memorization.png` (default `<run>/eval/`).
+
+    Canaries come from `canaries.json` in the run's data directory (manifest.json's data record);
+    a run whose data has none gets the extraction part only.
+    """
+    from llm.data import shards
+    from llm.data.sources import DataError
+    from llm.eval import canaries
+    from llm.eval.lm import LanguageModel
+    from llm.runs import load_run
+
+    if num_candidates < 10 or num_windows < 1 or prefix_len < 1 or suffix_len < 1:
+        raise DataError(f"num_candidates={num_candidates} (>= 10), num_windows={num_windows}, "
+                        f"prefix_len={prefix_len}, suffix_len={suffix_len} (>= 1) out of range.")
+    run = load_run(run_dir, step=step)
+    if prefix_len + suffix_len + 1 > run.seq_len:
+        raise DataError(f"prefix_len + suffix_len + BOS = {prefix_len + suffix_len + 1} tokens "
+                        f"exceed the context of {run_dir} ({run.seq_len}); lower --prefix_len "
+                        "or --suffix_len.")
+    data_dir = run.manifest["data"]["data_dir"]
+    info = shards.load_dataset_info(data_dir)
+    result: dict = {"run_dir": run.run_dir, "step": run.step, "data_dir": data_dir, "seed": seed}
+
+    num_canary_docs = 0
+    if os.path.isfile(os.path.join(data_dir, canaries.CANARIES_JSON)):
+        spec, canary_list = canaries.load(data_dir)
+        if info.settings.get("canaries") != spec.settings():
+            raise DataError(f"{data_dir}/canaries.json does not match dataset.json's canary "
+                            "settings; re-run prepare with --force.")
+        num_canary_docs = sum(c.count for c in canary_list)
+        lm = LanguageModel(run, batch_size=batch_size)
+        per = canary_exposures(lm, canary_list, spec.space_size, spec.length, num_candidates,
+                               seed)
+        by_count = []
+        for count in spec.counts:
+            rows = [r for r in per if r["count"] == count]
+            s = [r["exposure_sampled"] for r in rows]
+            e = [r["exposure_extrapolated"] for r in rows]
+            by_count.append({"count": count, "canaries": len(rows),
+                             "exposure_sampled_mean": float(np.mean(s)),
+                             "exposure_extrapolated_mean": float(np.mean(e)),
+                             "exposure_extrapolated_min": float(np.min(e)),
+                             "exposure_extrapolated_max": float(np.max(e)),
+                             "greedy_extracted": sum(r["greedy_extracts_secret"] for r in rows)})
+        result["exposure"] = {
+            "space_size": spec.space_size, "space_size_log2": math.log2(spec.space_size),
+            "num_candidates": num_candidates,
+            "sampled_ceiling": math.log2(num_candidates + 1),
+            "method": "Carlini et al. 2019: exposure = log2|R| - log2 rank. 'sampled': rank/|R| "
+                      "~ (k+1)/(n+1) over n uniform samples of R (sec. 4.2, ceiling log2(n+1)); "
+                      "'extrapolated': -log2 CDF of a skew-normal fit to the samples' "
+                      "log-perplexities (sec. 4.3). Log-perplexity = -log2 P(secret | prefix).",
+            "by_count": by_count, "canaries": per}
+    else:
+        result["exposure"] = None
+
+    train_docs = shards.read_all(info.shard_paths("train"))
+    if num_canary_docs:
+        train_docs = train_docs[:-num_canary_docs]  # canaries are appended last (canaries.insert)
+    extraction = {"prefix_len": prefix_len, "suffix_len": suffix_len,
+                  "method": "greedy decoding of suffix_len tokens after a prefix_len-token "
+                            "window of a document (non-overlapping windows, a seeded subset "
+                            "of num_windows); exact = all suffix tokens equal (Carlini et al. "
+                            "2023)."}
+    for split, docs in (("train", train_docs),
+                        ("validation", shards.read_all(info.shard_paths("validation")))):
+        prefixes, suffixes, idx, starts = extraction_windows(docs, prefix_len, suffix_len,
+                                                             num_windows, seed)
+        stats_, _ = greedy_extraction(run, prefixes, suffixes, starts, batch_size)
+        extraction[split] = {**stats_, "documents": len(docs)}
+    result["extraction"] = extraction
+
+    out_dir = out_dir or os.path.join(run.run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    plot(result, os.path.join(out_dir, "memorization.png"))
+    path = os.path.join(out_dir, "memorization.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)  # written last: its presence means the audit completed
+    return result
+
+
+def plot(result: dict, path: str) -> str:
+    """Exposure vs repetition count (left) and extraction rate train vs validation (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp = result.get("exposure")
+    fig, axes = plt.subplots(1, 2 if exp else 1, figsize=(10 if exp else 5, 4), squeeze=False)
+    if exp:
+        ax = axes[0, 0]
+        counts = [r["count"] for r in exp["by_count"]]
+        for key, label, marker in (("exposure_extrapolated", "extrapolated (skew-normal)", "o"),
+                                   ("exposure_sampled", "sampled", "s")):
+            ax.plot(counts, [r[f"{key}_mean"] for r in exp["by_count"]], marker=marker,
+                    label=f"{label}, mean")
+            ax.scatter([c["count"] for c in exp["canaries"]], [c[key] for c in exp["canaries"]],
+                       s=10, alpha=0.5)
+        ax.axhline(exp["space_size_log2"], ls="--", color="grey", lw=0.8,
+                   label=f"log2|R| = {exp['space_size_log2']:.1f}")
+        ax.axhline(exp["sampled_ceiling"], ls=":", color="grey", lw=0.8,
+                   label=f"sampling ceiling log2(n+1) = {exp['sampled_ceiling']:.1f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("canary repetitions in training")
+        ax.set_ylabel("exposure (bits)")
+        ax.set_title("Canary exposure")
+        ax.legend(fontsize=7)
+    ax = axes[0, -1]
+    ext = result["extraction"]
+    splits = ["train", "validation"]
+    rates = [ext[s]["rate"] for s in splits]
+    ax.bar(splits, rates, yerr=[ext[s]["stderr"] for s in splits], capsize=6,
+           color=["tab:red", "tab:blue"])
+    for i, s in enumerate(splits):
+        ax.text(i, rates[i], f"{ext[s]['exact']}/{ext[s]['n']}", ha="center", va="bottom")
+    ax.set_ylabel(f"exact {ext['suffix_len']}-token greedy suffix rate")
+    ax.set_title(f"Verbatim extraction ({ext['prefix_len']}-token prefixes)")
+    fig.suptitle(f"{os.path.basename(result['run_dir'].rstrip('/'))} step {result['step']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -49,15 +49,18 @@ def test_exposure_extrapolated_matches_normal_tail():
 
 
 def test_extraction_windows_and_stats():
-    docs = [np.arange(100, 170, dtype=np.int32),            # 70 tokens: a window
+    docs = [np.arange(100, 170, dtype=np.int32),            # 70 tokens: one window at 0
             np.array([5, 6, 7, 1], np.int32),                # too short
-            np.concatenate([np.arange(200, 264), [1]]).astype(np.int32)]  # 64 + EOS: exactly one
-    p, s, idx = memorization.extraction_windows(docs, 32, 32, max_windows=10, seed=3)
-    assert idx.tolist() == [0, 2]
-    assert p.shape == (2, 32) and s.shape == (2, 32)
-    # Window = a contiguous run of the document; suffix follows the prefix.
-    assert (np.diff(np.concatenate([p[0], s[0]])) == 1).all() and 100 <= p[0][0] <= 106
-    assert p[1].tolist() == list(range(200, 232)) and s[1].tolist() == list(range(232, 264))
+            np.concatenate([np.arange(200, 328), [1]]).astype(np.int32)]  # 128 + EOS: two
+    p, s, idx, starts = memorization.extraction_windows(docs, 32, 32, max_windows=10, seed=3)
+    assert idx.tolist() == [0, 2, 2] and starts.tolist() == [0, 0, 64]
+    assert p.shape == (3, 32) and s.shape == (3, 32)
+    assert p[0].tolist() == list(range(100, 132)) and s[0].tolist() == list(range(132, 164))
+    assert p[2].tolist() == list(range(264, 296)) and s[2].tolist() == list(range(296, 328))
+    # A seeded subset, in document order.
+    p2, _, idx2, starts2 = memorization.extraction_windows(docs, 32, 32, max_windows=2, seed=3)
+    assert len(idx2) == 2 and list(zip(idx2, starts2)) == sorted(zip(idx2, starts2))
+    assert idx2.tolist() == memorization.extraction_windows(docs, 32, 32, 2, seed=3)[2].tolist()
 
     ref = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
     gen = [[1, 2, 3, 4], [1, 2, 9, 4], [1, 2], [7, 2, 3, 4]]
