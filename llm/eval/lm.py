@@ -331,7 +331,8 @@ class LanguageModel:
 
         gen_kwargs (lm-eval names): until (str or list), max_gen_toks (default 256; `max_tokens`
         is accepted too), temperature (0 = greedy, default), do_sample (False forces greedy),
-        seed (default 0; with the same seed a request's sample does not depend on the batch).
+        seed (default 0; with the same seed a request's sample does not depend on the batch),
+        truncate (default: the model's `truncate`) keeps the newest prompt tokens that fit.
         """
         groups: dict[tuple[int, float], list[int]] = {}
         prompts: list[list[int]] = []
@@ -346,9 +347,10 @@ class LanguageModel:
             if kwargs.pop("do_sample", True) is False:
                 temperature = 0.0
             seed = int(kwargs.pop("seed", 0))
+            truncate = bool(kwargs.pop("truncate", self.truncate))
             prompt = [BOS_ID, *self.encode(context)]
             if len(prompt) + max_new > self.max_length:
-                if not self.truncate or max_new >= self.max_length:
+                if not truncate or max_new >= self.max_length:
                     raise PromptTooLong(
                         f"request {i}: {len(prompt)} prompt tokens + {max_new} new tokens exceed "
                         f"the model's context of {self.max_length} tokens; shorten the prompt or "
