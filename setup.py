@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
+    entry_points={"console_scripts": ["llm-lm-eval = llm.eval.harness:main"]},
     extras_require={
         # seqio / TFDS bring TensorFlow; imported lazily only where used.
         # Data curation: offline language ID, profanity list, zstd sources. Apache Beam is
@@ -35,5 +36,7 @@ setup(
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6"],
+        # lm-evaluation-harness adapter (llm/eval/harness.py, model name `llm_jax`).
+        "eval": ["lm-eval==0.4.13", "PyYAML>=6"],
     },
 )
