@@ -183,16 +183,17 @@ def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
     from llm.data.sources import DataError
     from llm.eval import canaries
     from llm.eval.lm import LanguageModel
-    from llm.runs import load_run
+    from llm.runs import load_run, read_run_config
 
     if num_candidates < 10 or num_windows < 1 or prefix_len < 1 or suffix_len < 1:
         raise DataError(f"num_candidates={num_candidates} (>= 10), num_windows={num_windows}, "
                         f"prefix_len={prefix_len}, suffix_len={suffix_len} (>= 1) out of range.")
-    run = load_run(run_dir, step=step)
-    if prefix_len + suffix_len + 1 > run.seq_len:
+    seq_len = read_run_config(run_dir)[2]
+    if prefix_len + suffix_len + 1 > seq_len:
         raise DataError(f"prefix_len + suffix_len + BOS = {prefix_len + suffix_len + 1} tokens "
-                        f"exceed the context of {run_dir} ({run.seq_len}); lower --prefix_len "
+                        f"exceed the context of {run_dir} ({seq_len}); lower --prefix_len "
                         "or --suffix_len.")
+    run = load_run(run_dir, step=step)
     data_dir = run.manifest["data"]["data_dir"]
     info = shards.load_dataset_info(data_dir)
     result: dict = {"run_dir": run.run_dir, "step": run.step, "data_dir": data_dir, "seed": seed}
