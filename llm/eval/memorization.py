@@ -179,21 +179,46 @@ def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
     Canaries come from `canaries.json` in the run's data directory (manifest.json's data record);
     a run whose data has none gets the extraction part only.
     """
-    from llm.data import shards
     from llm.data.sources import DataError
-    from llm.eval import canaries
     from llm.eval.lm import LanguageModel
     from llm.runs import load_run, read_run_config
 
     if num_candidates < 10 or num_windows < 1 or prefix_len < 1 or suffix_len < 1:
         raise DataError(f"num_candidates={num_candidates} (>= 10), num_windows={num_windows}, "
                         f"prefix_len={prefix_len}, suffix_len={suffix_len} (>= 1) out of range.")
-    seq_len = read_run_config(run_dir)[2]
+    _check_context(run_dir, read_run_config(run_dir)[2], prefix_len, suffix_len)
+    run = load_run(run_dir, step=step)
+    result = compute(run, LanguageModel(run, batch_size=batch_size), num_candidates=num_candidates,
+                     num_windows=num_windows, prefix_len=prefix_len, suffix_len=suffix_len,
+                     seed=seed, batch_size=batch_size)
+    out_dir = out_dir or os.path.join(run.run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    plot(result, os.path.join(out_dir, "memorization.png"))
+    path = os.path.join(out_dir, "memorization.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)  # written last: its presence means the audit completed
+    return result
+
+
+def _check_context(run_dir: str, seq_len: int, prefix_len: int, suffix_len: int) -> None:
+    from llm.data.sources import DataError
+
     if prefix_len + suffix_len + 1 > seq_len:
         raise DataError(f"prefix_len + suffix_len + BOS = {prefix_len + suffix_len + 1} tokens "
                         f"exceed the context of {run_dir} ({seq_len}); lower --prefix_len "
                         "or --suffix_len.")
-    run = load_run(run_dir, step=step)
+
+
+def compute(run, lm, *, num_candidates: int = 1000, num_windows: int = 256,
+            prefix_len: int = 32, suffix_len: int = 32, seed: int = 0,
+            batch_size: int = 64) -> dict:
+    """The audit's numbers for a loaded run (`llm.runs.LoadedRun`) and its LanguageModel."""
+    from llm.data import shards
+    from llm.data.sources import DataError
+    from llm.eval import canaries
+
+    _check_context(run.run_dir, run.seq_len, prefix_len, suffix_len)
     data_dir = run.manifest["data"]["data_dir"]
     info = shards.load_dataset_info(data_dir)
     result: dict = {"run_dir": run.run_dir, "step": run.step, "data_dir": data_dir, "seed": seed}
@@ -205,7 +230,6 @@ def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
             raise DataError(f"{data_dir}/canaries.json does not match dataset.json's canary "
                             "settings; re-run prepare with --force.")
         num_canary_docs = sum(c.count for c in canary_list)
-        lm = LanguageModel(run, batch_size=batch_size)
         per = canary_exposures(lm, canary_list, spec.space_size, spec.length, num_candidates,
                                seed)
         by_count = []
@@ -213,9 +237,13 @@ def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
             rows = [r for r in per if r["count"] == count]
             s = [r["exposure_sampled"] for r in rows]
             e = [r["exposure_extrapolated"] for r in rows]
+            sem = (lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1
+                   else float("nan"))
             by_count.append({"count": count, "canaries": len(rows),
                              "exposure_sampled_mean": float(np.mean(s)),
+                             "exposure_sampled_stderr": sem(s),
                              "exposure_extrapolated_mean": float(np.mean(e)),
+                             "exposure_extrapolated_stderr": sem(e),
                              "exposure_extrapolated_min": float(np.min(e)),
                              "exposure_extrapolated_max": float(np.max(e)),
                              "greedy_extracted": sum(r["greedy_extracts_secret"] for r in rows)})
@@ -246,15 +274,31 @@ def audit(run_dir: str, *, step: int | None = None, num_candidates: int = 1000,
         stats_, _ = greedy_extraction(run, prefixes, suffixes, starts, batch_size)
         extraction[split] = {**stats_, "documents": len(docs)}
     result["extraction"] = extraction
-
-    out_dir = out_dir or os.path.join(run.run_dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    plot(result, os.path.join(out_dir, "memorization.png"))
-    path = os.path.join(out_dir, "memorization.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)  # written last: its presence means the audit completed
     return result
+
+
+def task_result(lm, **kwargs) -> dict:
+    """The audit as an `experiments.evaluate` task result: {"metrics": {name: {"value",
+    "stderr"}}, "samples": per-canary records, "memorization": the full `compute` record}.
+
+    Metrics: exposure_extrapolated@<count> and exposure_sampled@<count> (mean over that count's
+    canaries, stderr across them), extraction_rate_train / _validation (binomial stderr).
+    Prefix and suffix default to 32 tokens, or (seq_len - 1) // 2 each for a shorter context.
+    """
+    half = min(32, (lm.run.seq_len - 1) // 2)
+    kwargs = {"prefix_len": half, "suffix_len": half, "batch_size": lm.batch_size, **kwargs}
+    result = compute(lm.run, lm, **kwargs)
+    metrics = {}
+    for r in (result["exposure"] or {}).get("by_count", []):
+        for kind in ("extrapolated", "sampled"):
+            metrics[f"exposure_{kind}@{r['count']}"] = {
+                "value": r[f"exposure_{kind}_mean"], "stderr": r[f"exposure_{kind}_stderr"]}
+    for split in ("train", "validation"):
+        x = result["extraction"][split]
+        metrics[f"extraction_rate_{split}"] = {"value": x["rate"], "stderr": x["stderr"]}
+    samples = (result["exposure"] or {}).get("canaries", [])
+    return {"metrics": metrics, "samples": samples, "num_samples": len(samples),
+            "memorization": result}
 
 
 def plot(result: dict, path: str) -> str:

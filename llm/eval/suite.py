@@ -2,6 +2,7 @@
 
     probes                     the prompt-injection / jailbreak probe suite (shipped)
     counterfactual             the counterfactual generation gap (shipped term lists)
+    memorization               canary exposure and verbatim extraction (llm/eval/memorization.py)
     <format>=<path>            a published file read by llm/eval/readers.py, e.g.
                                hellaswag=/data/hellaswag_val.jsonl, bbq=/data/BBQ/data
     <path>.yaml                a native task spec (llm/eval/tasks.py)
@@ -21,7 +22,7 @@ from llm.eval import adversarial, bias
 from llm.eval.readers import BIAS_FORMATS, READERS
 from llm.eval.tasks import TaskSpec, evaluate_spec, load_spec
 
-BUILTIN = ("probes", "counterfactual")
+BUILTIN = ("probes", "counterfactual", "memorization")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ def resolve(arg: str, probe_files: tuple[str, ...] = ()) -> Task:
         return Task("probes", "probes", lambda lm: adversarial.probes(lm, probe_files))
     if arg == "counterfactual":
         return Task("counterfactual", "counterfactual", bias.counterfactual)
+    if arg == "memorization":  # canary exposure + verbatim extraction (llm/eval/memorization.py)
+        from llm.eval import memorization
+        return Task("memorization", "memorization", memorization.task_result)
     if arg.startswith("robustness:"):
         inner = _spec(arg[len("robustness:"):])
         if inner is None:
