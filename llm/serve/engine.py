@@ -282,7 +282,15 @@ class Engine:
         # Headroom of one chunk: a padded last chunk writes (ignored) rows past the context, and
         # idle slots write into the last row during decode steps.
         cache_len = -(-(self.max_context + config.chunk_size) // 128) * 128
-        self.cache_graphdef, self.cache_state = init_caches(cfg, config.slots, cache_len)
+        self.cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
+        # Placed like the step outputs that replace it (replicated on the params' mesh), so the
+        # first call compiles nothing that later calls do not reuse.
+        param_sharding = jax.tree.leaves(params)[0].sharding
+        if mesh is None and isinstance(param_sharding, jax.sharding.NamedSharding):
+            mesh = param_sharding.mesh
+        where = (jax.devices()[0] if mesh is None else
+                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self.cache_state = jax.device_put(cache_state, where)
         self.scratch_row = cache_len - 1
         self.slots: list[Request | None] = [None] * config.slots
         self.waiting: deque[Request] = deque()

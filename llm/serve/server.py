@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -585,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.slots} slots) on http://{host}:{args.port} -- {auth}", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
+    # was installed before it: make that one a no-op so a drained shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run(sockets=[sock])
+    print(f"{prog}: stopped after draining in-flight requests", file=sys.stderr)
     return 0
 
 
