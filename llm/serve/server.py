@@ -387,8 +387,10 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                             yield sse({"id": rid, "object": "text_completion", "created": now,
                                        "model": model_name, "choices": [choice(
                                            i, r, tokenizer.decode(r.prompt), None, None)]})
-                    while True:
+                    remaining = len(reqs)
+                    while remaining:
                         req, kind = await queue.get()
+                        remaining -= kind == "finished"
                         i = reqs.index(req)
                         delta = req.text[sent[i]:req.emitted]
                         sent[i] = req.emitted
@@ -409,8 +411,6 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                             yield sse({"id": rid, "object": "text_completion", "created": now,
                                        "model": model_name,
                                        "choices": [choice(i, req, delta, lp, reason)]})
-                        if all(r.finished for r in reqs):
-                            break
                     yield sse({"id": rid, "object": "text_completion", "created": now,
                                "model": model_name, "choices": [], "usage": usage(reqs)})
                     yield "data: [DONE]\n\n"
@@ -476,7 +476,7 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                             yield sse({**base, "choices": [{
                                 "index": 0, "delta": {"content": delta} if delta else {},
                                 "logprobs": lp, "finish_reason": reason}]})
-                        if r.finished:
+                        if kind == "finished":
                             break
                     yield sse({**base, "choices": [], "usage": usage(reqs)})
                     yield "data: [DONE]\n\n"

@@ -160,19 +160,19 @@ def test_stop_strings_stop_tokens_and_max_tokens(run):
 
 
 def test_slots_free_on_finish_and_cancel(run):
-    engine = _engine(run, slots=2)
+    engine = _engine(run)  # 4 slots
     long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    a = engine.submit([5, 6, 7], long)
-    b = engine.submit([8, 9], long)
+    a, *others = [engine.submit([5 + i, 6, 7], long) for i in range(4)]
     c = engine.submit([10], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
-    assert engine.active_slots() == 2 and engine.queue_depth() == 1
+    assert engine.active_slots() == 4 and engine.queue_depth() == 1
     engine.cancel(a)
     engine.step()
     assert a.finish_reason == "cancelled" and c.slot == a.slot
-    while not (b.finished and c.finished):
+    while not (all(b.finished for b in others) and c.finished):
         engine.step()
-    assert engine.active_slots() == 0 and len(b.output) == 30 and len(c.output) == 2
+    assert engine.active_slots() == 0 and len(c.output) == 2
+    assert all(len(b.output) == 30 for b in others)
 
 
 def test_bad_requests_raise(run):
