@@ -86,12 +86,29 @@ def test_exposure_rises_and_extraction(canary_run, tmp_path):
     assert exact == teacher
     assert result["extraction"]["train"]["n"] == 48
 
+    # The same audit as an `experiments.evaluate --tasks=memorization` task.
+    from llm.eval import suite
 
-def test_bad_input(canary_run, tmp_path):
+    assert suite.resolve("memorization").run is memorization.task_result
+    res = memorization.task_result(lm, num_candidates=50, num_windows=8)
+    assert set(res["metrics"]) == {"exposure_extrapolated@1", "exposure_sampled@1",
+                                   "exposure_extrapolated@64", "exposure_sampled@64",
+                                   "extraction_rate_train", "extraction_rate_validation"}
+    assert res["memorization"]["extraction"]["prefix_len"] == 31  # (seq_len 64 - BOS) // 2
+    assert len(res["samples"]) == 4
+
+
+def test_bad_input(canary_run, tmp_path, capsys):
+    from tools import memorization as cli
+
     proc = run_experiment("tools.memorization", [
         f"--run_dir={canary_run}/run", "--prefix_len=40", "--suffix_len=40"], check=False)
     assert proc.returncode == 2 and "exceed the context" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run_experiment("tools.memorization", [f"--run_dir={tmp_path}"], check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    for args, message in [([f"--run_dir={tmp_path}"], "not a run directory"),
+                          ([f"--run_dir={canary_run}/run", "--num_candidates=3"], "out of range"),
+                          ([f"--run_dir={canary_run}/run", "--step=7"], "no checkpoint at step")]:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(os.path.join(canary_run, "run", "eval", "memorization.json"))

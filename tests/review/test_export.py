@@ -33,17 +33,23 @@ def test_export_two_settings(tiny_run, tmp_path):
     assert meta["systems"][1]["temperature"] == 1.5 and meta["systems"][1]["resolved_step"] == 12
 
 
-def test_bad_input_one_line(tiny_run, tmp_path):
+def test_bad_input_one_line(tiny_run, tmp_path, capsys):
+    from tools import review as cli
+
     prompts = tmp_path / "p.txt"
     prompts.write_text("x" * 5000 + "\n")
+    export = ["export", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+    # Through the real CLI once; the other cases call its main() in-process (same code path).
+    proc = run_experiment("tools.review", [*export, "--system", f"a={tiny_run}", "--system",
+                                           f"b={tiny_run}@temperature=0"], check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "exceeds the context" in proc.stderr
     cases = [
-        (["export", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-          "--system", f"a={tiny_run}", "--system", f"b={tiny_run}@temperature=0"],
-         "exceeds the context"),
-        (["export", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-          "--system", f"a={tiny_run}@temp=1", "--system", f"b={tiny_run}"], "unknown option"),
-        (["export", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-          "--system", f"a={tmp_path}", "--system", f"b={tiny_run}"], "not a run directory"),
+        ([*export, "--system", f"a={tiny_run}@temp=1", "--system", f"b={tiny_run}"],
+         "unknown option"),
+        ([*export, "--system", f"a={tiny_run}"], ">= 2 --system"),
+        ([*export, "--system", f"a={tmp_path}", "--system", f"b={tiny_run}"],
+         "not a run directory"),
         (["report", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "r")],
          "does not exist"),
         (["serve", "--db", str(tmp_path / "db.sqlite"), "--samples", str(prompts)],
@@ -51,8 +57,7 @@ def test_bad_input_one_line(tiny_run, tmp_path):
         (["serve", "--db", str(tmp_path / "db.sqlite"), "--host", "0.0.0.0"], "loopback only"),
     ]
     for args, message in cases:
-        proc = run_experiment("tools.review", args, check=False)
-        assert proc.returncode == 2, (args, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o.jsonl").exists()
