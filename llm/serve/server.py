@@ -176,6 +176,18 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
 
     app = FastAPI(title="llm OpenAI-compatible server", version="1", lifespan=lifespan)
     app.state.engine = engine
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The generated spec, with the served model as the documented value of `model` (any
+        other name is answered 404)."""
+        if not app.openapi_schema:
+            schemas = generate_openapi()["components"]["schemas"]
+            for body in ("CompletionRequest", "ChatRequest"):
+                schemas[body]["properties"]["model"]["enum"] = [model_name]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):

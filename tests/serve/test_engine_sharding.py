@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tests.conftest import run_experiment
 
 
+@pytest.mark.slow
 def test_fsdp_tp_mesh_matches_one_device(tiny_run):
     proc = run_experiment("tests.serve.sharding_worker", [tiny_run], env={
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})

@@ -90,7 +90,7 @@ def test_openai_client_completions_chat_and_streaming(server):
                zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
 
     plain = client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
-                                      temperature=0, ignore_eos=True, extra_body={})
+                                      temperature=0)
     stream = client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
                                        temperature=0, stream=True)
     pieces = [c.choices[0].text for c in stream if c.choices]
@@ -215,6 +215,7 @@ def test_client_disconnect_frees_its_slot(server):
     assert _health(url)["active_slots"] == 0 and cancelled() == before + 1
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_matches_direct_evaluation(server, tiny_run, tmp_path,
                                                              monkeypatch):
     """A hand-made multiple-choice task through lm-eval: `local-completions` against the server
