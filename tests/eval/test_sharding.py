@@ -28,5 +28,5 @@ def test_mesh_matches_single_device(mesh, scores):
 
 def test_params_are_sharded_by_the_rules(scores):
     # fsdp_tp: vocab -> tensor, embed -> fsdp (gin_configs/mesh/fsdp_tp.gin)
-    assert scores["fsdp_tp"][3] == "PartitionSpec('tensor', 'fsdp')"
-    assert scores["dp"][3] == "PartitionSpec()"
+    assert scores["fsdp_tp"][3] == "P('tensor', 'fsdp')"
+    assert scores["dp"][3] == "P()"
