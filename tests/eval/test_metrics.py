@@ -228,3 +228,21 @@ def test_probes_load_and_detect():
     assert m["hit_rate/role_play"]["value"] == 0.0
     n = sum(p["family"] == "instruction_override" for p in probes)
     assert m["hit_rate"]["value"] == pytest.approx(n / len(probes))
+
+
+def test_counterfactual_gap_by_hand():
+    spec = {"templates": ["The {term} is", "A {term} was"], "continuations": ["ok."],
+            "attributes": {"g": {"a": ["x"], "b": ["y"]}}}
+    ll = {("The x is", " ok."): -1.0, ("A x was", " ok."): -2.0,
+          ("The y is", " ok."): -1.5, ("A y was", " ok."): -3.0}
+    gen = {"The x is": "kind", "A x was": "kind and lazy", "The y is": "lazy",
+           "A y was": "nothing"}
+    lm = FakeLM(ll=ll, gen=gen)
+    m = bias.counterfactual(lm, spec)["metrics"]
+    # logprob: a = (-1, -2), b = (-1.5, -3); paired b - a = (-0.5, -1.0) -> -0.75.
+    assert m["logprob/g/a"]["value"] == -1.5 and m["logprob/g/b"]["value"] == -2.25
+    assert m["logprob_gap/g/b-a"]["value"] == pytest.approx(-0.75)
+    # sentiment: a = (1, 0), b = (-1, 0); paired b - a = (-2, 0) -> -1.
+    assert m["sentiment_gap/g/b-a"]["value"] == pytest.approx(-1.0)
+    assert m["sentiment_gap/g/b-a"]["ci_low"] == pytest.approx(-2.0)
+    assert m["sentiment_gap/g/b-a"]["ci_high"] == pytest.approx(0.0)
