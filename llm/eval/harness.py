@@ -1,14 +1,15 @@
 """lm-evaluation-harness adapter: our `LanguageModel` registered as lm-eval model `llm_jax`.
 
-Install with `pip install -e .[eval]` (pins lm-eval 0.4.13). Then either the lm_eval command line,
-with the model registered first (lm-eval 0.4.13 discovers models only from its own
-MODEL_MAPPING, it has no plugin entry point, so the registration must be imported):
+Install with `pip install -e .[eval]` (pins lm-eval 0.4.13), then once per environment
+`python -m llm.eval.lm_eval_hook` (tools/setup_env.sh does it): lm-eval 0.4.13 discovers models
+only from its own MODEL_MAPPING, and that hook registers `llm_jax` whenever lm-eval's registry is
+imported, so the plain command works:
 
-    python -m llm.eval.harness --model llm_jax --model_args run_dir=runs/X \\
+    lm_eval --model llm_jax --model_args run_dir=runs/X \\
         --tasks my_task --include_path my_tasks/ --batch_size 7 --log_samples --output_path out/
 
-(`llm-lm-eval` is the same command as a console script; every lm_eval argument works), or from
-Python:
+Without the hook, `python -m llm.eval.harness` (console script `llm-lm-eval`) is the same command
+line with the model registered; every lm_eval argument works. From Python:
 
     import llm.eval.harness  # registers llm_jax
     lm_eval.simple_evaluate(model="llm_jax", model_args="run_dir=runs/X", tasks=[...])
@@ -21,7 +22,7 @@ sets requests per call; results do not depend on it (see llm/eval/lm.py).
 from __future__ import annotations
 
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 
 from llm.eval.lm import LanguageModel
 
@@ -30,7 +31,6 @@ def _bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
-@register_model("llm_jax")
 class LLMJax(LM):
     """lm-eval's three request types answered by `llm.eval.lm.LanguageModel`."""
 
@@ -72,6 +72,13 @@ class LLMJax(LM):
         return {"model_run_dir": run.run_dir, "model_step": run.step,
                 "model_num_parameters": run.cfg.num_params(),
                 "model_max_length": self.model.max_length}
+
+
+# A placeholder naming this module, as lm-eval registers its own models: the same entry whether
+# this file runs as __main__ (`python -m llm.eval.harness`) or is imported, or the import hook
+# (llm/eval/lm_eval_hook.py) registered it first; lm-eval imports the class when it is used.
+if "llm_jax" not in model_registry:
+    model_registry.register("llm_jax", target="llm.eval.harness:LLMJax")
 
 
 def main() -> None:

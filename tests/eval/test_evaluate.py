@@ -8,11 +8,14 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
+import sysconfig
 
 import pytest
 
 from experiments import evaluate
-from tests.conftest import run_experiment
+from tests.conftest import COMPILE_CACHE, REPO, run_experiment
 
 F = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -95,6 +98,10 @@ def test_bad_input_in_process(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_lm_eval_adapter_matches_native(evaluated, tiny_run, tmp_path):
     pytest.importorskip("lm_eval")
+    if not os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"],
+                                       "llm_jax_lm_eval.pth")):
+        pytest.fail("llm_jax is not registered with the lm_eval command: run "
+                    "`python -m llm.eval.lm_eval_hook` (tools/setup_env.sh does).")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tiny_mc_lm.yaml").write_text(f"""task: tiny_mc_lm
@@ -112,13 +119,21 @@ metric_list:
   - metric: acc_norm
 """)
     per_batch = {}
+    lm_eval_bin = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    offline = {**os.environ, **COMPILE_CACHE, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": REPO}
     for batch in (1, 7):
         out = tmp_path / f"b{batch}"
-        run_experiment("llm.eval.harness", [
-            "--model", "llm_jax", "--model_args", f"run_dir={tiny_run},max_length=128",
-            "--tasks", "tiny_mc_lm", "--include_path", str(tasks), "--batch_size", str(batch),
-            "--log_samples", "--output_path", str(out)],
-            env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+        args = ["--model", "llm_jax", "--model_args", f"run_dir={tiny_run},max_length=128",
+                "--tasks", "tiny_mc_lm", "--include_path", str(tasks), "--batch_size",
+                str(batch), "--log_samples", "--output_path", str(out)]
+        # batch 1 through `python -m llm.eval.harness`, batch 7 through the plain lm_eval
+        # command (llm_jax registered by the import hook tools/setup_env.sh installs)
+        command = ([sys.executable, "-m", "llm.eval.harness", *args] if batch == 1
+                   else [lm_eval_bin, *args])
+        proc = subprocess.run(command, cwd=REPO, env=offline, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         (samples,) = glob.glob(str(out / "*" / "samples_tiny_mc_lm_*.jsonl"))
         rows = sorted((json.loads(line) for line in read(samples).splitlines()),
                       key=lambda r: r["doc_id"])
