@@ -6,7 +6,8 @@ same (kind, rate, seed, document index) always gives the same text:
   swap        - two adjacent letters inside a word swapped, per letter with probability `rate`;
   casing      - a letter's case flipped, per letter with probability `rate`;
   whitespace  - a space doubled or a word boundary removed, per space with probability `rate`;
-  distractor  - round(rate * 10) irrelevant sentences (DISTRACTORS) inserted before the text.
+  distractor  - max(1, round(rate * 10)) irrelevant sentences (DISTRACTORS) put before the text
+                (none at rate 0).
 Robustness reports accuracy on the clean and the perturbed task and the paired drop (clean -
 perturbed) with a bootstrap standard error.
 
@@ -88,7 +89,7 @@ def perturb(text: str, kind: str, rate: float, seed: int) -> str:
                 out.append(c)
         chars = out
     else:
-        n = round(rate * 10)
+        n = max(1, round(rate * 10)) if rate > 0 else 0
         picked = [rng.choice(DISTRACTORS) for _ in range(n)]
         return " ".join(picked + [text]) if picked else text
     return "".join(chars)
