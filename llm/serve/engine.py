@@ -16,9 +16,11 @@ One engine `step()`:
      chunk, samples the request's first token. Chunk lengths are padded up to a power of two
      (`EngineConfig.chunk_buckets`), so a prompt of any length compiles nothing new;
   3. decode: one jitted call advances every slot by one token (slots without a request compute on
-     padding and their results are dropped).
-So the number of compiled programs is `len(chunk_buckets) + 1`, whatever the traffic
-(`Engine.compiled_shapes()`; tested).
+     padding and their results are dropped). It reads only the first `kv_len` cache rows, the
+     smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) above every slot's length,
+     so short sequences do not pay attention over the whole context on the XLA path.
+So the number of compiled programs is at most `len(chunk_buckets) + len(kv_buckets)`, whatever
+the traffic (`Engine.compiled_shapes()`; tested).
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -141,6 +143,18 @@ class Request:
 
 # ---------------------------------------------------------------------------- device functions
 
+def _filter_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[rows, vocab], [rows], [rows] -> [rows]: the smallest scaled logit that top-k then top-p
+    keep (a sort of every row, the expensive part of sampling on CPU)."""
+    ranked = -jnp.sort(-scaled, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the top token always stays
+    last = jnp.sum(keep, axis=-1) - 1
+    return jnp.take_along_axis(ranked, last[:, None], axis=-1)[:, 0]
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, min_p: jax.Array) -> jax.Array:
     """Per-row sampling. logits [rows, vocab] fp32; keys [rows] (typed PRNG keys); temperature,
@@ -148,22 +162,27 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
     Temperature scales the logits, then top-k, then top-p over the renormalised top-k
     distribution, then min-p (keep tokens with p >= min_p * p_max); a row with temperature 0 takes
-    the argmax. Each row only reads its own key, so a row's token does not depend on the others.
+    the argmax. Filters become one threshold per row on the scaled logits (tokens tied with the
+    last kept one stay too), and the draw is made in vocabulary order with the row's own key, so
+    a row's token depends on nothing but its logits, parameters and key. The sort that top-k and
+    top-p need runs only when some sampled row asks for them.
     """
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the top token always stays
-    keep &= probs >= min_p[:, None] * probs[:, :1]
-    ranked = jnp.where(keep, ranked, -jnp.inf)
-    pick = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, ranked)
-    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def draw():
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        needs_sort = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
+        threshold = jax.lax.cond(needs_sort, _filter_threshold,
+                                 lambda s, k, p: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+                                 scaled, top_k, top_p)
+        top = jnp.max(scaled, axis=-1, keepdims=True)
+        keep = (scaled >= threshold[:, None]) & (scaled - top >= jnp.log(min_p)[:, None])
+        masked = jnp.where(keep, scaled, -jnp.inf)
+        sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    # An all-greedy batch skips the random draw altogether.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
 
 
 def _request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
@@ -178,17 +197,18 @@ def _top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     return values, ids.astype(jnp.int32)
 
 
-def _forward(graphdef, params, cache_graphdef, cache_state, tokens, positions, cache_lengths):
-    # Merged inside each trace: nnx objects must not be mutated across trace levels.
+def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, positions,
+             cache_lengths):
+    # Merged inside each trace: nnx objects must not be mutated across trace levels. The cache
+    # travels as a flat list of arrays (cheap to pass on every call), rebuilt into KVCaches here.
     model = nnx.merge(graphdef, params)
-    caches = nnx.merge(cache_graphdef, cache_state)
+    caches = nnx.merge(cache_graphdef, jax.tree.unflatten(cache_treedef, cache))
     logits = model(tokens, positions=positions, caches=list(caches), cache_lengths=cache_lengths)
-    return logits, nnx.state(caches)
+    return logits, jax.tree.leaves(nnx.state(caches))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_graphdef"), donate_argnums=(3,))
-def _prefill_chunk(graphdef, params, cache_graphdef, cache_state, slot, tokens, targets, start,
-                   valid, sampling):
+def _prefill_chunk(graphdef, cache_graphdef, cache_treedef, params, cache, slot, tokens, targets,
+                   start, valid, sampling):
     """Run one prompt chunk of one slot through the model, writing its cache rows.
 
     slot, start, valid: int32 scalars (the chunk holds prompt tokens [start, start + valid) in
@@ -198,12 +218,11 @@ def _prefill_chunk(graphdef, params, cache_graphdef, cache_state, slot, tokens, 
     prompt's last chunk), its logprob and top alternatives, and per position the target's logprob
     [chunk] with the top alternatives [chunk, MAX_TOP_LOGPROBS].
     """
-    row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0), cache_state)
+    row = [jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0) for c in cache]
     positions = (start + jnp.arange(tokens.shape[0]))[None, :]
-    logits, row = _forward(graphdef, params, cache_graphdef, row, tokens[None, :], positions,
-                           start[None])
-    cache_state = jax.tree.map(
-        lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0), cache_state, row)
+    logits, row = _forward(graphdef, cache_graphdef, cache_treedef, params, row, tokens[None, :],
+                           positions, start[None])
+    cache = [jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0) for c, r in zip(cache, row)]
     logp = jax.nn.log_softmax(logits[0], axis=-1)                    # [chunk, vocab]
     target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
     top_values, top_ids = _top_logprobs(logp)
@@ -212,24 +231,27 @@ def _prefill_chunk(graphdef, params, cache_graphdef, cache_state, slot, tokens, 
     token = sample_tokens(last, _request_keys(seed[None], counter[None]), temperature[None],
                           top_k[None], top_p[None], min_p[None])[0]
     last_logp = jax.lax.dynamic_index_in_dim(logp, valid - 1, keepdims=False)
-    return (cache_state, token, last_logp[token], *_top_logprobs(last_logp), target_logp,
+    return (cache, token, last_logp[token], *_top_logprobs(last_logp), target_logp,
             top_values, top_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_graphdef"), donate_argnums=(3,))
-def _decode_step(graphdef, params, cache_graphdef, cache_state, tokens, lengths, sampling):
+def _decode_step(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths,
+                 sampling, *, kv_len: int):
     """Advance every slot by one token. tokens, lengths [slots] int32 (the last token and the
     number of cached positions before it); sampling: per-slot (seeds, counters, temperature,
     top_k, top_p, min_p) [slots]. Returns (cache state, next tokens [slots], their logprobs
     [slots], top alternatives' logprobs and ids [slots, MAX_TOP_LOGPROBS])."""
-    logits, cache_state = _forward(graphdef, params, cache_graphdef, cache_state,
-                                   tokens[:, None], lengths[:, None], lengths)
+    # Attend over the first kv_len cache rows only (a bucket above every slot's length).
+    view = [c[:, :kv_len] for c in cache]
+    logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
+                            tokens[:, None], lengths[:, None], lengths)
+    cache = [jax.lax.dynamic_update_slice_in_dim(c, v, 0, axis=1) for c, v in zip(cache, view)]
     logits = logits[:, 0]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
     nxt = sample_tokens(logits, _request_keys(seeds, counters), temperature, top_k, top_p, min_p)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
-    return (cache_state, nxt, chosen, *_top_logprobs(logp))
+    return (cache, nxt, chosen, *_top_logprobs(logp))
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -279,10 +301,9 @@ class Engine:
         if cfg.position == "learned" and self.max_context > cfg.max_seq_len:
             raise ValueError(f"EngineConfig.max_context={self.max_context} exceeds the learned "
                              f"position table (ModelConfig.max_seq_len={cfg.max_seq_len}).")
-        # Headroom of one chunk: a padded last chunk writes (ignored) rows past the context, and
-        # idle slots write into the last row during decode steps.
+        # Headroom of one chunk: a padded last chunk writes (ignored) rows past the context.
         cache_len = -(-(self.max_context + config.chunk_size) // 128) * 128
-        self.cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
+        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
         # Placed like the step outputs that replace it (replicated on the params' mesh), so the
         # first call compiles nothing that later calls do not reuse.
         param_sharding = jax.tree.leaves(params)[0].sharding
@@ -290,8 +311,17 @@ class Engine:
             mesh = param_sharding.mesh
         where = (jax.devices()[0] if mesh is None else
                  jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        self.cache_state = jax.device_put(cache_state, where)
-        self.scratch_row = cache_len - 1
+        cache, cache_treedef = jax.tree.flatten(jax.device_put(cache_state, where))
+        self.cache: list[jax.Array] = cache
+        # Jitted per engine with the model structure bound (nothing hashed per call); the cache
+        # (argument 1) is donated so it is updated in place.
+        statics = (graphdef, cache_graphdef, cache_treedef)
+        self._prefill_fn = jax.jit(functools.partial(_prefill_chunk, *statics),
+                                   donate_argnums=(1,))
+        self._decode_fn = jax.jit(functools.partial(_decode_step, *statics), donate_argnums=(1,),
+                                  static_argnames=("kv_len",))
+        self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
+            cache_len,)
         self.slots: list[Request | None] = [None] * config.slots
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
@@ -376,8 +406,8 @@ class Engine:
         return not self.waiting and self.active_slots() == 0
 
     def compiled_shapes(self) -> int:
-        """Programs compiled so far by the engine (prefill buckets + the decode step)."""
-        return _prefill_chunk._cache_size() + _decode_step._cache_size()
+        """Programs compiled so far by this engine (prefill chunk buckets + decode kv buckets)."""
+        return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
@@ -453,10 +483,9 @@ class Engine:
         targets = np.zeros((size,), np.int32)
         nxt = req.tokens[start + 1:start + valid + 1]
         targets[:len(nxt)] = nxt
-        out = _prefill_chunk(self.graphdef, self.params, self.cache_graphdef, self.cache_state,
-                             np.int32(req.slot), tokens, targets, np.int32(start),
-                             np.int32(valid), self._sampling_row(req))
-        self.cache_state = out[0]
+        out = self._prefill_fn(self.params, self.cache, np.int32(req.slot), tokens, targets,
+                               np.int32(start), np.int32(valid), self._sampling_row(req))
+        self.cache = out[0]
         token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = jax.device_get(
             out[1:])
         self.stats["prefill_chunks"] += 1
@@ -481,9 +510,12 @@ class Engine:
     def _decode(self) -> None:
         slots = len(self.slots)
         tokens = np.zeros((slots,), np.int32)
-        # Slots not decoding (free, or mid-prefill) write their dummy token into the cache's last
-        # row, which no prompt or completion reaches (see cache_len in __init__).
-        lengths = np.full((slots,), self.scratch_row, np.int32)
+        # The decode step reads cache rows [0, kv_len): the smallest bucket above every
+        # occupied slot's rows. Slots not decoding (free, or mid-prefill) write their dummy token
+        # into row kv_len - 1, past every valid row.
+        used = max(len(r.tokens) + len(r.output) for r in self.slots if r is not None)
+        kv_len = next(b for b in self.kv_buckets if b > used)
+        lengths = np.full((slots,), kv_len - 1, np.int32)
         rows = [(np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
                  np.float32(0))] * slots
         live = []
@@ -494,9 +526,8 @@ class Engine:
                 rows[i] = self._sampling_row(r)
                 live.append(i)
         sampling = tuple(np.array(col) for col in zip(*rows))
-        out = _decode_step(self.graphdef, self.params, self.cache_graphdef, self.cache_state,
-                           tokens, lengths, sampling)
-        self.cache_state = out[0]
+        out = self._decode_fn(self.params, self.cache, tokens, lengths, sampling, kv_len=kv_len)
+        self.cache = out[0]
         nxt, chosen, top_v, top_i = jax.device_get(out[1:])
         self.stats["decode_steps"] += 1
         for i in live:

@@ -102,19 +102,20 @@ def test_seeded_request_same_tokens_alone_or_among_15(run):
     assert other_seed[0].output != alone
 
 
-def test_compiled_programs_are_the_buckets_plus_one(run):
-    """Any mix of prompt lengths compiles len(chunk_buckets) prefill programs and one decode
-    step, and nothing more afterwards."""
-    config = EngineConfig(slots=3, chunk_size=16, min_chunk=8, max_context=run.seq_len)
+def test_compiled_programs_are_the_buckets(run):
+    """Any mix of prompt lengths compiles one prefill program per chunk bucket and one decode
+    program per kv bucket, and nothing more afterwards."""
+    config = EngineConfig(slots=4, chunk_size=16, min_chunk=8, max_context=run.seq_len)
     assert config.chunk_buckets() == (8, 16)
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config)
-    before = engine.compiled_shapes()
+    assert engine.kv_buckets == (64, 128)  # cache rows: 64 context + 16 chunk, rounded to 128
+    assert engine.compiled_shapes() == 0
     prompts = [list(range(3, 3 + n)) for n in (1, 7, 9, 16, 17, 33, 50)]
     engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
-    assert engine.compiled_shapes() - before == 3
+    assert engine.compiled_shapes() == 4
     engine.generate([list(range(3, 3 + n)) for n in (2, 5, 12, 31, 40, 61)],
-                    SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
-    assert engine.compiled_shapes() - before == 3
+                    SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.5, top_k=3))
+    assert engine.compiled_shapes() == 4
 
 
 def test_filters_keep_the_hand_computed_support():

@@ -89,6 +89,11 @@ def test_openai_client_completions_chat_and_streaming(server):
     assert all(max(top.values()) >= lp - 1e-6 for top, lp in
                zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
 
+    scored = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=0,
+                                       logprobs=1, echo=True)
+    assert scored.choices[0].text == "def f(x):" and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == choice.logprobs.token_logprobs[:n_prompt]
+
     plain = client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
                                       temperature=0)
     stream = client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
