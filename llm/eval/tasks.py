@@ -191,6 +191,8 @@ def make_example(spec: TaskSpec, doc: dict) -> Example:
                             f"{len(choices)} choices.")
         ex.choices, ex.gold = choices, gold
         ex.target = choices[gold] if ex.contexts is None else choices[0]
+        if ex.contexts is not None:  # a few-shot example shows the correct filling
+            ex.text = ex.contexts[gold]
     elif spec.output_type == "generate_until":
         answers = render(spec.doc_to_target, doc, spec.name, "doc_to_target")
         ex.answers = [str(a) for a in (answers if isinstance(answers, list) else [answers])]
