@@ -107,7 +107,8 @@ def test_bad_input(canary_run, tmp_path, capsys):
     assert len(proc.stderr.strip().splitlines()) == 1
     for args, message in [([f"--run_dir={tmp_path}"], "not a run directory"),
                           ([f"--run_dir={canary_run}/run", "--num_candidates=3"], "out of range"),
-                          ([f"--run_dir={canary_run}/run", "--step=7"], "no checkpoint at step")]:
+                          ([f"--run_dir={canary_run}/run", "--step=7", "--prefix_len=16",
+                            "--suffix_len=16"], "no checkpoint at step")]:
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
