@@ -544,7 +544,10 @@ class Engine:
             req.logprobs.append(TokenLogprob(token, logprob, list(
                 zip(top_i[:p.logprobs].tolist(), top_v[:p.logprobs].tolist()))))
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
-        text = self.tokenizer.decode(req.output[:-1] if stop_token else req.output)
+        ids = req.output[:-1] if stop_token else req.output
+        if p.ignore_eos:  # the tokenizer's decode stops at the first EOS
+            ids = [t for t in ids if t != self.eos_id]
+        text = self.tokenizer.decode(ids)
         reason = "stop" if stop_token else None
         hits = [at for at in (text.find(s) for s in p.stop) if at >= 0]
         if hits:

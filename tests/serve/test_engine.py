@@ -112,9 +112,12 @@ def test_compiled_programs_are_the_buckets(run):
     assert engine.compiled_shapes() == 0
     prompts = [list(range(3, 3 + n)) for n in (1, 7, 9, 16, 17, 33, 50)]
     engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
-    assert engine.compiled_shapes() == 4
+    assert engine.compiled_shapes() == 3  # both chunk buckets; rows < 64 so kv bucket 64 only
     engine.generate([list(range(3, 3 + n)) for n in (2, 5, 12, 31, 40, 61)],
-                    SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.5, top_k=3))
+                    SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.5, top_k=3))
+    assert engine.compiled_shapes() == 4  # BOS + 61 + 2 rows read, 1 written: kv bucket 128
+    engine.generate([list(range(3, 3 + n)) for n in (3, 8, 15, 20, 44, 60)],
+                    SamplingParams(max_tokens=3, ignore_eos=True, top_p=0.9, min_p=0.1))
     assert engine.compiled_shapes() == 4
 
 
