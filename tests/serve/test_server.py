@@ -287,7 +287,7 @@ def test_lm_eval_local_completions_matches_direct_evaluation(server, tiny_run, t
         assert len(a) == 3 and max(abs(float(x) - float(y)) for x, y in zip(a, b)) < 1e-4
 
 
-def test_schemathesis_fuzz_finds_no_server_error(server):
+def test_schemathesis_fuzz_finds_no_server_error(server, tmp_path):
     """Bounded fuzzing of every operation in /openapi.json (valid and invalid bodies): no 5xx."""
     url, proc = server
     exe = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
@@ -295,7 +295,7 @@ def test_schemathesis_fuzz_finds_no_server_error(server):
         [exe, "--no-color", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
          "-n", "25", "-H", f"Authorization: Bearer {KEY}", "--seed", "0",
          "--request-timeout", "60", "--mode", "all"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert proc.poll() is None
     assert _health(url)["active_slots"] == 0
