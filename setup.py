@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
+    entry_points={"console_scripts": ["llm-lm-eval = llm.eval.harness:main"]},
     extras_require={
         # seqio / TFDS bring TensorFlow; imported lazily only where used.
         # Data curation: offline language ID, profanity list, zstd sources. Apache Beam is
@@ -37,5 +38,11 @@ setup(
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6"],
+        # lm-evaluation-harness adapter (llm/eval/harness.py, model name `llm_jax`).
+        "eval": ["lm-eval==0.4.13", "PyYAML>=6"],
+        # OpenAI-compatible server (llm/serve/server.py); the test clients are openai, httpx and
+        # schemathesis, and lm-eval's API models need tenacity.
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx>=0.27",
+                  "openai>=1.40", "schemathesis>=4", "tenacity>=8"],
     },
 )

@@ -59,5 +59,7 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   # Beam pins protobuf<7; it runs fine against our lock, so it goes in without its resolver.
   .venv/bin/python -m pip install -q --no-deps -r requirements-beam.txt
   .venv/bin/python -m pip install -q --no-deps -e .
+  # `lm_eval --model llm_jax`: lm-eval has no plugin entry point (llm/eval/lm_eval_hook.py).
+  .venv/bin/python -m llm.eval.lm_eval_hook
   echo "$want" > "$stamp"
 fi

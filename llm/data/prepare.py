@@ -54,7 +54,7 @@ import gin
 import numpy as np
 import tqdm
 
-from llm.data import shards, sources, tokenizer
+from llm.data import canaries, shards, sources, tokenizer
 
 FORMAT_VERSION = 4  # bump when a code change alters what prepare writes for the same settings
 TOKENIZER_FILE = "tokenizer.model"
@@ -103,6 +103,8 @@ class Routing:
     domain_field: str | None
 
     def route(self, doc: sources.Document) -> tuple[str, str]:
+        if doc.source == canaries.SOURCE:  # memorization canaries: training split only
+            return "train", NO_DOMAIN
         domain = doc.metadata.get(self.domain_field) if self.domain_field else None
         return (sources.split_of(doc.id, self.validation_fraction),
                 NO_DOMAIN if domain is None else str(domain))
@@ -484,6 +486,9 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
                                 ">= 1 (documents SentencePiece is trained on).")
     num_workers = min(os.cpu_count() or 1, 16) if num_workers is None else num_workers
     units = _units(corpus_fn)
+    canary_spec = canaries.spec()  # secret canaries for memorization audits
+    if (canary_unit := canaries.unit(data_dir, canary_spec)) is not None:
+        units.append(canary_unit)
     if runner == "beam" and None in units:
         raise sources.DataError(
             f"prepare.runner='beam' needs a corpus of files; {_corpus_name(corpus_fn)} is one "
@@ -508,6 +513,8 @@ def prepare(data_dir: str, *, corpus_fn: Callable[[], Iterable[sources.Document]
         "spm_options": tokenizer.SPM_OPTIONS,
         "train_sentencepiece": _train_sentencepiece_settings(),
     }
+    if canary_spec is not None:
+        settings["canaries"] = canary_spec.settings()
     if model_hash is not None:  # a given tokenizer replaces the training settings
         settings["tokenizer_model_sha256"] = model_hash
         for key in ("vocab_size", "tokenizer_sample_docs", "spm_options", "train_sentencepiece"):

@@ -110,9 +110,10 @@ class Unit:
     """One input file of a file-based corpus: the unit that `prepare` reads in parallel, locally
     or on Beam workers (plain data, so it pickles across process boundaries).
 
-    kind: "text" (the file is one document), "jsonl" (one document per line, `.gz` allowed) or
+    kind: "text" (the file is one document), "jsonl" (one document per line, `.gz` allowed),
       "curated" (a `tools/curate` kept shard: `.array_record` or `.jsonl.gz` records with id,
-      text, source and metadata).
+      text, source and metadata) or "canaries" (`llm.data.canaries`: secret canaries, training
+      split only).
     """
 
     path: str
@@ -151,6 +152,10 @@ def read_unit(unit: Unit) -> Iterator[Document]:
                     yield jsonl_document(line, unit.path, lineno, unit.text_field, unit.id_field)
     elif unit.kind == "curated":
         yield from _curated_records(unit.path)
+    elif unit.kind == "canaries":
+        from llm.data.canaries import read_documents  # canaries imports this module
+
+        yield from read_documents(unit.path)
     else:
         raise DataError(f"Unknown input kind {unit.kind!r} for {unit.path}.")
 

@@ -1,0 +1,224 @@
+"""Open a finished (or running) training run directory for inference: config, params, tokenizer.
+
+    run = load_run("runs/quickstart")            # latest checkpoint, params on the default device
+    run = load_run("runs/quickstart", step=600, mesh=make_mesh(), rules=axis_rules())
+    logits = transformer.apply(run.graphdef, run.params, ids)
+
+A run directory (`llm.train.experiment.train_and_evaluate`) holds manifest.json (the data record,
+with the data directory and its tokenizer), config.gin (the operative gin config the run trained
+with) and checkpoints/<step>/ (orbax; item `state` is the TrainState). The model config is rebuilt
+from the `ModelConfig.*` bindings of config.gin plus the vocabulary size of the data record, the
+way `experiments.pretrain_ntp` built it. Only the parameters are read from the checkpoint (no
+optimizer state), directly into the shardings the logical-axis rules give them on `mesh`.
+
+Evaluation, serving, fine-tuning and review all open runs through this one function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import gin
+import gin.config_parser
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llm.config import ConfigError
+from llm.data.sources import DataError
+from llm.data.tokenizer import Tokenizer, load_tokenizer
+from llm.model import transformer
+from llm.model.config import ModelConfig
+from llm.parallel.rules import Rules, tree_shardings
+
+# Objectives whose runs are decoder-only models (`llm.data.objectives`).
+DECODER_OBJECTIVES = ("next_token", "prefix_lm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A run's model, ready for inference.
+
+    cfg: the ModelConfig it trained with. graphdef/params: `transformer.apply(graphdef, params,
+    ...)`; params is a plain nested dict of arrays (placed on `mesh` when one was given).
+    tokenizer: the run's SentencePiece tokenizer. step: the checkpoint's step. manifest: the
+    parsed manifest.json. seq_len: the training sequence length (TrainConfig.seq_len), the
+    context the model has learned to use.
+    """
+
+    run_dir: str
+    cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: dict
+    tokenizer: Tokenizer
+    step: int
+    manifest: dict
+    seq_len: int
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.run_dir))
+
+
+def gin_bindings(text: str, source: str = "config.gin") -> dict[str, dict[str, object]]:
+    """{configurable name: {parameter: value}} of the unscoped bindings in a gin config text.
+
+    Parsed with gin's own parser (literals evaluated) without touching the global gin config, so
+    it is safe inside another program (lm-eval, a server). References (`@fn`, `%MACRO`) are not
+    resolved; they are returned as gin's reference objects.
+    """
+    out: dict[str, dict[str, object]] = {}
+    try:
+        parser = gin.config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True))
+        for statement in parser:
+            if isinstance(statement, gin.config_parser.BindingStatement) and not statement.scope:
+                name = statement.selector.split(".")[-1]
+                out.setdefault(name, {})[statement.arg_name] = statement.value
+    except (SyntaxError, ValueError) as e:
+        raise ConfigError(f"{source} cannot be parsed ({e}); it was written by the training run "
+                          "and should not be edited by hand.") from None
+    return out
+
+
+def _model_config(bindings: dict[str, dict[str, object]], vocab_size: int, source: str
+                  ) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    kwargs = {}
+    for key, value in bindings.get("ModelConfig", {}).items():
+        if key not in fields:
+            raise ConfigError(f"{source} binds ModelConfig.{key}, which this version of the code "
+                              f"does not have (valid: {', '.join(sorted(fields))}).")
+        if isinstance(value, (gin.config.ConfigurableReference,
+                              gin.config._UnknownConfigurableReference)):
+            raise ConfigError(f"{source} binds ModelConfig.{key} to a reference ({value}); "
+                              "load_run reads literal values only.")
+        kwargs[key] = value
+    kwargs["vocab_size"] = vocab_size
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The complete checkpoints of a run, oldest first (orbax's own listing)."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def read_run_config(run_dir: str) -> tuple[dict, ModelConfig, int, str]:
+    """(manifest, ModelConfig, training seq_len, tokenizer path) of a decoder-only run.
+
+    Raises DataError when `run_dir` is not a run directory and ConfigError for a run of another
+    model family (encoder / encoder-decoder) or an unreadable config.
+    """
+    manifest_path = os.path.join(run_dir, "manifest.json")
+    gin_path = os.path.join(run_dir, "config.gin")
+    if not os.path.isdir(run_dir):
+        raise DataError(f"run_dir {run_dir!r} does not exist; pass the directory a training run "
+                        "wrote (runs/<name>/ with manifest.json and checkpoints/).")
+    if not (os.path.isfile(manifest_path) and os.path.isfile(gin_path)):
+        raise DataError(f"run_dir {run_dir!r} is not a run directory (manifest.json or "
+                        "config.gin missing); pass the directory a training run wrote "
+                        "(runs/<name>/).")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{manifest_path} cannot be read ({e}).") from None
+    objective = manifest.get("objective", "next_token")
+    if objective not in DECODER_OBJECTIVES:
+        raise ConfigError(f"run_dir {run_dir!r} trained objective {objective!r} (an encoder or "
+                          "encoder-decoder model); evaluation and serving support decoder-only "
+                          f"runs ({', '.join(DECODER_OBJECTIVES)}).")
+    with open(gin_path) as f:
+        bindings = gin_bindings(f.read(), gin_path)
+    data = manifest.get("data") or {}
+    if "vocab_size" not in data or "tokenizer" not in data:
+        raise DataError(f"{manifest_path} has no data record (vocab_size, tokenizer); it was not "
+                        "written by a pretraining run.")
+    cfg = _model_config(bindings, int(data["vocab_size"]), gin_path)
+    seq_len = int(bindings.get("TrainConfig", {}).get("seq_len", 1024))
+    tokenizer_path = _tokenizer_path(run_dir, data)
+    return manifest, cfg, seq_len, tokenizer_path
+
+
+def _tokenizer_path(run_dir: str, data: dict) -> str:
+    """The tokenizer the run trained with: a copy in the run directory if there is one, else the
+    one in the data directory the manifest names."""
+    local = os.path.join(run_dir, os.path.basename(data["tokenizer"]))
+    if os.path.isfile(local):
+        return local
+    path = os.path.join(data.get("data_dir", ""), data["tokenizer"])
+    if not os.path.isfile(path):
+        raise DataError(f"the tokenizer of run {run_dir!r} is missing: {path!r} (from "
+                        "manifest.json data.data_dir) does not exist. Copy the data directory's "
+                        f"{data['tokenizer']} into the run directory.")
+    return path
+
+
+def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
+             rules: Rules | None = None) -> LoadedRun:
+    """Load a decoder-only run: config, tokenizer and the params of checkpoint `step` (default:
+    the newest complete one).
+
+    With `mesh` (and `rules`, default the run's own axis_rules.rules from config.gin) the params
+    are restored straight into their logical-axis shardings, as in training; without, onto the
+    default device. Raises DataError for a directory that is not a run, has no checkpoint, or
+    lacks `step`; ConfigError for a non-decoder run.
+    """
+    run_dir = os.path.abspath(run_dir)
+    manifest, cfg, seq_len, tokenizer_path = read_run_config(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise DataError(f"run_dir {run_dir!r} has no checkpoint (checkpoints/ is empty or "
+                        "missing); train it first or wait for its first save.")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise DataError(f"run_dir {run_dir!r} has no checkpoint at step {step}; available steps: "
+                        f"{', '.join(map(str, steps))}.")
+    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
+    if mesh is None:
+        mesh = Mesh(jax.devices()[:1], ("data",))
+        rules = ()
+    if rules is None:
+        with open(os.path.join(run_dir, "config.gin")) as f:
+            rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in
+                          gin_bindings(f.read()).get("axis_rules", {}).get("rules", ()))
+    shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
+    params = _restore_params(run_dir, step, abstract_params, shardings)
+    return LoadedRun(run_dir=run_dir, cfg=cfg, graphdef=graphdef, params=params,
+                     tokenizer=load_tokenizer(tokenizer_path), step=int(step),
+                     manifest=manifest, seq_len=seq_len)
+
+
+def _restore_params(run_dir: str, step: int, abstract_params: dict, shardings: dict) -> dict:
+    """Only `state.params` of a checkpoint, each array straight into its sharding."""
+    directory = os.path.join(run_dir, "checkpoints")
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args},
+            partial_restore=True)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise DataError(f"checkpoint {step} of {run_dir!r} does not match the model in its "
+                        f"config.gin ({type(e).__name__}: {first}).") from None
+    finally:
+        manager.close()
+    return restored["state"]["params"]

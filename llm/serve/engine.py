@@ -1,0 +1,594 @@
+"""A continuous-batching inference engine: fixed decode slots, chunked prefill, per-request
+sampling.
+
+    engine = Engine(graphdef, params, cfg, tokenizer, EngineConfig(slots=8))
+    [completion] = engine.generate([tokenizer.encode("def f(x):")], SamplingParams(max_tokens=32))
+
+Layout. The KV cache is one `KVCache` per layer of shape [slots, cache_len, kv_heads, head_dim]:
+one contiguous row per decode slot (not paged; docs/serving.md gives the reason). A request owns a
+slot from admission to its last token; the slot is free again in the same engine step the request
+finishes or is cancelled.
+
+One engine `step()`:
+  1. admit waiting requests into free slots (FIFO);
+  2. prefill: up to `prefill_chunks_per_step` chunks of at most `chunk_size` prompt tokens, each a
+     jitted call that writes one slot's cache rows [start, start + chunk) and, on a prompt's last
+     chunk, samples the request's first token. Chunk lengths are padded up to a power of two
+     (`EngineConfig.chunk_buckets`), so a prompt of any length compiles nothing new;
+  3. decode: one jitted call advances every slot by one token (slots without a request compute on
+     padding and their results are dropped). It reads only the first `kv_len` cache rows, the
+     smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) above every slot's length,
+     so short sequences do not pay attention over the whole context on the XLA path.
+So the number of compiled programs is at most `len(chunk_buckets) + len(kv_buckets)`, whatever
+the traffic (`Engine.compiled_shapes()`; tested).
+
+Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
+top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
+token. The random key of a request's i-th token is fold_in(key(seed), i), so a seeded request draws
+the same tokens whichever slot it lands in and whatever else is running. Logprobs are those of the
+model's own distribution (log_softmax of the fp32 logits, before temperature and filtering), the
+numbers an evaluator computes; the top `MAX_TOP_LOGPROBS` alternatives of every position come back
+with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llm.data.objectives import EOS_ID, PAD_ID
+from llm.model.config import ModelConfig
+from llm.parallel.rules import activation_sharding
+from llm.serve.sampler import init_caches
+
+log = logging.getLogger(__name__)
+
+BOS_ID = PAD_ID  # position 0 of every training document reads PAD_ID (objectives.shift_right)
+
+MAX_TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's chat limit is 20)
+
+
+# ---------------------------------------------------------------------------- requests
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is continued (OpenAI / vLLM semantics).
+
+    temperature 0 is greedy. top_k 0 and top_p 1 and min_p 0 disable those filters.
+    seed None draws a fresh seed per request. stop: strings that end the completion (not included
+    in the text); stop_token_ids: ids that end it (EOS always does unless ignore_eos).
+    logprobs: None for none, else the number (0..MAX_TOP_LOGPROBS) of top alternatives returned
+    beside each generated token's logprob. echo: also return the prompt's per-token logprobs.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+
+    def validate(self) -> None:
+        """ValueError naming the field for any value out of range."""
+        checks = [
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop),
+             "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One position: the token, its logprob (None for a prompt's first token) and the top-n
+    alternatives as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Request:
+    """A request's state inside the engine; the engine thread owns every field but `cancelled`."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    tokens: list[int]       # what the model reads: BOS + prompt
+    on_event: Callable[[Request, str], None] | None = None
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    seed: int = 0
+    slot: int | None = None
+    prefilled: int = 0
+    output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    text: str = ""          # decoded output, cut at a stop string once finished
+    emitted: int = 0        # characters of `text` already safe to stream (see `stream_text`)
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    cancelled: bool = False
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---------------------------------------------------------------------------- device functions
+
+def _filter_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[rows, vocab], [rows], [rows] -> [rows]: the smallest scaled logit that top-k then top-p
+    keep (a sort of every row, the expensive part of sampling on CPU)."""
+    ranked = -jnp.sort(-scaled, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the top token always stays
+    last = jnp.sum(keep, axis=-1) - 1
+    return jnp.take_along_axis(ranked, last[:, None], axis=-1)[:, 0]
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Per-row sampling. logits [rows, vocab] fp32; keys [rows] (typed PRNG keys); temperature,
+    top_p, min_p [rows] fp32; top_k [rows] int32 (0 = off). Returns token ids [rows] int32.
+
+    Temperature scales the logits, then top-k, then top-p over the renormalised top-k
+    distribution, then min-p (keep tokens with p >= min_p * p_max); a row with temperature 0 takes
+    the argmax. Filters become one threshold per row on the scaled logits (tokens tied with the
+    last kept one stay too), and the draw is made in vocabulary order with the row's own key, so
+    a row's token depends on nothing but its logits, parameters and key. The sort that top-k and
+    top-p need runs only when some sampled row asks for them.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        needs_sort = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
+        threshold = jax.lax.cond(needs_sort, _filter_threshold,
+                                 lambda s, k, p: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+                                 scaled, top_k, top_p)
+        top = jnp.max(scaled, axis=-1, keepdims=True)
+        keep = (scaled >= threshold[:, None]) & (scaled - top >= jnp.log(min_p)[:, None])
+        masked = jnp.where(keep, scaled, -jnp.inf)
+        sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    # An all-greedy batch skips the random draw altogether.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+
+
+def _request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """seeds [rows] uint32, counters [rows] int32 -> keys [rows]: fold_in(key(seed), counter)."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+
+
+def _top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logp [..., vocab] -> (values, ids) [..., MAX_TOP_LOGPROBS], most likely first."""
+    k = min(MAX_TOP_LOGPROBS, logp.shape[-1])
+    values, ids = jax.lax.top_k(logp, k)
+    return values, ids.astype(jnp.int32)
+
+
+def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, positions,
+             cache_lengths):
+    # Merged inside each trace: nnx objects must not be mutated across trace levels. The cache
+    # travels as a flat list of arrays (cheap to pass on every call), rebuilt into KVCaches here.
+    model = nnx.merge(graphdef, params)
+    caches = nnx.merge(cache_graphdef, jax.tree.unflatten(cache_treedef, cache))
+    logits = model(tokens, positions=positions, caches=list(caches), cache_lengths=cache_lengths)
+    return logits, jax.tree.leaves(nnx.state(caches))
+
+
+def _prefill_chunk(graphdef, cache_graphdef, cache_treedef, params, cache, slot, tokens, targets,
+                   start, valid, sampling):
+    """Run one prompt chunk of one slot through the model, writing its cache rows.
+
+    slot, start, valid: int32 scalars (the chunk holds prompt tokens [start, start + valid) in
+    tokens[:valid], padding after). tokens, targets [chunk] int32: targets[i] is the prompt token
+    after tokens[i] (anything past the prompt). sampling: (seed, counter, temperature, top_k,
+    top_p, min_p) scalars. Returns the new cache state, the first sampled token (meaningful on the
+    prompt's last chunk), its logprob and top alternatives, and per position the target's logprob
+    [chunk] with the top alternatives [chunk, MAX_TOP_LOGPROBS].
+    """
+    row = [jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0) for c in cache]
+    positions = (start + jnp.arange(tokens.shape[0]))[None, :]
+    logits, row = _forward(graphdef, cache_graphdef, cache_treedef, params, row, tokens[None, :],
+                           positions, start[None])
+    cache = [jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0) for c, r in zip(cache, row)]
+    logp = jax.nn.log_softmax(logits[0], axis=-1)                    # [chunk, vocab]
+    target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    top_values, top_ids = _top_logprobs(logp)
+    seed, counter, temperature, top_k, top_p, min_p = sampling
+    last = jax.lax.dynamic_index_in_dim(logits[0], valid - 1, keepdims=True)   # [1, vocab]
+    token = sample_tokens(last, _request_keys(seed[None], counter[None]), temperature[None],
+                          top_k[None], top_p[None], min_p[None])[0]
+    last_logp = jax.lax.dynamic_index_in_dim(logp, valid - 1, keepdims=False)
+    return (cache, token, last_logp[token], *_top_logprobs(last_logp), target_logp,
+            top_values, top_ids)
+
+
+def _decode_step(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths,
+                 sampling, *, kv_len: int):
+    """Advance every slot by one token. tokens, lengths [slots] int32 (the last token and the
+    number of cached positions before it); sampling: per-slot (seeds, counters, temperature,
+    top_k, top_p, min_p) [slots]. Returns (cache state, next tokens [slots], their logprobs
+    [slots], top alternatives' logprobs and ids [slots, MAX_TOP_LOGPROBS])."""
+    # Attend over the first kv_len cache rows only (a bucket above every slot's length).
+    view = [c[:, :kv_len] for c in cache]
+    logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
+                            tokens[:, None], lengths[:, None], lengths)
+    cache = [jax.lax.dynamic_update_slice_in_dim(c, v, 0, axis=1) for c, v in zip(cache, view)]
+    logits = logits[:, 0]
+    seeds, counters, temperature, top_k, top_p, min_p = sampling
+    nxt = sample_tokens(logits, _request_keys(seeds, counters), temperature, top_k, top_p, min_p)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
+    return (cache, nxt, chosen, *_top_logprobs(logp))
+
+
+# ---------------------------------------------------------------------------- the engine
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """slots: decode slots (the most requests decoding at once). max_context: longest prompt +
+    completion, in tokens (default: the model's max_seq_len). chunk_size: most prompt tokens per
+    prefill call, a power of two >= min_chunk. prefill_chunks_per_step: prefill calls between two
+    decode steps (more admits new requests faster, fewer keeps inter-token latency low).
+    max_queue: waiting requests beyond which `submit` raises QueueFull."""
+
+    slots: int = 8
+    max_context: int | None = None
+    chunk_size: int = 256
+    min_chunk: int = 16
+    prefill_chunks_per_step: int = 1
+    max_queue: int = 256
+
+    def chunk_buckets(self) -> tuple[int, ...]:
+        """The padded chunk lengths: min_chunk, 2*min_chunk, ..., chunk_size."""
+        sizes, c = [], self.min_chunk
+        while c < self.chunk_size:
+            sizes.append(c)
+            c *= 2
+        return (*sizes, self.chunk_size)
+
+
+class QueueFull(RuntimeError):
+    """More than `EngineConfig.max_queue` requests are waiting."""
+
+
+class Engine:
+    """Continuous batching over a fixed set of slots. Thread model: `submit` / `cancel` may be
+    called from any thread; `step` (or the loop of `start`) runs in one thread."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: dict, cfg: ModelConfig, tokenizer,
+                 config: EngineConfig = EngineConfig(), *, mesh=None, rules=None,
+                 eos_id: int = EOS_ID, bos_id: int | None = BOS_ID):
+        if config.chunk_size & (config.chunk_size - 1) or config.chunk_size < config.min_chunk:
+            raise ValueError(f"EngineConfig.chunk_size={config.chunk_size} must be a power of two "
+                             f">= min_chunk={config.min_chunk}.")
+        self.graphdef, self.params, self.cfg = graphdef, params, cfg
+        self.tokenizer, self.config, self.eos_id, self.bos_id = tokenizer, config, eos_id, bos_id
+        self.mesh, self.rules = mesh, rules
+        self.max_context = config.max_context or cfg.max_seq_len
+        if cfg.position == "learned" and self.max_context > cfg.max_seq_len:
+            raise ValueError(f"EngineConfig.max_context={self.max_context} exceeds the learned "
+                             f"position table (ModelConfig.max_seq_len={cfg.max_seq_len}).")
+        # Headroom of one chunk: a padded last chunk writes (ignored) rows past the context.
+        cache_len = -(-(self.max_context + config.chunk_size) // 128) * 128
+        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
+        # Placed like the step outputs that replace it (replicated on the params' mesh), so the
+        # first call compiles nothing that later calls do not reuse.
+        param_sharding = jax.tree.leaves(params)[0].sharding
+        if mesh is None and isinstance(param_sharding, jax.sharding.NamedSharding):
+            mesh = param_sharding.mesh
+        where = (jax.devices()[0] if mesh is None else
+                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        cache, cache_treedef = jax.tree.flatten(jax.device_put(cache_state, where))
+        self.cache: list[jax.Array] = cache
+        # Jitted per engine with the model structure bound (nothing hashed per call); the cache
+        # (argument 1) is donated so it is updated in place.
+        statics = (graphdef, cache_graphdef, cache_treedef)
+        self._prefill_fn = jax.jit(functools.partial(_prefill_chunk, *statics),
+                                   donate_argnums=(1,))
+        self._decode_fn = jax.jit(functools.partial(_decode_step, *statics), donate_argnums=(1,),
+                                  static_argnames=("kv_len",))
+        self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
+            cache_len,)
+        self.slots: list[Request | None] = [None] * config.slots
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._seed_rng = np.random.default_rng()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._token_text: dict[int, str] = {}
+        # Counters read by the server's /metrics.
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
+                      "prefill_chunks": 0, "finished": 0}
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Request, str], None] | None = None) -> Request:
+        """Queue a request. on_event(request, kind) is called from the engine thread with kind
+        "token" after each new token and "finished" once (then request.done is set).
+        Raises ValueError for a bad prompt or parameters, QueueFull when the queue is full."""
+        params.validate()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        # Positions read: BOS + prompt + all but the last new token (BOS + prompt if none).
+        if len(prompt) + max(params.max_tokens, 1) > self.max_context:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"= {len(prompt) + params.max_tokens} exceeds the context of "
+                             f"{self.max_context} tokens")
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        req = Request(next(self._ids), prompt, params, on_event=on_event, seed=seed % 2**32,
+                      tokens=prompt if self.bos_id is None else [self.bos_id, *prompt])
+        with self._lock:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting "
+                                f"(EngineConfig.max_queue={self.config.max_queue})")
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (client gone); its slot is freed at the next step."""
+        req.cancelled = True
+        with self._lock:
+            self._wake.notify()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                 ) -> list[Request]:
+        """Submit every prompt and step until all finish (no background thread needed)."""
+        reqs = [self.submit(p, params) for p in prompts]
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.finished for r in reqs):
+                self.step()
+        return reqs
+
+    def start(self) -> None:
+        """Run the engine loop in a daemon thread."""
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def idle(self) -> bool:
+        return not self.waiting and self.active_slots() == 0
+
+    def compiled_shapes(self) -> int:
+        """Programs compiled so far by this engine (prefill chunk buckets + decode kv buckets)."""
+        return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if token_id != self.eos_id else ""
+            self._token_text[token_id] = text
+        return text
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and self.idle():
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # a failed step must not leave clients waiting forever
+                log.exception("engine step failed; failing the running requests")
+                for r in [*self.slots, *self.waiting]:
+                    if r is not None and not r.finished:
+                        self._finish(r, "error")
+                with self._lock:
+                    self.waiting.clear()
+
+    def step(self) -> None:
+        """Admit, prefill one budget of chunks, decode one token in every busy slot."""
+        self._drop_cancelled()
+        with self._lock:
+            for i in range(len(self.slots)):
+                if self.slots[i] is None and self.waiting:
+                    req = self.waiting.popleft()
+                    req.slot = i
+                    self.slots[i] = req
+                    self.prefilling.append(req)
+        with self._sharding():
+            for _ in range(self.config.prefill_chunks_per_step):
+                if not self.prefilling:
+                    break
+                self._prefill(self.prefilling[0])
+            if any(r is not None and r.prefilled == len(r.tokens) and not r.finished
+                   for r in self.slots):
+                self._decode()
+
+    def _sharding(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return activation_sharding(self.mesh, self.rules)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled")
+        for r in self.slots:
+            if r is not None and r.cancelled and not r.finished:
+                self._finish(r, "cancelled")
+
+    def _sampling_row(self, req: Request) -> tuple:
+        p = req.params
+        return (np.uint32(req.seed), np.int32(len(req.output)), np.float32(p.temperature),
+                np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
+
+    def _prefill(self, req: Request) -> None:
+        start, n = req.prefilled, len(req.tokens)
+        valid = min(self.config.chunk_size, n - start)
+        size = next(b for b in self.config.chunk_buckets() if b >= valid)
+        tokens = np.full((size,), PAD_ID, np.int32)
+        tokens[:valid] = req.tokens[start:start + valid]
+        targets = np.zeros((size,), np.int32)
+        nxt = req.tokens[start + 1:start + valid + 1]
+        targets[:len(nxt)] = nxt
+        out = self._prefill_fn(self.params, self.cache, np.int32(req.slot), tokens, targets,
+                               np.int32(start), np.int32(valid), self._sampling_row(req))
+        self.cache = out[0]
+        token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = jax.device_get(
+            out[1:])
+        self.stats["prefill_chunks"] += 1
+        req.prefilled = start + valid
+        if req.params.echo and req.params.logprobs is not None:
+            k = req.params.logprobs
+            if start == 0 and self.bos_id is None:
+                req.prompt_logprobs.append(TokenLogprob(req.prompt[0], None, []))
+            for i in range(len(nxt)):
+                req.prompt_logprobs.append(TokenLogprob(
+                    nxt[i], float(target_logp[i]),
+                    list(zip(prompt_top_i[i, :k].tolist(), prompt_top_v[i, :k].tolist()))))
+        if req.prefilled < n:
+            return
+        self.prefilling.popleft()
+        self.stats["prompt_tokens"] += len(req.prompt)
+        if req.params.max_tokens == 0:
+            self._finish(req, "length")
+            return
+        self._append(req, int(token), float(logprob), top_v, top_i)
+
+    def _decode(self) -> None:
+        slots = len(self.slots)
+        tokens = np.zeros((slots,), np.int32)
+        # The decode step reads cache rows [0, kv_len): the smallest bucket above every
+        # occupied slot's rows. Slots not decoding (free, or mid-prefill) write their dummy token
+        # into row kv_len - 1, past every valid row.
+        used = max(len(r.tokens) + len(r.output) for r in self.slots if r is not None)
+        kv_len = next(b for b in self.kv_buckets if b > used)
+        lengths = np.full((slots,), kv_len - 1, np.int32)
+        rows = [(np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
+                 np.float32(0))] * slots
+        live = []
+        for i, r in enumerate(self.slots):
+            if r is not None and r.prefilled == len(r.tokens) and not r.finished:
+                tokens[i] = r.output[-1]
+                lengths[i] = len(r.tokens) + len(r.output) - 1
+                rows[i] = self._sampling_row(r)
+                live.append(i)
+        sampling = tuple(np.array(col) for col in zip(*rows))
+        out = self._decode_fn(self.params, self.cache, tokens, lengths, sampling, kv_len=kv_len)
+        self.cache = out[0]
+        nxt, chosen, top_v, top_i = jax.device_get(out[1:])
+        self.stats["decode_steps"] += 1
+        for i in live:
+            self._append(self.slots[i], int(nxt[i]), float(chosen[i]), top_v[i], top_i[i])
+
+    def _append(self, req: Request, token: int, logprob: float, top_v, top_i) -> None:
+        """Record a sampled token, then check the stop conditions."""
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output.append(token)
+        self.stats["generated_tokens"] += 1
+        if p.logprobs is not None:
+            req.logprobs.append(TokenLogprob(token, logprob, list(
+                zip(top_i[:p.logprobs].tolist(), top_v[:p.logprobs].tolist()))))
+        stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
+        ids = req.output[:-1] if stop_token else req.output
+        if p.ignore_eos:  # the tokenizer's decode stops at the first EOS
+            ids = [t for t in ids if t != self.eos_id]
+        text = self.tokenizer.decode(ids)
+        reason = "stop" if stop_token else None
+        hits = [at for at in (text.find(s) for s in p.stop) if at >= 0]
+        if hits:
+            text, reason = text[:min(hits)], "stop"
+        req.text = text
+        if reason is None and (len(req.output) >= p.max_tokens or
+                               len(req.tokens) + len(req.output) > self.max_context):
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason)
+            return
+        # Stream only text that cannot become part of a stop string or an unfinished character.
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        safe = len(text) - hold
+        while safe > req.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        req.emitted = max(req.emitted, safe)
+        if req.on_event is not None:
+            req.on_event(req, "token")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.emitted = len(req.text)
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        if req in self.prefilling:
+            self.prefilling.remove(req)
+        self.stats["finished"] += 1
+        if req.on_event is not None:
+            req.on_event(req, "finished")
+        req.done.set()
+
+
+def from_run_dir(run_dir: str, config: EngineConfig = EngineConfig(), *, step: int | None = None,
+                 mesh=None, rules=None) -> Engine:
+    """An engine over the checkpoint of `run_dir` (the latest step unless `step`), loaded by
+    `llm.runs.load_run` (sharded on `mesh` with `rules` when given)."""
+    from llm.runs import load_run
+
+    run = load_run(run_dir, step=step, mesh=mesh, rules=rules)
+    engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config, mesh=mesh,
+                    rules=rules)
+    engine.run = run
+    return engine

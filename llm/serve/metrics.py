@@ -1,0 +1,91 @@
+"""Prometheus metrics of the server (`/metrics`): requests by route and status, prompt and
+generated tokens, generation throughput, queue depth, busy slots, and histograms of time to first
+token, inter-token latency and request latency. One registry per app, so tests can run several."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    """Counters fed by the server (requests) and the engine thread (tokens, timings)."""
+
+    content_type = CONTENT_TYPE_LATEST
+    routes = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                        "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"})
+
+    def __init__(self, engine):
+        self.engine = engine
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("llm_http_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("llm_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("llm_generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter("llm_engine_requests_finished", "engine requests by finish reason",
+                                ["reason"], registry=r)
+        self.tokens_per_second = Gauge("llm_generation_tokens_per_second",
+                                       "generated tokens per second over the last second",
+                                       registry=r)
+        Gauge("llm_queue_depth", "requests waiting for a slot", registry=r).set_function(
+            engine.queue_depth)
+        Gauge("llm_active_slots", "decode slots holding a request", registry=r).set_function(
+            engine.active_slots)
+        Gauge("llm_slots", "decode slots", registry=r).set(len(engine.slots))
+        self.ttft = Histogram("llm_time_to_first_token_seconds", "arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("llm_inter_token_latency_seconds", "time between two tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("llm_request_latency_seconds", "arrival to last token",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self._last_token: dict[int, float] = {}
+
+    def on_submit(self, reqs) -> None:
+        for r in reqs:
+            self.prompt_tokens.inc(len(r.prompt))
+
+    def on_event(self, req, kind: str) -> None:
+        """Called from the engine thread for every engine event of a request."""
+        now = time.monotonic()
+        if kind == "token":
+            self.generated_tokens.inc()
+            last = self._last_token.get(req.id)
+            if last is None:
+                self.ttft.observe(now - req.arrival)
+            else:
+                self.itl.observe(now - last)
+            self._last_token[req.id] = now
+            return
+        new_token = bool(req.output) and req.finish_reason not in ("cancelled", "error")
+        if new_token and req.id not in self._last_token:  # the one token came with the finish
+            self.generated_tokens.inc()
+            self.ttft.observe(now - req.arrival)
+        elif new_token:
+            self.generated_tokens.inc()
+            self.itl.observe(now - self._last_token[req.id])
+        self._last_token.pop(req.id, None)
+        self.finished.labels(req.finish_reason).inc()
+        self.latency.observe(now - req.arrival)
+
+    async def sample_forever(self, period: float = 1.0) -> None:
+        """Update the tokens/s gauge every `period` seconds."""
+        last_n, last_t = self.engine.stats["generated_tokens"], time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            n, t = self.engine.stats["generated_tokens"], time.monotonic()
+            self.tokens_per_second.set((n - last_n) / (t - last_t))
+            last_n, last_t = n, t
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,191 @@
+"""The continuous-batching engine against independent references: the plain batch sampler (greedy
+tokens), a full forward pass and the evaluator (logprobs), hand-computed filter supports
+(sampling), and itself run alone vs. batched (seeded sampling)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.model import transformer
+from llm.runs import load_run
+from llm.serve.engine import BOS_ID, Engine, EngineConfig, SamplingParams, sample_tokens
+from llm.serve.sampler import generate
+
+PROMPTS = ["def f(x):\n    return", "import os", "class Message:\n    def __init__(self, "
+           "payload, headers):\n        self.payload = payload\n", "x", "# Copyright (C) 2001 "
+           "Python Software Foundation\n\"\"\"Email package.\"\"\"\n"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return load_run(tiny_run)
+
+
+def _engine(run, **kw) -> Engine:
+    cfg = dict(slots=4, chunk_size=16, min_chunk=8, max_context=128)
+    cfg.update(kw)
+    return Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(**cfg))
+
+
+def test_greedy_equals_plain_sampler_across_chunks(run):
+    """6 prompts (some longer than a 16-token chunk) in 4 slots: greedy tokens equal the batch
+    sampler's, which prefills in one pass and decodes in lockstep."""
+    engine = _engine(run)
+    prompts = [run.tokenizer.encode(p) for p in PROMPTS] + [list(range(5, 40))]
+    reqs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
+                                                   ignore_eos=True))
+    ref = generate(run.graphdef, run.params, run.cfg, [[BOS_ID, *p] for p in prompts],
+                   max_new_tokens=12, temperature=0.0, top_k=0, eos_id=-1)
+    assert any(len(p) > 16 for p in prompts)
+    assert [r.output for r in reqs] == ref
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert engine.active_slots() == 0 and engine.queue_depth() == 0
+
+
+def test_logprobs_equal_full_forward_and_evaluator(run):
+    """Echoed prompt logprobs + generated-token logprobs equal log_softmax of one full forward
+    pass, and the continuation sums equal LanguageModel.loglikelihood, within 1e-5 (fp32)."""
+    from llm.eval.lm import LanguageModel
+
+    engine = _engine(run)
+    prompt = run.tokenizer.encode(PROMPTS[2])
+    [req] = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=3,
+                                                     echo=True, ignore_eos=True))
+    seq = [BOS_ID, *prompt, *req.output]
+    logp = jax.nn.log_softmax(transformer.apply(run.graphdef, run.params,
+                                                jnp.asarray([seq[:-1]]))[0], axis=-1)
+    ref = np.asarray(logp)[np.arange(len(seq) - 1), seq[1:]]
+    got = [e.logprob for e in req.prompt_logprobs] + [e.logprob for e in req.logprobs]
+    assert len(got) == len(ref)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    top = [t for t, _ in req.logprobs[0].top]
+    assert top == np.argsort(-np.asarray(logp)[len(prompt)])[:3].tolist()
+
+    lm = LanguageModel(run, batch_size=2, progress=False)
+    pairs = [("def f(x):\n    return", " x + 1"), ("import", " os\nimport sys"),
+             ("class A:", "\n    pass")]
+    expected = lm.loglikelihood(pairs)
+    for (ctx, cont), (ll, greedy) in zip(pairs, expected):
+        c, t = lm.encode_pair(ctx, cont)
+        [r] = engine.generate([c + t], SamplingParams(max_tokens=0, logprobs=1, echo=True))
+        mine = r.prompt_logprobs[len(c):]
+        assert abs(sum(e.logprob for e in mine) - ll) < 1e-5
+        assert all(e.top[0][0] == e.token_id for e in mine) == greedy
+
+
+def test_seeded_request_same_tokens_alone_or_among_15(run):
+    """A seeded sampled request gives the same tokens alone and in the middle of 15 others with
+    other lengths and parameters (it lands in another slot, prefill interleaves with decode)."""
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=1234,
+                            ignore_eos=True)
+    target = run.tokenizer.encode(PROMPTS[0])
+    alone = _engine(run).generate([target], params)[0].output
+
+    engine = _engine(run)
+    rng = np.random.default_rng(0)
+    others = []
+    for i in range(15):
+        p = run.tokenizer.encode(PROMPTS[i % len(PROMPTS)])[: int(rng.integers(1, 30))] or [5]
+        others.append(engine.submit(p, SamplingParams(
+            max_tokens=int(rng.integers(1, 25)), temperature=float(rng.uniform(0, 1.5)),
+            top_k=int(rng.integers(0, 50)), seed=int(rng.integers(1000)), ignore_eos=True)))
+        if i == 7:
+            mine = engine.submit(target, params)
+    while not mine.finished or not all(o.finished for o in others):
+        engine.step()
+    assert mine.output == alone
+    other_seed = _engine(run).generate([target], SamplingParams(
+        max_tokens=20, temperature=1.0, top_k=40, top_p=0.95, seed=99, ignore_eos=True))
+    assert other_seed[0].output != alone
+
+
+def test_compiled_programs_are_the_buckets(run):
+    """Any mix of prompt lengths compiles one prefill program per chunk bucket and one decode
+    program per kv bucket, and nothing more afterwards."""
+    config = EngineConfig(slots=4, chunk_size=16, min_chunk=8, max_context=run.seq_len)
+    assert config.chunk_buckets() == (8, 16)
+    engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config)
+    assert engine.kv_buckets == (64, 128)  # cache rows: 64 context + 16 chunk, rounded to 128
+    assert engine.compiled_shapes() == 0
+    prompts = [list(range(3, 3 + n)) for n in (1, 7, 9, 16, 17, 33, 50)]
+    engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert engine.compiled_shapes() == 3  # both chunk buckets; rows < 64 so kv bucket 64 only
+    engine.generate([list(range(3, 3 + n)) for n in (2, 5, 12, 31, 40, 61)],
+                    SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.5, top_k=3))
+    assert engine.compiled_shapes() == 4  # BOS + 61 + 2 rows read, 1 written: kv bucket 128
+    engine.generate([list(range(3, 3 + n)) for n in (3, 8, 15, 20, 44, 60)],
+                    SamplingParams(max_tokens=3, ignore_eos=True, top_p=0.9, min_p=0.1))
+    assert engine.compiled_shapes() == 4
+
+
+def test_filters_keep_the_hand_computed_support():
+    """p = [0.5, 0.3, 0.15, 0.05]: top_k=2 and top_p=0.7 keep {0, 1} (renormalised 5:3), min_p=0.2
+    keeps p >= 0.1 = {0, 1, 2}; temperature 0 is the argmax."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    logits = jnp.asarray(np.log(np.tile(probs, (n, 1))), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), n)
+
+    def draw(t=1.0, k=0, p=1.0, m=0.0):
+        col = lambda v, d: jnp.full((n,), v, d)  # noqa: E731
+        out = sample_tokens(logits, keys, col(t, jnp.float32), col(k, jnp.int32),
+                            col(p, jnp.float32), col(m, jnp.float32))
+        return np.bincount(np.asarray(out), minlength=4) / n
+
+    for freq in (draw(k=2), draw(p=0.7)):
+        assert freq[2] == freq[3] == 0
+        assert abs(freq[0] - 0.5 / 0.8) < 0.03
+    freq = draw(m=0.2)
+    assert freq[3] == 0 and abs(freq[2] - 0.15 / 0.95) < 0.03
+    assert draw(t=0.0)[0] == 1.0
+    assert np.all(np.abs(draw() - probs) < 0.03)
+
+
+def test_stop_strings_stop_tokens_and_max_tokens(run):
+    engine = _engine(run)
+    prompt = run.tokenizer.encode(PROMPTS[1])
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    [full] = engine.generate([prompt], greedy)
+    assert len(full.output) == 16 and full.text == run.tokenizer.decode(full.output)
+    stop = full.text[5:8]
+    cut = full.text.index(stop)
+    [r] = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0,
+                                                   ignore_eos=True, stop=(stop,)))
+    assert r.text == full.text[:cut] and r.finish_reason == "stop"
+    [r] = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0,
+                                                   ignore_eos=True,
+                                                   stop_token_ids=(full.output[3],)))
+    first = full.output.index(full.output[3])
+    assert r.output == full.output[:first + 1] and r.finish_reason == "stop"
+    assert r.text == run.tokenizer.decode(full.output[:first])
+
+
+def test_slots_free_on_finish_and_cancel(run):
+    engine = _engine(run)  # 4 slots
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    a, *others = [engine.submit([5 + i, 6, 7], long) for i in range(4)]
+    c = engine.submit([10], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert engine.active_slots() == 4 and engine.queue_depth() == 1
+    engine.cancel(a)
+    engine.step()
+    assert a.finish_reason == "cancelled" and c.slot == a.slot
+    while not (all(b.finished for b in others) and c.finished):
+        engine.step()
+    assert engine.active_slots() == 0 and len(c.output) == 2
+    assert all(len(b.output) == 30 for b in others)
+
+
+def test_bad_requests_raise(run):
+    engine = _engine(run)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        engine.submit([5] * 10, SamplingParams(max_tokens=119))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit([5], SamplingParams(max_tokens=-1))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([5], SamplingParams(top_p=0))
