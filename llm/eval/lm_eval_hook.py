@@ -1,9 +1,11 @@
 """Make the plain `lm_eval` command know `--model llm_jax`.
 
 lm-eval 0.4.13 finds models only in its own MODEL_MAPPING (no plugin entry point). This module
-installs a tiny import hook: when (and only when) a program imports `lm_eval.api.registry`, the
-name `llm_jax` is registered there as a lazy placeholder for `llm.eval.harness:LLMJax`, exactly
-as lm-eval registers its own models. Nothing else is imported at start-up.
+installs a tiny import hook: when (and only when) a program imports `lm_eval.models` (lm-eval's
+own models, which `get_model` imports on first use), the name `llm_jax` is registered right after
+them as a lazy placeholder for `llm.eval.harness:LLMJax`, exactly as lm-eval registers its own
+models. Registering any earlier would make the registry look populated, and `get_model` would
+then never import lm-eval's own models. Nothing else is imported at start-up.
 
     python -m llm.eval.lm_eval_hook      # once per environment: writes llm_jax_lm_eval.pth
 
@@ -26,10 +28,10 @@ TARGET = "llm.eval.harness:LLMJax"
 
 
 class RegistryHook(importlib.abc.MetaPathFinder):
-    """Registers `llm_jax` right after lm-eval's model registry module is executed."""
+    """Registers `llm_jax` right after lm-eval's `lm_eval.models` package is executed."""
 
     def find_spec(self, name, path, target=None):
-        if name != "lm_eval.api.registry":
+        if name != "lm_eval.models":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -38,8 +40,10 @@ class RegistryHook(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             execute(module)
-            if "llm_jax" not in module.model_registry:
-                module.model_registry.register("llm_jax", target=TARGET)
+            from lm_eval.api.registry import model_registry
+
+            if "llm_jax" not in model_registry:
+                model_registry.register("llm_jax", target=TARGET)
 
         spec.loader.exec_module = exec_and_register
         return spec

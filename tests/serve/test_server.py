@@ -226,10 +226,7 @@ def test_lm_eval_local_completions_matches_direct_evaluation(server, tiny_run, t
     """A hand-made multiple-choice task through lm-eval: `local-completions` against the server
     gives the same accuracy and per-choice loglikelihoods (1e-4) as lm-eval on the run directory
     through `LanguageModel`."""
-    # Importing the module registers local-completions even when another plugin has already
-    # populated lm-eval's lazy model registry.
     import lm_eval
-    import lm_eval.models.openai_completions  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
 
