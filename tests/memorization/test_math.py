@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from llm.data import canaries, memorization
+from llm.data import canaries
+from llm.eval import memorization
 
 
 def test_exposure_sampled_hand_computed():
