@@ -63,6 +63,12 @@ def _row_reduce(fn, s: jax.Array, like: jax.Array) -> jax.Array:
     return fn(s, axis=1) if like.ndim == 1 else fn(s, axis=1, keepdims=True)
 
 
+def online_softmax_init(stat_shape: tuple[int, ...], acc_shape: tuple[int, ...]):
+    """Empty running softmax: (m = -inf, l = 0) of stat_shape, acc = 0 of acc_shape, fp32."""
+    return (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
+            jnp.zeros(acc_shape, jnp.float32))
+
+
 def online_softmax_step(m, l, acc, s, v, *, exp=jnp.exp):
     """Fold one key block into the running softmax of a row tile.
 

@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from llm.kernels.backend import resolve_backend, resolve_interpret
 from llm.kernels.block_sizes import DecodeBlockSizes, next_power_of_2, round_up
-from llm.kernels.blockwise import online_softmax_finish, online_softmax_step
+from llm.kernels.blockwise import online_softmax_finish, online_softmax_init, online_softmax_step
 from llm.kernels.reference import MASK_VALUE, allowed
 
 LOG2E = math.log2(math.e)
@@ -87,9 +87,29 @@ def cache_block(max_len: int, block: int, backend: str) -> tuple[int, int]:
 
 
 def _pad_cache(cache: jax.Array, length: int) -> jax.Array:
+    """Pad the cache's positions to `length` with NaN: the kernels never read past the real
+    cache, and a read that did would show at once instead of biasing the softmax."""
     if cache.shape[1] == length:
         return cache
-    return jnp.pad(cache, ((0, 0), (0, length - cache.shape[1]), (0, 0), (0, 0)))
+    return jnp.pad(cache, ((0, 0), (0, length - cache.shape[1]), (0, 0), (0, 0)),
+                   constant_values=jnp.nan)
+
+
+def _tiling(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, blocks: DecodeBlockSizes,
+            backend: str):
+    """(k_cache, v_cache padded to the block (`cache_block`), groups, block_rows, rows,
+    block_kv). Rows (q_len x group heads) are tiled by block_rows: one tile for decoding, many
+    for a prefill through the cache. Triton tiles are powers of two >= 16, Mosaic tiles
+    multiples of 8."""
+    q_len, heads = q.shape[1], q.shape[2]
+    groups = heads // k_cache.shape[2]
+    if backend == "gpu":
+        block_rows = min(blocks.block_rows, max(16, next_power_of_2(q_len * groups)))
+    else:
+        block_rows = min(round_up(blocks.block_rows, 8), round_up(q_len * groups, 8))
+    block_kv, padded_len = cache_block(k_cache.shape[1], blocks.block_kv, backend)
+    return (_pad_cache(k_cache, padded_len), _pad_cache(v_cache, padded_len), groups,
+            block_rows, round_up(q_len * groups, block_rows), block_kv)
 
 
 def _cache_tile(s, v, first, length, limit, *, cache_len: int):
@@ -131,26 +151,22 @@ def _triton_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_
         m, l, acc = online_softmax_step(m, l, acc, sc, v, exp=jnp.exp2)
         return acc, m, l
 
-    acc, m, l = lax.fori_loop(lo, hi, step, (
-        jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32)))
+    m, l, acc = online_softmax_init((rows,), (rows, q.shape[1]))
+    acc, m, l = lax.fori_loop(lo, hi, step, (acc, m, l))
     o_ref[...], lse_ref[...] = online_softmax_finish(m, l, acc, log=jnp.log2,
                                                      empty_lse=-jnp.inf)
 
 
 def _decode_triton(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
                    interpret: bool):
-    batch, q_len, heads, head_dim = q.shape
+    batch, q_len, _, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = heads // kv_heads
-    # Rows (q_len x group heads) are tiled by block_rows: one tile for decoding, many for a
-    # prefill through the cache. Many tiles already fill the GPU, so they are not split.
-    block_rows = min(blocks.block_rows, max(16, next_power_of_2(q_len * groups)))
-    rows = round_up(q_len * groups, block_rows)
-    row_blocks = rows // block_rows
     # A cache that no legal block divides is padded (a copy: allocate multiples of 16).
-    block_kv, max_len = cache_block(cache_len, blocks.block_kv, "gpu")
-    k_cache, v_cache = _pad_cache(k_cache, max_len), _pad_cache(v_cache, max_len)
+    k_cache, v_cache, groups, block_rows, rows, block_kv = _tiling(q, k_cache, v_cache, blocks,
+                                                                   "gpu")
+    max_len = k_cache.shape[1]
+    # Many row tiles (prefill) already fill the GPU: only a single tile is split.
+    row_blocks = rows // block_rows
     n_blocks = max_len // block_kv
     splits = min(blocks.num_splits, n_blocks) if row_blocks == 1 else 1
     per = -(-n_blocks // splits)
@@ -207,9 +223,7 @@ def _mosaic_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, a
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        m_scr[...], l_scr[...], acc_scr[...] = online_softmax_init(m_scr.shape, acc_scr.shape)
 
     @pl.when(j * block_kv <= last)
     def _step():
@@ -232,13 +246,11 @@ def _mosaic_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, a
 
 def _decode_mosaic(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
                    interpret: bool):
-    batch, q_len, heads, head_dim = q.shape
+    batch, q_len, _, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = heads // kv_heads
-    block_rows = min(round_up(blocks.block_rows, 8), round_up(q_len * groups, 8))
-    rows = round_up(q_len * groups, block_rows)
-    block_kv, max_len = cache_block(cache_len, blocks.block_kv, "tpu")
-    k_cache, v_cache = _pad_cache(k_cache, max_len), _pad_cache(v_cache, max_len)
+    k_cache, v_cache, groups, block_rows, rows, block_kv = _tiling(q, k_cache, v_cache, blocks,
+                                                                   "tpu")
+    max_len = k_cache.shape[1]
     width = kv_heads * head_dim
     num_blocks = max_len // block_kv
 

@@ -32,6 +32,7 @@ from llm.kernels.blockwise import (
     block_may_attend,
     block_needs_mask,
     online_softmax_finish,
+    online_softmax_init,
     online_softmax_step,
 )
 from llm.kernels.reference import MASK_VALUE, allowed
@@ -157,6 +158,33 @@ def _row_inputs(q_seg, kv_seg, q_pfx, kv_pfx, q_map, kv_map, bq: int, bk: int):
     return specs, args
 
 
+class _QMajorGrid:
+    """Grid (batch, heads, q_blocks, kv_blocks) of the forward and dQ kernels: scalar
+    prefetch, the BlockSpecs of q-shaped and kv-shaped operands (kv index maps skip the DMA of
+    steps past the last block a q block attends) and the id / prefix row inputs."""
+
+    def __init__(self, q, k, q_seg, kv_seg, q_pfx, kv_pfx, bq: int, bk: int, causal: bool,
+                 kv_len_valid: int):
+        batch, q_len, heads, head_dim = q.shape
+        groups = heads // k.shape[2]
+        self.grid = (batch, heads, q_len // bq, k.shape[1] // bk)
+        names, self.prefetch = _summaries(q_seg, kv_seg, q_pfx, kv_pfx, bq, bk)
+        self.names = tuple(names)
+        kv_index = functools.partial(_kv_index, block_q=bq, block_kv=bk, causal=causal,
+                                     last_kv=-(-kv_len_valid // bk) - 1)
+
+        def kv_block(b, i, j, refs):
+            return kv_index(dict(zip(names, refs)), b, i, j)
+
+        self.q_spec = pl.BlockSpec((None, None, bq, head_dim),
+                                   lambda b, h, i, j, *_: (b, h, i, 0))
+        self.kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j, *refs: (
+            b, h // groups, kv_block(b, i, j, refs), 0))
+        self.row_specs, self.row_args = _row_inputs(
+            q_seg, kv_seg, q_pfx, kv_pfx, lambda b, h, i, j, *_: (b, 0, i),
+            lambda b, h, i, j, *refs: (b, 0, kv_block(b, i, j, refs)), bq, bk)
+
+
 # ------------------------------------------------------------------------------ forward
 
 def _fwd_kernel(*refs, names: tuple[str, ...], sm_scale: float, causal: bool,
@@ -169,9 +197,7 @@ def _fwd_kernel(*refs, names: tuple[str, ...], sm_scale: float, causal: bool,
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        m_scr[...], l_scr[...], acc_scr[...] = online_softmax_init(m_scr.shape, acc_scr.shape)
 
     kv_len_mask = kv_len_valid if kv_len_valid % block_kv else None
     run, needs_mask = _flags(pre, b, i, j, block_q=block_q, block_kv=block_kv, causal=causal,
@@ -205,31 +231,18 @@ def forward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, *, sm_scale: float, causal: b
             kv_len_valid: int, blocks: BlockSizes, interpret: bool):
     """Returns (out [batch, q_len, heads, head_dim], lse [batch, heads, 1, q_len] fp32)."""
     batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    groups = heads // kv_heads
     bq, bk = blocks.block_q, blocks.block_kv
-    nq, nk = q_len // bq, kv_len // bk
-    names, prefetch = _summaries(q_seg, kv_seg, q_pfx, kv_pfx, bq, bk)
-    kv_index = functools.partial(_kv_index, block_q=bq, block_kv=bk, causal=causal,
-                                 last_kv=-(-kv_len_valid // bk) - 1)
-
-    def kv_map(b, h, i, j, *refs):
-        return b, h // groups, kv_index(dict(zip(names, refs)), b, i, j), 0
-
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), kv_map)
-    row_specs, row_args = _row_inputs(
-        q_seg, kv_seg, q_pfx, kv_pfx, lambda b, h, i, j, *_: (b, 0, i),
-        lambda b, h, i, j, *refs: (b, 0, kv_index(dict(zip(names, refs)), b, i, j)), bq, bk)
+    g = _QMajorGrid(q, k, q_seg, kv_seg, q_pfx, kv_pfx, bq, bk, causal, kv_len_valid)
     out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, names=tuple(names), sm_scale=sm_scale, causal=causal,
+        functools.partial(_fwd_kernel, names=g.names, sm_scale=sm_scale, causal=causal,
                           has_segments=q_seg is not None, has_prefix=q_pfx is not None,
-                          kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk, num_kv_blocks=nk),
+                          kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk,
+                          num_kv_blocks=g.grid[3]),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetch),
-            grid=(batch, heads, nq, nk),
-            in_specs=[q_spec, kv_spec, kv_spec, *row_specs],
-            out_specs=[q_spec,
+            num_scalar_prefetch=len(g.prefetch),
+            grid=g.grid,
+            in_specs=[g.q_spec, g.kv_spec, g.kv_spec, *g.row_specs],
+            out_specs=[g.q_spec,
                        pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))],
             scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                             pltpu.VMEM((bq, _LANES), jnp.float32),
@@ -240,7 +253,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, *, sm_scale: float, causal: b
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret_arg(interpret),
         name="flash_attention_fwd",
-    )(*prefetch, _to_bhld(q), _to_bhld(k), _to_bhld(v), *row_args)
+    )(*g.prefetch, _to_bhld(q), _to_bhld(k), _to_bhld(v), *g.row_args)
     return _to_bhld(out), lse
 
 
@@ -325,50 +338,38 @@ def _dkv_kernel(*refs, names: tuple[str, ...], sm_scale: float, causal: bool,
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, out, lse, do, *, sm_scale: float,
+def backward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, lse, delta, do, *, sm_scale: float,
              causal: bool, q_len_valid: int, kv_len_valid: int, blocks: BlockSizes,
              interpret: bool):
-    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's [b, h, 1, q_len]."""
+    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's [b, h, 1, q_len],
+    delta [b, h, q_len] = rowsum(out * do)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     flags = dict(has_segments=q_seg is not None, has_prefix=q_pfx is not None)
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
-                       do.astype(jnp.float32))[:, :, None, :]
-    args = [_to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(do), lse, delta]
+    args = [_to_bhld(q), _to_bhld(k), _to_bhld(v), _to_bhld(do), lse, delta[:, :, None, :]]
     params = pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
     # dQ: one q block per (b, h, i), loop over kv blocks j.
     bq, bk = blocks.block_q_dq, blocks.block_kv_dq
-    nq, nk = q_len // bq, kv_len // bk
-    names, prefetch = _summaries(q_seg, kv_seg, q_pfx, kv_pfx, bq, bk)
-    kv_index = functools.partial(_kv_index, block_q=bq, block_kv=bk, causal=causal,
-                                 last_kv=-(-kv_len_valid // bk) - 1)
-
-    def kv_map(b, h, i, j, *refs):
-        return b, h // groups, kv_index(dict(zip(names, refs)), b, i, j), 0
-
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), kv_map)
+    g = _QMajorGrid(q, k, q_seg, kv_seg, q_pfx, kv_pfx, bq, bk, causal, kv_len_valid)
     row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
-    row_specs, row_args = _row_inputs(
-        q_seg, kv_seg, q_pfx, kv_pfx, lambda b, h, i, j, *_: (b, 0, i),
-        lambda b, h, i, j, *refs: (b, 0, kv_index(dict(zip(names, refs)), b, i, j)), bq, bk)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, names=tuple(names), sm_scale=sm_scale, causal=causal,
-                          kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk, num_kv_blocks=nk,
-                          **flags),
+        functools.partial(_dq_kernel, names=g.names, sm_scale=sm_scale, causal=causal,
+                          kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk,
+                          num_kv_blocks=g.grid[3], **flags),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetch), grid=(batch, heads, nq, nk),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *row_specs],
-            out_specs=q_spec,
+            num_scalar_prefetch=len(g.prefetch), grid=g.grid,
+            in_specs=[g.q_spec, g.kv_spec, g.kv_spec, g.q_spec, row_spec, row_spec,
+                      *g.row_specs],
+            out_specs=g.q_spec,
             scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(args[0].shape, q.dtype),
         compiler_params=params,
         interpret=_interpret_arg(interpret),
         name="flash_attention_dq",
-    )(*prefetch, *args, *row_args)
+    )(*g.prefetch, *args, *g.row_args)
 
     # dK/dV: one kv block per (b, kv_head, j), loop over (group head g, q block i).
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv

@@ -29,6 +29,7 @@ from llm.kernels.block_sizes import BlockSizes
 from llm.kernels.blockwise import (
     block_may_attend,
     online_softmax_finish,
+    online_softmax_init,
     online_softmax_step,
 )
 from llm.kernels.reference import MASK_VALUE, allowed
@@ -178,10 +179,8 @@ def _fwd_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, has_pr
         m, l, acc = online_softmax_step(m, l, acc, s, v_ref[kv_slice, :], exp=jnp.exp2)
         return acc, m, l
 
-    carry = (jnp.zeros((block_q, head_dim), jnp.float32),
-             jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _over_kv_blocks(step, carry, i=i, block_q=block_q, block_kv=block_kv,
+    m, l, acc = online_softmax_init((block_q,), (block_q, head_dim))
+    acc, m, l = _over_kv_blocks(step, (acc, m, l), i=i, block_q=block_q, block_kv=block_kv,
                                 kv_len_valid=kv_len_valid, causal=causal, q_ids=q_ids,
                                 q_pfx=q_pfx, ks_ref=ks_ref, kp_ref=kp_ref)
     out, lse = online_softmax_finish(m, l, acc, log=jnp.log2)
@@ -315,16 +314,15 @@ def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, has_pr
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, out, lse, do, *, sm_scale: float,
+def backward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, lse, delta, do, *, sm_scale: float,
              causal: bool, q_len_valid: int, kv_len_valid: int, blocks: BlockSizes,
              interpret: bool):
-    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's base-2 logsumexp."""
+    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's base-2 logsumexp,
+    delta [b, h, q_len] = rowsum(out * do)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     flags = dict(has_segments=q_seg is not None, has_prefix=q_pfx is not None)
-    # delta_i = sum_d o_id * do_id: a memory-bound row reduction XLA fuses well.
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     params = plgpu.CompilerParams(num_warps=_num_warps(blocks, head_dim),
                                   num_stages=blocks.num_stages)
 
