@@ -7,9 +7,11 @@ sequence b sits at position lengths[b] - q_len + t and attends cache positions <
 Both kernels put all q heads that share a kv head (and all q_len tokens) into the rows of one
 tile (tiles of block_rows rows when q_len is long, e.g. a prefill through the cache), so each
 cache block is read from HBM once per kv head and row tile; a row tile stops at the last
-position its rows may attend. Blocks wholly past lengths[b] are never read; inside the last
-block, rows past the length are zeroed before use, so stale cache contents (even NaN) cannot
-leak into the result.
+position its rows may attend. Blocks wholly past lengths[b] (or past the cache, when a length
+exceeds it) are never read; inside the last block, rows past the length are zeroed before
+use, so stale cache contents (even NaN) cannot leak into the result. The cache block is legal
+for the backend at every cache length (`cache_block`: multiples of 8 on TPU, powers of two on
+GPU); a cache no such block divides is padded, with NaN, and the padding is never attended.
   GPU (Triton): grid (batch, kv_heads, row_tiles x num_splits). When all rows fit one tile
     (decoding), the cache is cut into num_splits chunks (flash-decoding); each program writes
     a partial softmax (output and base-2 logsumexp) and the chunks are merged with jnp ops.

@@ -3,8 +3,8 @@
 Takes the model layout (q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads,
 head_dim], lengths already padded to the blocks) and works internally in [batch, heads, len,
 head_dim] so each block's last two dims are (positions, head_dim) as Mosaic's (8, 128) tiling
-wants. Row statistics (logsumexp, delta) and segment ids are stored lane-major
-([batch, heads, 1, len] / [batch, 1, len]) so they cost 4 bytes per position in HBM.
+wants. Row statistics (logsumexp, delta), segment ids and prefix-LM flags are stored
+lane-major ([batch, heads, 1, len] / [batch, 1, len]) so they cost 4 bytes per position in HBM.
 
 Three pallas_calls, each with the reduction axis innermost ("arbitrary") and VMEM scratch
 accumulators:
@@ -12,9 +12,11 @@ accumulators:
   dQ       grid (batch, heads, q_blocks, kv_blocks)
   dK/dV    grid (batch, kv_heads, kv_blocks, groups * q_blocks); computed in the transposed
            orientation (keys on sublanes) so no in-kernel transposes of the big tiles.
-A block that is fully masked (above the causal diagonal, past the valid length, or with
-segment-id ranges that cannot meet; ranges come in through scalar prefetch) is not computed,
-and its index map repeats the previous block so no DMA is issued for it either.
+A tile that is fully masked (above the causal diagonal unless both blocks hold prefix-LM
+positions, past the valid length, or with segment-id ranges that cannot meet; per-block
+summaries come in through scalar prefetch) is not computed (`blockwise.block_may_attend`), and
+the index maps of the skipped steps past the last needed block (or before the first) repeat
+that block so no DMA is issued for them. The mask inside a tile is `reference.allowed`.
 """
 
 from __future__ import annotations

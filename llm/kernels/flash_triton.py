@@ -10,8 +10,9 @@ Three pallas_calls:
   dK/dV    grid (kv_blocks, batch, kv_heads): loops over the q heads of its group and q blocks.
   dQ       grid (q_blocks, batch, heads):    loops over kv blocks.
 Every kv (or q) loop is split into a range of blocks that need no mask and a range that does;
-blocks that are fully masked (above the causal diagonal, or whose segment-id range cannot
-meet the other side's) are never visited.
+blocks that are fully masked (above the causal diagonal unless both hold prefix-LM
+positions, or whose segment-id range cannot meet the other side's) are never visited
+(`blockwise.block_may_attend`). The mask inside a tile is `reference.allowed`.
 """
 
 from __future__ import annotations
