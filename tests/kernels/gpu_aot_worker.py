@@ -5,9 +5,10 @@ h100_target_config.txtpb; the Triton custom calls go through Triton's whole pipe
 (TTIR -> TTGIR -> LLVM -> PTX). Usage: python -m tests.kernels.gpu_aot_worker <dump_dir>
 Prints one line per compiled function and the kernels found in the emitted PTX.
 
-python -m tests.kernels.gpu_aot_worker <dump_dir> --decode-grid compiles the decode kernel
-instead, at every KV-cache length of `DECODE_GRID` (the TPU tool's grid, 1..1024 with odd
-lengths), q_len 1 and 5, and prints failures and "decode grid h100: <ok>/<tried> compiled".
+python -m tests.kernels.gpu_aot_worker <dump_dir> --decode-grid [--shard i/n] compiles the
+decode kernel instead, at every KV-cache length of `DECODE_GRID` (the TPU tool's grid, 1..1024
+with odd lengths; with --shard, every n-th of them from the i-th), q_len 1 and 5, and prints
+failures and "decode grid h100 (...): <ok>/<tried> compiled".
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 DUMP = sys.argv[1] if len(sys.argv) > 1 else "/tmp/gpu_aot_dump"
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_dump_to={DUMP}"
+if "--decode-grid" not in sys.argv:  # the PTX is read back from XLA's dump
+    os.environ["XLA_FLAGS"] = f"--xla_dump_to={DUMP}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,13 +36,14 @@ DECODE_GRID = tuple(sorted(set(range(1, 81)) | set(range(81, 1025, 13)) | {
     1024}))
 
 
-def decode_grid(spec) -> int:
-    """Compile decode_attention for every DECODE_GRID cache length; returns the exit code."""
+def decode_grid(spec, shard: int = 0, shards: int = 1) -> int:
+    """Compile decode_attention for every DECODE_GRID cache length (those of `shard` out of
+    `shards` interleaved parts); returns the exit code."""
     def decode(q, k, v, n):
         return decode_attention(q, k, v, n, backend="gpu", interpret=False)
 
     ok = tried = 0
-    for length in DECODE_GRID:
+    for length in DECODE_GRID[shard::shards]:
         cache = spec((2, length, 2, 128), jnp.bfloat16)
         for q_len in (t for t in (1, 5) if t <= length):
             tried += 1
@@ -49,10 +52,12 @@ def decode_grid(spec) -> int:
                                       spec((2,), jnp.int32)).lower(
                     lowering_platforms=("cuda",)).compile()
                 ok += 1
+                print(f"h100 cache={length} q_len={q_len}: compiled", flush=True)
             except Exception as e:  # noqa: BLE001 -- report every failing length
-                print(f"h100 cache={length} q_len={q_len}: FAILED {str(e)[:200]!r}")
+                print(f"h100 cache={length} q_len={q_len}: FAILED {str(e)[:200]!r}", flush=True)
+    part = f", part {shard + 1} of {shards}" if shards > 1 else ""
     print(f"decode grid h100 ({len(DECODE_GRID)} cache lengths {DECODE_GRID[0]}.."
-          f"{DECODE_GRID[-1]}, q_len 1 and 5, bfloat16): {ok}/{tried} compiled")
+          f"{DECODE_GRID[-1]}{part}, q_len 1 and 5, bfloat16): {ok}/{tried} compiled")
     return 0 if ok == tried else 1
 
 
@@ -67,9 +72,12 @@ def main() -> None:
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    if "--decode-grid" in sys.argv:
+    if "--decode-grid" in sys.argv:  # optional "--shard i/n": every n-th length from the i-th
+        shard, shards = 0, 1
+        if "--shard" in sys.argv:
+            shard, shards = map(int, sys.argv[sys.argv.index("--shard") + 1].split("/"))
         with jax.default_device(device):
-            sys.exit(decode_grid(spec))
+            sys.exit(decode_grid(spec, shard, shards))
 
     def train(causal, segments, prefix):
         def loss(q, k, v, qs, ks):
