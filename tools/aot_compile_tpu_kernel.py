@@ -7,6 +7,12 @@ VMEM errors in the kernels show up here exactly as they would on the chip.
 
 Prints one line per compiled function (forward, forward+backward) with the HLO custom-call
 count and the compiled memory analysis; exits non-zero on the first failure.
+
+  python tools/aot_compile_tpu_kernel.py --topology v5e:2x2 --decode-grid
+
+compiles the decode kernel instead, once per KV-cache length of `DECODE_GRID` (1..1024, odd
+lengths included; q_len 1 and a 5-token prefill through the cache), and prints one line per
+failure and a summary line "decode grid <topology>: <ok>/<tried> compiled".
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+# Compile-only: several compiles (pytest workers, topologies) may share the machine.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,9 +37,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm.kernels import BlockSizes, decode_attention, flash_attention  # noqa: E402
 
+# Every cache length 1..80 (small prompts + a few new tokens, where the old block choice broke)
+# and a spread up to 1024: odd, even, primes, powers of two and their neighbours.
+DECODE_GRID = tuple(sorted(set(range(1, 81)) | set(range(81, 1025, 13)) | {
+    96, 100, 127, 128, 129, 200, 255, 256, 257, 333, 500, 511, 512, 513, 640, 997, 1000, 1023,
+    1024}))
+
 
 def compile_for_topology(topology: str, *, batch: int, seq: int, heads: int, kv_heads: int,
                          head_dim: int, dtype, causal: bool, segments: bool,
+                         prefix: bool = False,
                          block_sizes: BlockSizes | None = None) -> list[str]:
     """AOT-compile forward and forward+backward for `topology`; returns one report line each."""
     topo = topologies.get_topology_desc(topology, platform="tpu")
@@ -44,10 +59,13 @@ def compile_for_topology(topology: str, *, batch: int, seq: int, heads: int, kv_
     q = spec((batch, seq, heads, head_dim), dtype)
     kv = spec((batch, seq, kv_heads, head_dim), dtype)
     seg = spec((batch, seq), jnp.int32) if segments else None
+    # prefix-LM: the first half of each sequence is the bidirectional prefix
+    pfx = (jnp.arange(seq)[None, :] < seq // 2).repeat(batch, 0) if prefix else None
 
     def attn(q, k, v, qs, ks):
         return flash_attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks, causal=causal,
-                               block_sizes=block_sizes, backend="tpu", interpret=False)
+                               prefix=pfx, block_sizes=block_sizes, backend="tpu",
+                               interpret=False)
 
     def loss(q, k, v, qs, ks):
         return attn(q, k, v, qs, ks).astype(jnp.float32).sum()
@@ -82,6 +100,38 @@ def _compile_all(topology, attn, loss, decode, q, kv, seg, q_dec, q_pre, lens) -
     return lines
 
 
+def compile_decode_grid(topology: str, lengths=DECODE_GRID, *, batch: int = 2, heads: int = 8,
+                        kv_heads: int = 2, head_dim: int = 128, dtype=jnp.bfloat16,
+                        q_lens=(1, 5)) -> tuple[int, int, list[str]]:
+    """AOT-compile decode_attention for `topology` at every cache length (and each q_len <=
+    the length). Returns (compiled, tried, failure lines)."""
+    topo = topologies.get_topology_desc(topology, platform="tpu")
+    device = topo.devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def decode(q, k, v, lengths):
+        return decode_attention(q, k, v, lengths, backend="tpu", interpret=False)
+
+    ok, tried, failures = 0, 0, []
+    with jax.default_device(device):
+        for length in lengths:
+            cache = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), dtype,
+                                         sharding=sharding)
+            lens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+            for q_len in (t for t in q_lens if t <= length):
+                q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), dtype,
+                                         sharding=sharding)
+                tried += 1
+                try:
+                    jax.jit(decode).trace(q, cache, cache, lens).lower(
+                        lowering_platforms=("tpu",)).compile()
+                    ok += 1
+                except Exception as e:  # noqa: BLE001 -- report every failing length
+                    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else repr(e)
+                    failures.append(f"{topology} cache={length} q_len={q_len}: FAILED {msg}")
+    return ok, tried, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v6e:2x2, v4:2x2x1")
@@ -93,11 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--segments", action="store_true")
+    p.add_argument("--prefix", action="store_true", help="prefix-LM mask (half the sequence)")
+    p.add_argument("--decode-grid", action="store_true",
+                   help="compile the decode kernel over DECODE_GRID cache lengths instead")
     args = p.parse_args(argv)
+    if args.decode_grid:
+        ok, tried, failures = compile_decode_grid(
+            args.topology, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+            head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
+        for line in failures:
+            print(line)
+        lengths = f"{len(DECODE_GRID)} cache lengths {DECODE_GRID[0]}..{DECODE_GRID[-1]}"
+        print(f"decode grid {args.topology} ({lengths}, q_len 1 and 5, "
+              f"{jnp.dtype(args.dtype).name}): {ok}/{tried} compiled")
+        return 0 if ok == tried else 1
     for line in compile_for_topology(
             args.topology, batch=args.batch, seq=args.seq, heads=args.heads,
             kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=jnp.dtype(args.dtype),
-            causal=not args.no_causal, segments=args.segments):
+            causal=not args.no_causal, segments=args.segments, prefix=args.prefix):
         print(line)
     return 0
 

@@ -7,9 +7,11 @@ sequence b sits at position lengths[b] - q_len + t and attends cache positions <
 Both kernels put all q heads that share a kv head (and all q_len tokens) into the rows of one
 tile (tiles of block_rows rows when q_len is long, e.g. a prefill through the cache), so each
 cache block is read from HBM once per kv head and row tile; a row tile stops at the last
-position its rows may attend. Blocks wholly past lengths[b] are never read; inside the last
-block, rows past the length are zeroed before use, so stale cache contents (even NaN) cannot
-leak into the result.
+position its rows may attend. Blocks wholly past lengths[b] (or past the cache, when a length
+exceeds it) are never read; inside the last block, rows past the length are zeroed before
+use, so stale cache contents (even NaN) cannot leak into the result. The cache block is legal
+for the backend at every cache length (`cache_block`: multiples of 8 on TPU, powers of two on
+GPU); a cache no such block divides is padded, with NaN, and the padding is never attended.
   GPU (Triton): grid (batch, kv_heads, row_tiles x num_splits). When all rows fit one tile
     (decoding), the cache is cut into num_splits chunks (flash-decoding); each program writes
     a partial softmax (output and base-2 logsumexp) and the chunks are merged with jnp ops.
@@ -33,7 +35,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from llm.kernels.backend import resolve_backend, resolve_interpret
 from llm.kernels.block_sizes import DecodeBlockSizes, next_power_of_2, round_up
-from llm.kernels.reference import MASK_VALUE
+from llm.kernels.blockwise import online_softmax_finish, online_softmax_init, online_softmax_step
+from llm.kernels.reference import MASK_VALUE, allowed
 
 LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))
@@ -63,18 +66,71 @@ def _row_offsets(q_len: int, groups: int, rows: int) -> jax.Array:
     return jnp.where(r < q_len * groups, r // groups - q_len, -(2**30)).astype(jnp.int32)
 
 
-def _fit_block(block: int, max_len: int, multiple: int) -> int:
-    """Largest block <= `block` that divides max_len (powers of two down to `multiple`)."""
-    b = block
-    while b > multiple and max_len % b:
-        b //= 2
-    return b
+def cache_block(max_len: int, block: int, backend: str) -> tuple[int, int]:
+    """(block_kv, padded_len): the cache block and the cache length padded to it.
+
+    TPU (Mosaic) blocks are multiples of 8 positions (the sublane tile; a block is
+    [block_kv, kv_heads * head_dim]); GPU (Triton) blocks powers of two >= 16. The block is
+    at most `block` (and the cache rounded up to the granule); the largest legal block that
+    divides the (rounded) cache is taken, so the common case needs no copy. A cache whose
+    only legal divisors are small (under a quarter of `block`) is padded to a multiple of
+    `block` instead. Padded positions are never attended: the kernels bound every read by
+    the real cache length.
+    """
+    granule = 8 if backend == "tpu" else 16
+    padded = round_up(max_len, granule)
+    top = min(block, padded) if backend == "tpu" else min(block, next_power_of_2(padded))
+    b = top
+    while padded % b:
+        b = b - granule if backend == "tpu" else b // 2
+    if b * 4 < top:
+        return top, round_up(max_len, top)
+    return b, padded
+
+
+def _pad_cache(cache: jax.Array, length: int) -> jax.Array:
+    """Pad the cache's positions to `length` with NaN: the kernels never read past the real
+    cache, and a read that did would show at once instead of biasing the softmax."""
+    if cache.shape[1] == length:
+        return cache
+    return jnp.pad(cache, ((0, 0), (0, length - cache.shape[1]), (0, 0), (0, 0)),
+                   constant_values=jnp.nan)
+
+
+def _tiling(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, blocks: DecodeBlockSizes,
+            backend: str):
+    """(k_cache, v_cache padded to the block (`cache_block`), groups, block_rows, rows,
+    block_kv). Rows (q_len x group heads) are tiled by block_rows: one tile for decoding, many
+    for a prefill through the cache. Triton tiles are powers of two >= 16, Mosaic tiles
+    multiples of 8."""
+    q_len, heads = q.shape[1], q.shape[2]
+    groups = heads // k_cache.shape[2]
+    if backend == "gpu":
+        block_rows = min(blocks.block_rows, max(16, next_power_of_2(q_len * groups)))
+    else:
+        block_rows = min(round_up(blocks.block_rows, 8), round_up(q_len * groups, 8))
+    block_kv, padded_len = cache_block(k_cache.shape[1], blocks.block_kv, backend)
+    return (_pad_cache(k_cache, padded_len), _pad_cache(v_cache, padded_len), groups,
+            block_rows, round_up(q_len * groups, block_rows), block_kv)
+
+
+def _cache_tile(s, v, first, length, limit, *, cache_len: int):
+    """Mask one cache block: scores s [rows, block] of positions first.. against each row's
+    last attendable position `limit` [rows, 1] (`allowed`, causal, bounded by the real cache
+    length), and zero the value rows at or past min(length, cache_len) -- stale or padded
+    cache rows may hold anything, even NaN, and 0 * NaN would leak. Returns (s, v)."""
+    block = v.shape[0]
+    k_pos = first + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    s = jnp.where(allowed(limit, k_pos, causal=True, kv_len=cache_len), s, MASK_VALUE)
+    rows = first + lax.broadcasted_iota(jnp.int32, (block, v.shape[1]), 0)
+    v = jnp.where(rows < jnp.minimum(length, cache_len), v, jnp.zeros_like(v))
+    return s, v
 
 
 # ---------------------------------------------------------------- GPU (Triton)
 
 def _triton_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale: float,
-                   block_kv: int, blocks_per_split: int, num_blocks: int, splits: int):
+                   block_kv: int, blocks_per_split: int, splits: int, cache_len: int):
     b, s = pl.program_id(0), pl.program_id(2) % splits
     length = len_ref[b]
     q = q_ref[...]
@@ -82,53 +138,37 @@ def _triton_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_
     offsets = off_ref[...]
     limit = length + offsets  # [rows]: last cache position each row may attend
     lo = s * blocks_per_split
-    # Never past the cache, nor past the last position any row of this tile may attend.
-    hi = jnp.minimum(jnp.minimum(lo + blocks_per_split, num_blocks),
+    # Never past the real cache (padding is not read), nor past the last position any row of
+    # this tile may attend.
+    hi = jnp.minimum(jnp.minimum(lo + blocks_per_split, -(-cache_len // block_kv)),
                      lax.div(length + jnp.max(offsets) + block_kv, block_kv))
 
     def step(j, carry):
         acc, m, l = carry
         kv_slice = pl.ds(j * block_kv, block_kv)
-        k = k_ref[kv_slice, :]
-        v = v_ref[kv_slice, :]
-        sc = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
-        pos = j * block_kv + jnp.arange(block_kv)
-        sc = jnp.where(pos[None, :] <= limit[:, None], sc, MASK_VALUE)
-        # Stale cache rows past the length may hold anything (even NaN): 0 * NaN would leak.
-        v = jnp.where((pos < length)[:, None], v, jnp.zeros_like(v))
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(sc - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
-                                             preferred_element_type=jnp.float32)
-        return acc, m_new, l
+        sc = lax.dot_general(q, k_ref[kv_slice, :], _NT,
+                             preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
+        sc, v = _cache_tile(sc, v_ref[kv_slice, :], j * block_kv, length, limit[:, None],
+                            cache_len=cache_len)
+        m, l, acc = online_softmax_step(m, l, acc, sc, v, exp=jnp.exp2)
+        return acc, m, l
 
-    acc, m, l = lax.fori_loop(lo, hi, step, (
-        jnp.zeros((rows, q.shape[1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32)))
-    valid = m > MASK_VALUE
-    l_safe = jnp.where(valid, l, 1.0)
-    o_ref[...] = jnp.where(valid[:, None], acc / l_safe[:, None], 0.0)
-    lse_ref[...] = jnp.where(valid, m + jnp.log2(l_safe), -jnp.inf)
+    m, l, acc = online_softmax_init((rows,), (rows, q.shape[1]))
+    acc, m, l = lax.fori_loop(lo, hi, step, (acc, m, l))
+    o_ref[...], lse_ref[...] = online_softmax_finish(m, l, acc, log=jnp.log2,
+                                                     empty_lse=-jnp.inf)
 
 
 def _decode_triton(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
                    interpret: bool):
-    batch, q_len, heads, head_dim = q.shape
-    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = heads // kv_heads
-    # Rows (q_len x group heads) are tiled by block_rows: one tile for decoding, many for a
-    # prefill through the cache. Many tiles already fill the GPU, so they are not split.
-    block_rows = min(blocks.block_rows, max(16, next_power_of_2(q_len * groups)))
-    rows = round_up(q_len * groups, block_rows)
+    batch, q_len, _, head_dim = q.shape
+    cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    # A cache that no legal block divides is padded (a copy: allocate multiples of 16).
+    k_cache, v_cache, groups, block_rows, rows, block_kv = _tiling(q, k_cache, v_cache, blocks,
+                                                                   "gpu")
+    max_len = k_cache.shape[1]
+    # Many row tiles (prefill) already fill the GPU: only a single tile is split.
     row_blocks = rows // block_rows
-    block_kv = _fit_block(min(blocks.block_kv, max(16, next_power_of_2(max_len))), max_len, 16)
-    if max_len % block_kv:  # odd cache size: pad (a copy of the cache; allocate multiples of 16)
-        padded = round_up(max_len, block_kv)
-        k_cache = jnp.pad(k_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
-        v_cache = jnp.pad(v_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
-        max_len = padded
     n_blocks = max_len // block_kv
     splits = min(blocks.num_splits, n_blocks) if row_blocks == 1 else 1
     per = -(-n_blocks // splits)
@@ -137,7 +177,7 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: Dec
     # Grid axis 2 enumerates (row tile, split) pairs: Triton grids have three axes.
     o_part, lse_part = pl.pallas_call(
         functools.partial(_triton_kernel, sm_scale=sm_scale, block_kv=block_kv,
-                          blocks_per_split=per, num_blocks=n_blocks, splits=splits),
+                          blocks_per_split=per, splits=splits, cache_len=cache_len),
         grid=(batch, kv_heads, row_blocks * splits),
         in_specs=[pl.BlockSpec((batch,), lambda b, h, t: (0,)),
                   pl.BlockSpec((block_rows,), lambda b, h, t: (t // splits,)),
@@ -167,75 +207,58 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: Dec
 
 # ---------------------------------------------------------------- TPU (Mosaic)
 
-def _last_position(length, row_block, *, block_rows: int, q_len: int, groups: int):
-    """Last cache position any row of row tile `row_block` may attend (scalar int32)."""
+def _last_position(length, row_block, *, block_rows: int, q_len: int, groups: int,
+                   cache_len: int):
+    """Last cache position any row of row tile `row_block` may attend (scalar int32), never
+    past the real cache."""
     t_max = jnp.minimum(((row_block + 1) * block_rows - 1) // groups, q_len - 1)
-    return length - q_len + t_max
+    return jnp.minimum(length - q_len + t_max, cache_len - 1)
 
 
 def _mosaic_kernel(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *,
                    sm_scale: float, block_kv: int, kv_heads: int, head_dim: int,
-                   block_rows: int, q_len: int, groups: int):
+                   block_rows: int, q_len: int, groups: int, cache_len: int):
     b, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
-    last = _last_position(length, r, block_rows=block_rows, q_len=q_len, groups=groups)
+    last = _last_position(length, r, block_rows=block_rows, q_len=q_len, groups=groups,
+                          cache_len=cache_len)
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        m_scr[...], l_scr[...], acc_scr[...] = online_softmax_init(m_scr.shape, acc_scr.shape)
 
     @pl.when(j * block_kv <= last)
     def _step():
-        rows = q_ref.shape[1]
-        pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
-        allowed = pos <= length + off_ref[...][:, 0:1]
-        in_cache = (j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
-                    ) < length
+        limit = length + off_ref[...][:, 0:1]  # [rows, 1]: last position each row attends
         for h in range(kv_heads):  # static: kv_heads is small, each head is a lane slice
             cols = slice(h * head_dim, (h + 1) * head_dim)
-            k = k_ref[:, cols]
-            v = jnp.where(in_cache, v_ref[:, cols], 0)  # stale rows may hold NaN
-            s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * sm_scale
-            s = jnp.where(allowed, s, MASK_VALUE)
-            m_prev = m_scr[h]
-            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-            alpha = jnp.exp(m_prev - m_new)
-            p = jnp.exp(s - m_new[:, 0:1])
-            l_scr[h] = alpha * l_scr[h] + jnp.sum(p, axis=1, keepdims=True)
-            m_scr[h] = m_new
-            acc_scr[h] = acc_scr[h] * alpha[:, 0:1] + jnp.dot(
-                p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            s = lax.dot_general(q_ref[h], k_ref[:, cols], _NT,
+                                preferred_element_type=jnp.float32) * sm_scale
+            s, v = _cache_tile(s, v_ref[:, cols], j * block_kv, length, limit,
+                               cache_len=cache_len)
+            m_scr[h], l_scr[h], acc_scr[h] = online_softmax_step(m_scr[h], l_scr[h],
+                                                                 acc_scr[h], s, v)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finalize():
         for h in range(kv_heads):
-            m, l = m_scr[h], l_scr[h]
-            valid = m > MASK_VALUE
-            l_safe = jnp.where(valid, l, 1.0)
-            o_ref[h] = jnp.where(valid[:, 0:1], acc_scr[h] / l_safe[:, 0:1],
-                                 0.0).astype(o_ref.dtype)
+            o_ref[h] = online_softmax_finish(m_scr[h], l_scr[h], acc_scr[h])[0].astype(
+                o_ref.dtype)
 
 
 def _decode_mosaic(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: DecodeBlockSizes,
                    interpret: bool):
-    batch, q_len, heads, head_dim = q.shape
-    max_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = heads // kv_heads
-    block_rows = min(round_up(blocks.block_rows, 8), round_up(q_len * groups, 8))
-    rows = round_up(q_len * groups, block_rows)
-    block_kv = _fit_block(min(max(blocks.block_kv, 8), round_up(max_len, 8)), max_len, 8)
-    if max_len % block_kv:
-        padded = round_up(max_len, block_kv)
-        k_cache = jnp.pad(k_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
-        v_cache = jnp.pad(v_cache, ((0, 0), (0, padded - max_len), (0, 0), (0, 0)))
-        max_len = padded
+    batch, q_len, _, head_dim = q.shape
+    cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache, groups, block_rows, rows, block_kv = _tiling(q, k_cache, v_cache, blocks,
+                                                                   "tpu")
+    max_len = k_cache.shape[1]
     width = kv_heads * head_dim
     num_blocks = max_len // block_kv
 
-    def cache_block(b, r, j, len_ref):  # past the last needed block: repeat it, no new DMA
-        last = _last_position(len_ref[b], r, block_rows=block_rows, q_len=q_len, groups=groups)
+    def cache_index(b, r, j, len_ref):  # past the last needed block: repeat it, no new DMA
+        last = _last_position(len_ref[b], r, block_rows=block_rows, q_len=q_len, groups=groups,
+                              cache_len=cache_len)
         return b, jnp.clip(jnp.minimum(j, lax.div(last, block_kv)), 0, num_blocks - 1), 0
 
     offsets = jnp.broadcast_to(_row_offsets(q_len, groups, rows)[:, None], (rows, _LANES))
@@ -243,14 +266,14 @@ def _decode_mosaic(q, k_cache, v_cache, lengths, *, sm_scale: float, blocks: Dec
     out = pl.pallas_call(
         functools.partial(_mosaic_kernel, sm_scale=sm_scale, block_kv=block_kv,
                           kv_heads=kv_heads, head_dim=head_dim, block_rows=block_rows,
-                          q_len=q_len, groups=groups),
+                          q_len=q_len, groups=groups, cache_len=cache_len),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(batch, rows // block_rows, num_blocks),
             in_specs=[pl.BlockSpec((block_rows, _LANES), lambda b, r, j, _: (r, 0)),
                       q_spec,
-                      pl.BlockSpec((None, block_kv, width), cache_block),
-                      pl.BlockSpec((None, block_kv, width), cache_block)],
+                      pl.BlockSpec((None, block_kv, width), cache_index),
+                      pl.BlockSpec((None, block_kv, width), cache_index)],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((kv_heads, block_rows, _LANES), jnp.float32),
                             pltpu.VMEM((kv_heads, block_rows, _LANES), jnp.float32),

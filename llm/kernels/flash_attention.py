@@ -35,7 +35,8 @@ class _Config:
     kv_len_padded: int
 
 
-def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, backend: str) -> None:
+def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, prefix, causal: bool,
+                  backend: str) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"q, k, v must be [batch, len, heads, head_dim]; got q{q.shape} k{k.shape} v{v.shape}")
@@ -66,54 +67,66 @@ def _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, backend: str) -> None:
         for ids in (q_segment_ids, kv_segment_ids):
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise ValueError(f"segment ids must be integers, got {ids.dtype}")
+    if prefix is not None:
+        if not causal:
+            raise ValueError("prefix (prefix-LM mask) needs causal=True: without the causal "
+                             "mask every key is visible already")
+        if q.shape[1] != k.shape[1] or prefix.shape != q.shape[:2]:
+            raise ValueError(f"prefix must be [batch, len] for self-attention (q_len == kv_len); "
+                             f"got prefix{prefix.shape}, q{q.shape}, k{k.shape}")
 
 
-def _pad(x: jax.Array | None, length: int, mode: str = "constant") -> jax.Array | None:
-    """Zero-pad (or edge-pad) axis 1 of `x` up to `length`."""
-    if x is None or x.shape[1] == length:
+def _pad(x: jax.Array | None, length: int, mode: str = "constant",
+         axis: int = 1) -> jax.Array | None:
+    """Zero-pad (or edge-pad) `axis` of `x` up to `length`."""
+    if x is None or x.shape[axis] == length:
         return x
     widths = [(0, 0)] * x.ndim
-    widths[1] = (0, length - x.shape[1])
+    widths[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, widths, mode=mode)
 
 
-def _padded_inputs(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _padded_inputs(cfg: _Config, q, k, v, q_seg, kv_seg, pfx):
     # Segment ids are edge-padded so padding does not widen a block's id range (which would
-    # defeat block skipping); padded keys are masked by position, padded queries are dropped.
+    # defeat block skipping); prefix flags are zero-padded; padded keys are masked by
+    # position, padded queries are dropped.
     return (_pad(q, cfg.q_len_padded), _pad(k, cfg.kv_len_padded), _pad(v, cfg.kv_len_padded),
-            _pad(q_seg, cfg.q_len_padded, "edge"), _pad(kv_seg, cfg.kv_len_padded, "edge"))
+            _pad(q_seg, cfg.q_len_padded, "edge"), _pad(kv_seg, cfg.kv_len_padded, "edge"),
+            _pad(pfx, cfg.q_len_padded), _pad(pfx, cfg.kv_len_padded))
 
 
 def _impl(cfg: _Config):
     return flash_triton if cfg.backend == "gpu" else flash_mosaic
 
 
-def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
-    qp, kp, vp, qsp, ksp = _padded_inputs(cfg, q, k, v, q_seg, kv_seg)
-    out, lse = _impl(cfg).forward(qp, kp, vp, qsp, ksp, sm_scale=cfg.sm_scale, causal=cfg.causal,
+def _forward(cfg: _Config, q, k, v, q_seg, kv_seg, pfx):
+    out, lse = _impl(cfg).forward(*_padded_inputs(cfg, q, k, v, q_seg, kv_seg, pfx),
+                                  sm_scale=cfg.sm_scale, causal=cfg.causal,
                                   kv_len_valid=cfg.kv_len, blocks=cfg.blocks,
                                   interpret=cfg.interpret)
     return out[:, :cfg.q_len], lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, q_seg, kv_seg):
-    return _forward(cfg, q, k, v, q_seg, kv_seg)[0]
+def _flash(cfg: _Config, q, k, v, q_seg, kv_seg, pfx):
+    return _forward(cfg, q, k, v, q_seg, kv_seg, pfx)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
-    out, lse = _forward(cfg, q, k, v, q_seg, kv_seg)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg, pfx):
+    out, lse = _forward(cfg, q, k, v, q_seg, kv_seg, pfx)
+    return out, (q, k, v, q_seg, kv_seg, pfx, out, lse)
 
 
 def _flash_bwd(cfg: _Config, residuals, do):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
-    qp, kp, vp, qsp, ksp = _padded_inputs(cfg, q, k, v, q_seg, kv_seg)
+    q, k, v, q_seg, kv_seg, pfx, out, lse = residuals
+    # delta_i = sum_d o_id * do_id: a memory-bound row reduction XLA fuses well.
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     dq, dk, dv = _impl(cfg).backward(
-        qp, kp, vp, qsp, ksp, _pad(out, cfg.q_len_padded), lse, _pad(do, cfg.q_len_padded),
+        *_padded_inputs(cfg, q, k, v, q_seg, kv_seg, pfx), lse,
+        _pad(delta, cfg.q_len_padded, axis=2), _pad(do, cfg.q_len_padded),
         sm_scale=cfg.sm_scale, causal=cfg.causal, q_len_valid=cfg.q_len,
         kv_len_valid=cfg.kv_len, blocks=cfg.blocks, interpret=cfg.interpret)
-    return dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], None, None
+    return dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -122,6 +135,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None, causal: bool = True,
+                    prefix: jax.Array | None = None,
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     backend: str = "auto", interpret: bool | None = None) -> jax.Array:
     """Memory-efficient softmax attention, differentiable (custom VJP), same result as
@@ -134,6 +148,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       q_segment_ids / kv_segment_ids: [batch, q_len] / [batch, kv_len] int; a query attends a
         key only when their ids are equal (0 is conventionally padding). Both or neither.
       causal: query i attends keys j <= i (positions counted from 0 on both sides).
+      prefix: [batch, len] int/bool, self-attention with causal=True only: prefix-LM masking,
+        the positions marked nonzero also see each other bidirectionally (query i sees key j
+        when j <= i or both are prefix positions; with segment ids, within a segment).
       sm_scale: score multiplier, default head_dim ** -0.5. Must be a Python number.
       block_sizes: `BlockSizes`; default `BlockSizes.for_backend(backend, head_dim)`.
       backend: "gpu" (Pallas Triton), "tpu" (Pallas Mosaic) or "auto" (TPU when running on
@@ -144,7 +161,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       [batch, q_len, heads, head_dim] in q's dtype. Rows that may attend nothing are 0.
     """
     backend = resolve_backend(backend)
-    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, backend)
+    _check_inputs(q, k, v, q_segment_ids, kv_segment_ids, prefix, causal, backend)
     head_dim = q.shape[-1]
     if sm_scale is None:
         sm_scale = head_dim**-0.5
@@ -169,4 +186,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if q_segment_ids is not None:
         q_segment_ids = q_segment_ids.astype(jnp.int32)
         kv_segment_ids = kv_segment_ids.astype(jnp.int32)
-    return _flash(cfg, q, k, v, q_segment_ids, kv_segment_ids)
+    if prefix is not None:
+        prefix = (prefix != 0).astype(jnp.int32)
+    return _flash(cfg, q, k, v, q_segment_ids, kv_segment_ids, prefix)

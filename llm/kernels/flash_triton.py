@@ -10,8 +10,9 @@ Three pallas_calls:
   dK/dV    grid (kv_blocks, batch, kv_heads): loops over the q heads of its group and q blocks.
   dQ       grid (q_blocks, batch, heads):    loops over kv blocks.
 Every kv (or q) loop is split into a range of blocks that need no mask and a range that does;
-blocks that are fully masked (above the causal diagonal, or whose segment-id range cannot
-meet the other side's) are never visited.
+blocks that are fully masked (above the causal diagonal unless both hold prefix-LM
+positions, or whose segment-id range cannot meet the other side's) are never visited
+(`blockwise.block_may_attend`). The mask inside a tile is `reference.allowed`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llm.kernels.block_sizes import BlockSizes
-from llm.kernels.reference import MASK_VALUE
+from llm.kernels.blockwise import (
+    block_may_attend,
+    online_softmax_finish,
+    online_softmax_init,
+    online_softmax_step,
+)
+from llm.kernels.reference import MASK_VALUE, allowed
 
 LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -37,109 +44,184 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
-def block_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, kv_len_valid: int | None,
-               q_ids: jax.Array | None, k_ids: jax.Array | None) -> jax.Array:
-    """[len(q_pos), len(k_pos)] bool, True where a query may attend a key."""
-    mask = jnp.ones((q_pos.shape[0], k_pos.shape[0]), dtype=jnp.bool_)
+def _mask_scores(s, q_pos, k_pos, *, causal: bool, kv_len: int | None, q_ids=None, k_ids=None,
+                 q_pfx=None, k_pfx=None):
+    """`allowed` on one [len(q_pos), len(k_pos)] tile of scores; masked entries MASK_VALUE."""
+
+    def q_side(x):
+        return None if x is None else x[:, None]
+
+    def k_side(x):
+        return None if x is None else x[None, :]
+
+    mask = allowed(q_side(q_pos), k_side(k_pos), causal=causal, kv_len=kv_len,
+                   q_ids=q_side(q_ids), k_ids=k_side(k_ids), q_prefix=q_side(q_pfx),
+                   k_prefix=k_side(k_pfx))
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
+def _summary(ids, pfx):
+    """Block summary for `block_may_attend`: ((min id, max id) or None, has prefix or None)."""
+    return (None if ids is None else (jnp.min(ids), jnp.max(ids)),
+            None if pfx is None else jnp.max(pfx))
+
+
+def _loop(step, carry, lo, hi, *, masked: bool, load=None, live=None):
+    """carry = step(n, carry, masked, *load(n)) for blocks n in [lo, hi); with `live`, a block
+    for which live(n, *load(n)) is False is skipped (lax.cond)."""
+    if live is None:
+        return lax.fori_loop(lo, hi, lambda n, c: step(n, c, masked, *load(n)), carry)
+
+    def checked(n, c):
+        extra = load(n)
+        return lax.cond(live(n, *extra), lambda c: step(n, c, masked, *extra), lambda c: c, c)
+
+    return lax.fori_loop(lo, hi, checked, carry)
+
+
+def _over_kv_blocks(step, carry, *, i: jax.Array, block_q: int, block_kv: int,
+                    kv_len_valid: int, causal: bool, q_ids, q_pfx, ks_ref, kp_ref):
+    """Forward / dQ: carry = step(j, carry, masked, k_ids, k_pfx) over the kv blocks j that
+    q block i may attend. Blocks below the causal diagonal inside the real length need no mask
+    and run first; the rest run masked, each checked with `block_may_attend` when segment ids
+    or the prefix can rule it out. Blocks past the diagonal are visited only by a q block
+    holding prefix positions."""
+    q_first, q_last = i * block_q, (i + 1) * block_q - 1
+    n_kv = -(-kv_len_valid // block_kv)  # blocks holding at least one real key
+    hi = n_kv
+    n_full = 0 if q_ids is not None else kv_len_valid // block_kv
     if causal:
-        mask = mask & (q_pos[:, None] >= k_pos[None, :])
-    if kv_len_valid is not None:
-        mask = mask & (k_pos[None, :] < kv_len_valid)
-    if q_ids is not None:
-        mask = mask & (q_ids[:, None] == k_ids[None, :])
-    return mask
+        hi = jnp.minimum(_cdiv(q_last + 1, block_kv), n_kv)
+        n_full = jnp.minimum(lax.div(q_first + 1, block_kv), n_full)
+        if q_pfx is not None:
+            hi = jnp.where(jnp.max(q_pfx) > 0, n_kv, hi)
+
+    def load(j):
+        kv_slice = pl.ds(j * block_kv, block_kv)
+        return (None if ks_ref is None else ks_ref[kv_slice],
+                None if kp_ref is None else kp_ref[kv_slice])
+
+    carry = _loop(step, carry, 0, n_full, masked=False, load=lambda j: (None, None))
+    live = None
+    if q_ids is not None or q_pfx is not None:
+        (q_range, q_has) = _summary(q_ids, q_pfx)
+
+        def live(j, k_ids, k_pfx):
+            k_range, k_has = _summary(k_ids, k_pfx)
+            return block_may_attend(q_first, q_last, j * block_kv, causal=causal, q_ids=q_range,
+                                    k_ids=k_range, q_prefix=q_has, k_prefix=k_has)
+
+    return _loop(step, carry, n_full, hi, masked=True, load=load, live=live)
 
 
-def _ranges_meet(lo_a, hi_a, ids_b: jax.Array) -> jax.Array:
-    """False when no id in `ids_b` can equal an id in [lo_a, hi_a]: the block is all masked."""
-    return (jnp.min(ids_b) <= hi_a) & (jnp.max(ids_b) >= lo_a)
+def _over_q_blocks(step, carry, *, j: jax.Array, block_q: int, block_kv: int, n_q: int,
+                   causal: bool, k_ids, k_pfx, qs_ref, qp_ref):
+    """dK/dV: carry = step(i, carry, masked, q_ids, q_pfx) over the q blocks i < n_q that see
+    kv block j: the masked ones (diagonal, prefix, segments; checked like `_over_kv_blocks`)
+    first, then those below the diagonal that need no mask."""
+    k_first, k_last = j * block_kv, (j + 1) * block_kv - 1
+    lo, full_from = 0, 0
+    if causal:
+        lo = lax.div(k_first, block_q)
+        full_from = jnp.minimum(_cdiv(k_last, block_q), n_q)
+        if k_pfx is not None:
+            lo = jnp.where(jnp.max(k_pfx) > 0, 0, lo)
+    if k_ids is not None:
+        full_from = n_q
+
+    def load(i):
+        q_slice = pl.ds(i * block_q, block_q)
+        return (None if qs_ref is None else qs_ref[q_slice],
+                None if qp_ref is None else qp_ref[q_slice])
+
+    live = None
+    if k_ids is not None or k_pfx is not None:
+        (k_range, k_has) = _summary(k_ids, k_pfx)
+
+        def live(i, q_ids, q_pfx):
+            q_range, q_has = _summary(q_ids, q_pfx)
+            return block_may_attend(i * block_q, (i + 1) * block_q - 1, k_first, causal=causal,
+                                    q_ids=q_range, k_ids=k_range, q_prefix=q_has,
+                                    k_prefix=k_has)
+
+    carry = _loop(step, carry, lo, full_from, masked=True, load=load, live=live)
+    return _loop(step, carry, full_from, n_q, masked=False, load=lambda i: (None, None))
 
 
-def _fwd_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, kv_len_valid: int,
-                block_q: int, block_kv: int):
-    if has_segments:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+def _split(refs, has_segments: bool, has_prefix: bool, n_in: int):
+    """(inputs, (q ids, kv ids), (q prefix, kv prefix), outputs); absent optional refs None."""
+    ins, rest = refs[:n_in], refs[n_in:]
+    ids, rest = (rest[:2], rest[2:]) if has_segments else ((None, None), rest)
+    pfx, rest = (rest[:2], rest[2:]) if has_prefix else ((None, None), rest)
+    return ins, ids, pfx, rest
+
+
+def _fwd_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, has_prefix: bool,
+                kv_len_valid: int, block_q: int, block_kv: int):
+    (q_ref, k_ref, v_ref), (qs_ref, ks_ref), (qp_ref, kp_ref), (o_ref, lse_ref) = _split(
+        refs, has_segments, has_prefix, 3)
     i = pl.program_id(0)
     head_dim = q_ref.shape[-1]
     q = q_ref[...]
     q_pos = i * block_q + jnp.arange(block_q)
     q_ids = qs_ref[...] if has_segments else None
-    padded_kv = kv_len_valid % block_kv != 0
-    n_kv = -(-kv_len_valid // block_kv)  # blocks holding at least one real key
+    q_pfx = qp_ref[...] if has_prefix else None
+    kv_len_mask = kv_len_valid if kv_len_valid % block_kv else None
 
-    def step(j, carry, masked: bool, k_ids=None):
+    def step(j, carry, masked: bool, k_ids=None, k_pfx=None):
         acc, m, l = carry
         kv_slice = pl.ds(j * block_kv, block_kv)
-        k = k_ref[kv_slice, :]
-        v = v_ref[kv_slice, :]
-        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
+        s = lax.dot_general(q, k_ref[kv_slice, :], _NT,
+                            preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
         if masked:
-            k_pos = j * block_kv + jnp.arange(block_kv)
-            mask = block_mask(q_pos, k_pos, causal=causal,
-                              kv_len_valid=kv_len_valid if padded_kv else None,
-                              q_ids=q_ids, k_ids=k_ids)
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
-                                             preferred_element_type=jnp.float32)
-        return acc, m_new, l
+            s = _mask_scores(s, q_pos, j * block_kv + jnp.arange(block_kv), causal=causal,
+                             kv_len=kv_len_mask, q_ids=q_ids, k_ids=k_ids, q_pfx=q_pfx,
+                             k_pfx=k_pfx)
+        m, l, acc = online_softmax_step(m, l, acc, s, v_ref[kv_slice, :], exp=jnp.exp2)
+        return acc, m, l
 
-    carry = (jnp.zeros((block_q, head_dim), jnp.float32),
-             jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
-    hi = jnp.minimum(_cdiv((i + 1) * block_q, block_kv), n_kv) if causal else n_kv
-    if has_segments:
-        q_lo, q_hi = jnp.min(q_ids), jnp.max(q_ids)
-
-        def seg_step(j, carry):
-            k_ids = ks_ref[pl.ds(j * block_kv, block_kv)]
-            return lax.cond(_ranges_meet(q_lo, q_hi, k_ids),
-                            lambda c: step(j, c, True, k_ids), lambda c: c, carry)
-
-        carry = lax.fori_loop(0, hi, seg_step, carry)
-    else:
-        n_full = kv_len_valid // block_kv
-        if causal:
-            n_full = jnp.minimum(lax.div(i * block_q + 1, block_kv), n_full)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(n_full, hi, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
-    valid = m > MASK_VALUE  # False for rows that attend to nothing: output 0, like the reference
-    l_safe = jnp.where(valid, l, 1.0)
-    o_ref[...] = jnp.where(valid[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(valid, m + jnp.log2(l_safe), jnp.inf)
+    m, l, acc = online_softmax_init((block_q,), (block_q, head_dim))
+    acc, m, l = _over_kv_blocks(step, (acc, m, l), i=i, block_q=block_q, block_kv=block_kv,
+                                kv_len_valid=kv_len_valid, causal=causal, q_ids=q_ids,
+                                q_pfx=q_pfx, ks_ref=ks_ref, kp_ref=kp_ref)
+    out, lse = online_softmax_finish(m, l, acc, log=jnp.log2)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _num_warps(blocks: BlockSizes, head_dim: int) -> int:
     return blocks.num_warps or (4 if head_dim <= 64 else 8)
 
 
-def forward(q, k, v, q_seg, kv_seg, *, sm_scale: float, causal: bool, kv_len_valid: int,
-            blocks: BlockSizes, interpret: bool):
+def _row_inputs(q_seg, kv_seg, q_pfx, kv_pfx, q_spec, kv_spec):
+    """Segment ids and prefix flags ([batch, len] int32) with their BlockSpecs."""
+    specs, args = [], []
+    for q_x, kv_x in ((q_seg, kv_seg), (q_pfx, kv_pfx)):
+        if q_x is not None:
+            specs += [q_spec, kv_spec]
+            args += [q_x, kv_x]
+    return specs, args
+
+
+def forward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, *, sm_scale: float, causal: bool,
+            kv_len_valid: int, blocks: BlockSizes, interpret: bool):
     """Returns (out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] fp32, base 2)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     bq, bk = blocks.block_q, blocks.block_kv
-    has_segments = q_seg is not None
     kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal,
-                               has_segments=has_segments, kv_len_valid=kv_len_valid,
-                               block_q=bq, block_kv=bk)
+                               has_segments=q_seg is not None, has_prefix=q_pfx is not None,
+                               kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk)
+    row_specs, row_args = _row_inputs(q_seg, kv_seg, q_pfx, kv_pfx,
+                                      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                                      pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)))
     in_specs = [
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
         pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+        *row_specs,
     ]
-    args = [q, k, v]
-    if has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0))]
-        args += [q_seg, kv_seg]
     return pl.pallas_call(
         kernel,
         grid=(q_len // bq, batch, heads),
@@ -152,15 +234,14 @@ def forward(q, k, v, q_seg, kv_seg, *, sm_scale: float, causal: bool, kv_len_val
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="flash_attention_fwd",
-    )(*args)
+    )(q, k, v, *row_args)
 
 
-def _dq_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, kv_len_valid: int,
-               block_q: int, block_kv: int):
-    if has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+def _dq_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, has_prefix: bool,
+               kv_len_valid: int, block_q: int, block_kv: int):
+    ins, (qs_ref, ks_ref), (qp_ref, kp_ref), (dq_ref,) = _split(
+        refs, has_segments, has_prefix, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     i = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
@@ -168,59 +249,43 @@ def _dq_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, kv_len_
     delta = delta_ref[...]
     q_pos = i * block_q + jnp.arange(block_q)
     q_ids = qs_ref[...] if has_segments else None
-    padded_kv = kv_len_valid % block_kv != 0
-    n_kv = -(-kv_len_valid // block_kv)
+    q_pfx = qp_ref[...] if has_prefix else None
+    kv_len_mask = kv_len_valid if kv_len_valid % block_kv else None
 
-    def step(j, dq, masked: bool, k_ids=None):
+    def step(j, dq, masked: bool, k_ids=None, k_pfx=None):
         kv_slice = pl.ds(j * block_kv, block_kv)
         k = k_ref[kv_slice, :]
         v = v_ref[kv_slice, :]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
         if masked:
-            k_pos = j * block_kv + jnp.arange(block_kv)
-            mask = block_mask(q_pos, k_pos, causal=causal,
-                              kv_len_valid=kv_len_valid if padded_kv else None,
-                              q_ids=q_ids, k_ids=k_ids)
-            s = jnp.where(mask, s, MASK_VALUE)
+            s = _mask_scores(s, q_pos, j * block_kv + jnp.arange(block_kv), causal=causal,
+                             kv_len=kv_len_mask, q_ids=q_ids, k_ids=k_ids, q_pfx=q_pfx,
+                             k_pfx=k_pfx)
         p = jnp.exp2(s - lse[:, None])
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    hi = jnp.minimum(_cdiv((i + 1) * block_q, block_kv), n_kv) if causal else n_kv
-    if has_segments:
-        q_lo, q_hi = jnp.min(q_ids), jnp.max(q_ids)
-
-        def seg_step(j, dq):
-            k_ids = ks_ref[pl.ds(j * block_kv, block_kv)]
-            return lax.cond(_ranges_meet(q_lo, q_hi, k_ids),
-                            lambda c: step(j, c, True, k_ids), lambda c: c, dq)
-
-        dq = lax.fori_loop(0, hi, seg_step, dq)
-    else:
-        n_full = kv_len_valid // block_kv
-        if causal:
-            n_full = jnp.minimum(lax.div(i * block_q + 1, block_kv), n_full)
-        dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-        dq = lax.fori_loop(n_full, hi, functools.partial(step, masked=True), dq)
+    dq = _over_kv_blocks(step, jnp.zeros(q.shape, jnp.float32), i=i, block_q=block_q,
+                         block_kv=block_kv, kv_len_valid=kv_len_valid, causal=causal,
+                         q_ids=q_ids, q_pfx=q_pfx, ks_ref=ks_ref, kp_ref=kp_ref)
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, q_len_valid: int,
-                groups: int, block_q: int, block_kv: int):
-    if has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, has_prefix: bool,
+                q_len_valid: int, groups: int, block_q: int, block_kv: int):
+    ins, (qs_ref, ks_ref), (qp_ref, kp_ref), (dk_ref, dv_ref) = _split(
+        refs, has_segments, has_prefix, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     j = pl.program_id(0)
     k = k_ref[...]
     v = v_ref[...]
     k_pos = j * block_kv + jnp.arange(block_kv)
     k_ids = ks_ref[...] if has_segments else None
+    k_pfx = kp_ref[...] if has_prefix else None
     n_q = -(-q_len_valid // block_q)  # padded q rows carry dO = 0, whole padded blocks skip
 
-    def step(i, carry, g, masked: bool, q_ids=None):
+    def step(i, carry, masked: bool, q_ids=None, q_pfx=None, g=0):
         dk, dv = carry
         q_slice = pl.ds(i * block_q, block_q)
         q = q_ref[q_slice, g, :]
@@ -228,11 +293,9 @@ def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, q_len_
         lse = lse_ref[g, q_slice]
         delta = delta_ref[g, q_slice]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * (sm_scale * LOG2E)
-        if masked:
-            q_pos = i * block_q + jnp.arange(block_q)
-            mask = block_mask(q_pos, k_pos, causal=causal, kv_len_valid=None, q_ids=q_ids,
-                              k_ids=k_ids)
-            s = jnp.where(mask, s, MASK_VALUE)
+        if masked:  # kv padding needs no mask here: those dk/dv rows are sliced away
+            s = _mask_scores(s, i * block_q + jnp.arange(block_q), k_pos, causal=causal,
+                             kv_len=None, q_ids=q_ids, k_ids=k_ids, q_pfx=q_pfx, k_pfx=k_pfx)
         p = jnp.exp2(s - lse[:, None])
         dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN,
                                   preferred_element_type=jnp.float32)
@@ -241,25 +304,10 @@ def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, q_len_
         dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
         return dk, dv
 
-    if causal:
-        lo = lax.div(j * block_kv, block_q)
-        full_from = jnp.minimum(_cdiv((j + 1) * block_kv - 1, block_q), n_q)
-    else:
-        lo, full_from = 0, 0
-
     def group_loop(g, carry):
-        if has_segments:
-            k_lo, k_hi = jnp.min(k_ids), jnp.max(k_ids)
-
-            def seg_step(i, carry):
-                q_ids = qs_ref[pl.ds(i * block_q, block_q)]
-                return lax.cond(_ranges_meet(k_lo, k_hi, q_ids),
-                                lambda c: step(i, c, g, True, q_ids), lambda c: c, carry)
-
-            return lax.fori_loop(lo, n_q, seg_step, carry)
-        if causal:
-            carry = lax.fori_loop(lo, full_from, functools.partial(step, g=g, masked=True), carry)
-        return lax.fori_loop(full_from, n_q, functools.partial(step, g=g, masked=False), carry)
+        return _over_q_blocks(functools.partial(step, g=g), carry, j=j, block_q=block_q,
+                              block_kv=block_kv, n_q=n_q, causal=causal, k_ids=k_ids,
+                              k_pfx=k_pfx, qs_ref=qs_ref, qp_ref=qp_ref)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, groups, group_loop, (zeros, zeros))
@@ -267,15 +315,15 @@ def _dkv_kernel(*refs, sm_scale: float, causal: bool, has_segments: bool, q_len_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, sm_scale: float, causal: bool,
-             q_len_valid: int, kv_len_valid: int, blocks: BlockSizes, interpret: bool):
-    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's base-2 logsumexp."""
+def backward(q, k, v, q_seg, kv_seg, q_pfx, kv_pfx, lse, delta, do, *, sm_scale: float,
+             causal: bool, q_len_valid: int, kv_len_valid: int, blocks: BlockSizes,
+             interpret: bool):
+    """Returns (dq, dk, dv) shaped like q, k, v. `lse` is the forward's base-2 logsumexp,
+    delta [b, h, q_len] = rowsum(out * do)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    has_segments = q_seg is not None
-    # delta_i = sum_d o_id * do_id: a memory-bound row reduction XLA fuses well.
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+    flags = dict(has_segments=q_seg is not None, has_prefix=q_pfx is not None)
     params = plgpu.CompilerParams(num_warps=_num_warps(blocks, head_dim),
                                   num_stages=blocks.num_stages)
 
@@ -288,15 +336,14 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, sm_scale: float, causal: b
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
     ]
-    args = [q, k, v, do, lse, delta]
-    if has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0))]
-        args += [q_seg, kv_seg]
+    row_specs, row_args = _row_inputs(q_seg, kv_seg, q_pfx, kv_pfx,
+                                      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                                      pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)))
+    in_specs += row_specs
+    args = [q, k, v, do, lse, delta, *row_args]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, sm_scale=sm_scale, causal=causal,
-                          has_segments=has_segments, kv_len_valid=kv_len_valid, block_q=bq,
-                          block_kv=bk),
+                          kv_len_valid=kv_len_valid, block_q=bq, block_kv=bk, **flags),
         grid=(q_len // bq, batch, heads),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
@@ -315,16 +362,16 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, sm_scale: float, causal: b
         pl.BlockSpec((None, groups, q_len), lambda j, b, h: (b, h, 0)),
         pl.BlockSpec((None, groups, q_len), lambda j, b, h: (b, h, 0)),
     ]
-    args = [q, k, v, do, lse, delta]
-    if has_segments:
-        in_specs += [pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
-        args += [q_seg, kv_seg]
+    row_specs, row_args = _row_inputs(q_seg, kv_seg, q_pfx, kv_pfx,
+                                      pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
+                                      pl.BlockSpec((None, bk), lambda j, b, h: (b, j)))
+    in_specs += row_specs
+    args = [q, k, v, do, lse, delta, *row_args]
     kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, sm_scale=sm_scale, causal=causal,
-                          has_segments=has_segments, q_len_valid=q_len_valid, groups=groups,
-                          block_q=bq, block_kv=bk),
+                          q_len_valid=q_len_valid, groups=groups, block_q=bq, block_kv=bk,
+                          **flags),
         grid=(kv_len // bk, batch, kv_heads),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],

@@ -9,7 +9,6 @@ and kv alike, which keeps each GQA group on one shard) over `head_axes`. Sequenc
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -33,11 +32,12 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: M
                             head_axes: str | tuple[str, ...] | None = None,
                             q_segment_ids: jax.Array | None = None,
                             kv_segment_ids: jax.Array | None = None,
-                            **kwargs) -> jax.Array:
+                            prefix: jax.Array | None = None, **kwargs) -> jax.Array:
     """`flash_attention` run shard by shard on `mesh`; same arguments and result.
 
     q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim]: batch is split
     over `batch_axes`, heads and kv_heads over `head_axes`; other dims are whole on each shard.
+    Segment ids and the prefix-LM `prefix` ([batch, len]) split over `batch_axes` like q.
     `kwargs` (causal, sm_scale, block_sizes, backend, interpret) pass through.
     """
     n_batch, n_heads = _size(mesh, batch_axes), _size(mesh, head_axes)
@@ -50,14 +50,13 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: M
                          "(head_axes=None) for this model")
     x_spec = PartitionSpec(batch_axes, None, head_axes, None)
     seg_spec = PartitionSpec(batch_axes, None)
-    has_seg = q_segment_ids is not None
+    rows = {name: x for name, x in (("q_segment_ids", q_segment_ids),
+                                    ("kv_segment_ids", kv_segment_ids), ("prefix", prefix))
+            if x is not None}
 
-    def local(q, k, v, *seg):
-        qs, ks = seg if has_seg else (None, None)
-        return flash_attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks, **kwargs)
+    def local(q, k, v, *row_args):
+        return flash_attention(q, k, v, **dict(zip(rows, row_args)), **kwargs)
 
-    in_specs = (x_spec, x_spec, x_spec) + ((seg_spec, seg_spec) if has_seg else ())
-    fn = jax.shard_map(functools.partial(local), mesh=mesh, in_specs=in_specs,
-                       out_specs=x_spec, check_vma=False)
-    args = (q, k, v) + ((q_segment_ids, kv_segment_ids) if has_seg else ())
-    return fn(*args)
+    in_specs = (x_spec, x_spec, x_spec) + (seg_spec,) * len(rows)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=x_spec, check_vma=False)
+    return fn(q, k, v, *rows.values())

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ConfigError
-from llm.kernels.reference import mha_reference
+from llm.kernels.reference import attention_mask, mha_reference
 from llm.model.config import ModelConfig
 from llm.model.layers import Dense, rope
 from llm.parallel.rules import active_spec, constrain
@@ -27,10 +27,7 @@ KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "acti
 def prefix_lm_mask(prefix: jax.Array) -> jax.Array:
     """prefix [batch, seq] (1/True on prefix positions) -> bool [batch, 1, seq, seq], True where
     query i may see key j: j <= i (causal) or both in the prefix (bidirectional)."""
-    seq = prefix.shape[1]
-    causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
-    p = prefix.astype(bool)
-    return (causal[None] | (p[:, :, None] & p[:, None, :]))[:, None]
+    return attention_mask(prefix.shape[1], prefix.shape[1], causal=True, prefix=prefix)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
@@ -52,21 +49,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     if prefix is not None:
         if not causal:
             raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
-        if impl == "pallas":
-            raise ConfigError("ModelConfig.attention_impl='pallas' has no prefix-LM mask (the "
-                              "flash kernel is causal or full); use ModelConfig.attention_impl="
-                              "'xla' or 'cudnn' for the prefix_lm objective.")
-        mask = prefix_lm_mask(prefix)
-        if impl == "xla":
-            return mha_reference(q, k, v, q_segment_ids=segment_ids,
-                                 kv_segment_ids=kv_segment_ids, causal=False, mask=mask)
         if impl == "cudnn":
+            mask = prefix_lm_mask(prefix)
             if segment_ids is not None:
                 mask = mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if impl == "xla":
         return mha_reference(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                             causal=causal)
+                             causal=causal, prefix=prefix)
     if impl == "pallas":
         from llm.kernels import flash_attention
         from llm.kernels.sharding import sharded_flash_attention
@@ -77,7 +67,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
         kv_placed = active_spec(KV_AXES, k.shape)
         if placed is None:
             return flash_attention(q, k, v, q_segment_ids=segment_ids,
-                                   kv_segment_ids=kv_segment_ids, causal=causal)
+                                   kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix)
         mesh, spec = placed
         batch_axes = spec[0] if len(spec) > 0 else None
         head_axes = spec[2] if len(spec) > 2 else None
@@ -86,7 +76,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
             head_axes = None  # q and kv heads must split alike to keep GQA groups together
         return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=batch_axes,
                                        head_axes=head_axes, q_segment_ids=segment_ids,
-                                       kv_segment_ids=kv_segment_ids, causal=causal)
+                                       kv_segment_ids=kv_segment_ids, causal=causal,
+                                       prefix=prefix)
     if impl == "cudnn":
         mask = None
         if segment_ids is not None:

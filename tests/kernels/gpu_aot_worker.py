@@ -4,6 +4,11 @@ XLA's GPU compiler runs deviceless against the target description in
 h100_target_config.txtpb; the Triton custom calls go through Triton's whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX). Usage: python -m tests.kernels.gpu_aot_worker <dump_dir>
 Prints one line per compiled function and the kernels found in the emitted PTX.
+
+python -m tests.kernels.gpu_aot_worker <dump_dir> --decode-grid [--shard i/n] compiles the
+decode kernel instead, at every KV-cache length of `DECODE_GRID` (the TPU tool's grid, 1..1024
+with odd lengths; with --shard, every n-th of them from the i-th), q_len 1 and 5, and prints
+failures and "decode grid h100 (...): <ok>/<tried> compiled".
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import sys
 
 DUMP = sys.argv[1] if len(sys.argv) > 1 else "/tmp/gpu_aot_dump"
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_dump_to={DUMP}"
+if "--decode-grid" not in sys.argv:  # the PTX is read back from XLA's dump
+    os.environ["XLA_FLAGS"] = f"--xla_dump_to={DUMP}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -24,6 +30,35 @@ from jax.experimental import topologies  # noqa: E402
 from llm.kernels import decode_attention, flash_attention  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Same lengths as tools/aot_compile_tpu_kernel.py (not imported: that module sets TPU env vars).
+DECODE_GRID = tuple(sorted(set(range(1, 81)) | set(range(81, 1025, 13)) | {
+    96, 100, 127, 128, 129, 200, 255, 256, 257, 333, 500, 511, 512, 513, 640, 997, 1000, 1023,
+    1024}))
+
+
+def decode_grid(spec, shard: int = 0, shards: int = 1) -> int:
+    """Compile decode_attention for every DECODE_GRID cache length (those of `shard` out of
+    `shards` interleaved parts); returns the exit code."""
+    def decode(q, k, v, n):
+        return decode_attention(q, k, v, n, backend="gpu", interpret=False)
+
+    ok = tried = 0
+    for length in DECODE_GRID[shard::shards]:
+        cache = spec((2, length, 2, 128), jnp.bfloat16)
+        for q_len in (t for t in (1, 5) if t <= length):
+            tried += 1
+            try:
+                jax.jit(decode).trace(spec((2, q_len, 8, 128), jnp.bfloat16), cache, cache,
+                                      spec((2,), jnp.int32)).lower(
+                    lowering_platforms=("cuda",)).compile()
+                ok += 1
+                print(f"h100 cache={length} q_len={q_len}: compiled", flush=True)
+            except Exception as e:  # noqa: BLE001 -- report every failing length
+                print(f"h100 cache={length} q_len={q_len}: FAILED {str(e)[:200]!r}", flush=True)
+    part = f", part {shard + 1} of {shards}" if shards > 1 else ""
+    print(f"decode grid h100 ({len(DECODE_GRID)} cache lengths {DECODE_GRID[0]}.."
+          f"{DECODE_GRID[-1]}{part}, q_len 1 and 5, bfloat16): {ok}/{tried} compiled")
+    return 0 if ok == tried else 1
 
 
 def main() -> None:
@@ -37,24 +72,35 @@ def main() -> None:
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    def train(causal, segments):
+    if "--decode-grid" in sys.argv:  # optional "--shard i/n": every n-th length from the i-th
+        shard, shards = 0, 1
+        if "--shard" in sys.argv:
+            shard, shards = map(int, sys.argv[sys.argv.index("--shard") + 1].split("/"))
+        with jax.default_device(device):
+            sys.exit(decode_grid(spec, shard, shards))
+
+    def train(causal, segments, prefix):
         def loss(q, k, v, qs, ks):
+            pfx = (jnp.arange(q.shape[1]) < q.shape[1] // 3)[None].repeat(q.shape[0], 0)
             out = flash_attention(q, k, v, q_segment_ids=qs if segments else None,
                                   kv_segment_ids=ks if segments else None, causal=causal,
-                                  backend="gpu", interpret=False)
+                                  prefix=pfx if prefix else None, backend="gpu",
+                                  interpret=False)
             return out.astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))
 
     cases = []
-    for seq, heads, kv_heads, hd, dtype, causal, seg in (
-            (1000, 8, 2, 128, jnp.bfloat16, True, False),
-            (1024, 4, 4, 64, jnp.bfloat16, True, True),
-            (640, 4, 1, 128, jnp.float32, False, True)):
+    for seq, heads, kv_heads, hd, dtype, causal, seg, pfx in (
+            (1000, 8, 2, 128, jnp.bfloat16, True, False, False),
+            (1024, 4, 4, 64, jnp.bfloat16, True, True, False),
+            (640, 4, 1, 128, jnp.float32, False, True, False),
+            (777, 8, 2, 128, jnp.bfloat16, True, True, True)):
         q = spec((2, seq, heads, hd), dtype)
         kv = spec((2, seq, kv_heads, hd), dtype)
         ids = spec((2, seq), jnp.int32)
         cases.append((f"fwd+bwd seq={seq} h={heads}/{kv_heads} d={hd} {jnp.dtype(dtype).name} "
-                      f"causal={causal} segments={seg}", train(causal, seg), (q, kv, kv, ids, ids)))
+                      f"causal={causal} segments={seg} prefix={pfx}", train(causal, seg, pfx),
+                      (q, kv, kv, ids, ids)))
     cases.append(("decode b=8 q_len=1 h=32/8 d=128 cache=4096 bf16",
                   lambda q, k, v, n: decode_attention(q, k, v, n, backend="gpu", interpret=False),
                   (spec((8, 1, 32, 128), jnp.bfloat16), spec((8, 4096, 8, 128), jnp.bfloat16),

@@ -110,6 +110,98 @@ class TestFlashAttentionTPU:
                                 dtype=jnp.bfloat16, blocks=self.blocks)
 
 
+def prefix_lm_rows(length: int, boundaries: list[int], prefix_lens: list[int]):
+    """(segment ids [1, length], prefix [1, length]) as the prefix_lm objective lays out a
+    packed row: documents split at `boundaries`, the first prefix_lens[d] tokens of document d
+    are its bidirectional prefix."""
+    seg = np.asarray(packed_segments(1, length, boundaries))[0]
+    starts = [0, *boundaries]
+    pos = np.arange(length) - np.asarray(starts)[seg - 1]
+    prefix = (pos < np.asarray(prefix_lens)[seg - 1]).astype(np.int32)
+    return jnp.asarray(seg[None]), jnp.asarray(prefix[None])
+
+
+def prefix_lm_mask_by_hand(seg, prefix) -> jax.Array:
+    """[1, 1, len, len]: written out from the definition, loop by loop (independent of
+    llm.kernels.reference): i sees j when they share a segment and j <= i or both are in the
+    prefix."""
+    seg, prefix = np.asarray(seg)[0], np.asarray(prefix)[0]
+    n = len(seg)
+    mask = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(n):
+            mask[i, j] = seg[i] == seg[j] and (j <= i or (prefix[i] and prefix[j]))
+    return jnp.asarray(mask[None, None])
+
+
+def check_prefix_lm(backend, *, length, heads, kv_heads, boundaries, prefix_lens, blocks,
+                    packed=True, dtype=jnp.float32, batch=2):
+    """flash_attention(prefix=...) vs the reference with a hand-built mask (the `xla` path's
+    numbers): forward and dq, dk, dv. Batch row 1 has a different prefix than row 0."""
+    q, k, v, do = random_qkv(7, batch, length, length, heads, kv_heads, 64, dtype)
+    seg0, pfx0 = prefix_lm_rows(length, boundaries, prefix_lens)
+    seg1, pfx1 = prefix_lm_rows(length, boundaries, [p // 2 for p in prefix_lens])
+    seg = jnp.concatenate([seg0, seg1][:batch])
+    pfx = jnp.concatenate([pfx0, pfx1][:batch])
+    mask = jnp.concatenate([prefix_lm_mask_by_hand(seg0, pfx0),
+                            prefix_lm_mask_by_hand(seg1, pfx1)][:batch])
+    ids = dict(q_segment_ids=seg, kv_segment_ids=seg) if packed else {}
+
+    def kernel(q, k, v):
+        return flash_attention(q, k, v, causal=True, prefix=pfx, block_sizes=blocks,
+                               backend=backend, **ids)
+
+    def reference(q, k, v):  # the mask carries the segments too
+        return mha_reference(q, k, v, causal=False, mask=mask)
+
+    up = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    with kernel_mode(backend):
+        out, vjp = jax.vjp(jax.jit(kernel), q, k, v)
+        grads = vjp(do)
+        ref_out, ref_vjp = jax.vjp(reference, *up[:3])
+        ref_grads = ref_vjp(up[3])
+    tol = FP32_TOL if dtype == jnp.float32 else BF16_TOL
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        assert_close(f"prefix-LM {name}", got, want, tol)
+
+
+class TestPrefixLM:
+    """Prefix-LM mask (bidirectional prefix, causal suffix), packed documents, both lowerings
+    interpreted. Prefixes span several blocks, so blocks above the causal diagonal must be
+    visited (prefix keys) while others stay skipped."""
+
+    def test_gpu_packed_gqa(self):
+        check_prefix_lm("gpu", length=100, heads=4, kv_heads=2, boundaries=[45, 46, 80],
+                        prefix_lens=[40, 1, 20, 7], blocks=TestFlashAttentionGPU.small)
+
+    def test_gpu_single_document_long_prefix_bf16(self):
+        blocks = BlockSizes(block_q=16, block_kv=32, block_q_dkv=32, block_kv_dkv=16,
+                            block_q_dq=32, block_kv_dq=16)
+        check_prefix_lm("gpu", length=90, heads=2, kv_heads=1, boundaries=[],
+                        prefix_lens=[70], blocks=blocks, packed=False, dtype=jnp.bfloat16)
+
+    def test_tpu_packed(self):
+        check_prefix_lm("tpu", length=300, heads=2, kv_heads=1, boundaries=[100, 230],
+                        prefix_lens=[20, 90, 50], blocks=BlockSizes(*(128,) * 6), batch=1)
+
+    def test_tpu_single_document(self):
+        check_prefix_lm("tpu", length=256, heads=2, kv_heads=2, boundaries=[],
+                        prefix_lens=[150], blocks=BlockSizes(*(128,) * 6), packed=False,
+                        batch=1)
+
+
+def test_prefix_lm_matches_the_models_xla_path():
+    """`attend(impl="pallas")` and `attend(impl="xla")` with the objective's `prefix`."""
+    from llm.model.attention import attend
+
+    q, k, v, _ = random_qkv(11, 1, 64, 64, 4, 2, 64)
+    seg, pfx = prefix_lm_rows(64, [30], [10, 25])
+    with jax.default_matmul_precision("highest"):
+        got = attend(q, k, v, segment_ids=seg, causal=True, impl="pallas", prefix=pfx)
+        want = attend(q, k, v, segment_ids=seg, causal=True, impl="xla", prefix=pfx)
+    assert_close("attend pallas vs xla", got, want, FP32_TOL)
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_fully_masked_blocks_are_skipped(backend):
     """Keys in fully masked blocks are set to NaN. Attention multiplies V by a probability of
@@ -164,6 +256,8 @@ def test_public_defaults_run_on_this_host():
     (dict(block_sizes=BlockSizes(block_q=24)), "block_q=24"),
     (dict(backend="cuda"), "backend"),
     (dict(sm_scale=jnp.float32(0.1)), "sm_scale"),
+    (dict(prefix=jnp.ones((1, 8), jnp.int32), causal=False), "causal=True"),
+    (dict(prefix=jnp.ones((1, 7), jnp.int32)), r"prefix must be \[batch, len\]"),
 ])
 def test_bad_arguments_name_the_problem(kwargs, message):
     args = dict(q=jnp.zeros((1, 8, 4, 64)), k=jnp.zeros((1, 8, 2, 64)),
