@@ -10,7 +10,7 @@ import jax.numpy as jnp
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "pallas", "cudnn")
 REMAT = ("none", "block")
 DTYPES = ("float32", "bfloat16")
 
@@ -41,7 +41,7 @@ class ModelConfig:
     activation: str = "swiglu"
     use_bias: bool = False
     tie_embeddings: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # see llm.model.attention.attend
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
