@@ -480,16 +480,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"machine: {describe(machine)}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {usable} cores for each "
           f"side, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-    results = [run_point(n, b, s, strip_point_args(argv)) for n, b, s in points(args)]
-    print_table(results)
-    machine_after = machine_info()
-    print(f"  load average after: {' '.join(map(str, machine_after['load_avg']))}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                       "machine": machine, "load_avg_after": machine_after["load_avg"],
-                       "args": vars(args), "results": [dataclasses.asdict(r) for r in results]},
-                      f, indent=1)
+    results = []
+    for n, b, s in points(args):
+        results.append(run_point(n, b, s, strip_point_args(argv)))
+        machine_after = machine_info()
+        print_table(results[-1:])  # each point as it finishes (a sweep takes a while)
+        print(f"  load average now: {' '.join(map(str, machine_after['load_avg']))}",
+              flush=True)
+        if args.json:  # rewritten after every point, so a cut-short sweep keeps what it had
+            with open(args.json, "w") as f:
+                json.dump({"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                           "machine": machine, "load_avg_after": machine_after["load_avg"],
+                           "args": vars(args),
+                           "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    if len(results) > 1:
+        print("\nall points:")
+        print_table(results)
     return results
 
 
