@@ -274,6 +274,10 @@ def twin_unsupported(cfg: ModelConfig) -> str | None:
 def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
     """One (config, seq) point: ours and the twins, interleaved."""
     cfg = load_config(name, args.gin_param)
+    if cfg.position == "learned" and seq > cfg.max_seq_len:
+        raise SystemExit(f"bench_train: seq {seq} is longer than {name}'s learned position table "
+                         f"(ModelConfig.max_seq_len={cfg.max_seq_len}); pass "
+                         f"--gin_param=ModelConfig.max_seq_len={seq} (both sides get it).")
     total = args.warmup + args.steps + 1
     compiled, state, data, compile_s = build_step(cfg, batch, seq, total)
     memory = compiled.memory_analysis()
