@@ -6,8 +6,10 @@ On a GPU or TPU (one command, prints a table; --json writes every row):
 
 measures causal bf16 attention, head_dim 128, seq 1k..16k (batch chosen so every row has the
 same number of tokens), forward and forward+backward, reporting
-  TFLOP/s  = model FLOPs / median wall time (causal FLOPs: half of 4*b*h*s^2*d forward,
-             2.5x that for the backward, the FlashAttention paper's convention);
+  TFLOP/s  = model FLOPs / median wall time, in the project's one convention
+             (`llm.model.config.attention_flops`, as the model's MFU): causal counted half
+             (2*b*h*s^2*d forward), forward+backward = 3x forward (no recomputation counted;
+             the FlashAttention papers count 3.5x, so their fwd+bwd TFLOP/s read 7/6 higher);
   mem MiB  = memory of the compiled program (arguments + outputs + XLA temporaries, from
              `compiled.memory_analysis()`), i.e. what one call needs on the device.
 Implementations:
@@ -41,6 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm.kernels import flash_attention, mha_reference  # noqa: E402
+from llm.model import config as model_config  # noqa: E402
 
 IMPLS = ("ours", "xla", "cudnn", "jax_pallas")
 
@@ -120,8 +123,8 @@ def inputs(seed: int, batch: int, seq: int, heads: int, kv_heads: int, head_dim:
 
 def attention_flops(batch: int, seq: int, heads: int, head_dim: int, causal: bool,
                     mode: str) -> float:
-    fwd = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
-    return fwd if mode == "fwd" else 3.5 * fwd
+    fwd = batch * model_config.attention_flops(seq, seq, heads, head_dim, causal=causal)
+    return fwd if mode == "fwd" else 3.0 * fwd
 
 
 def compiled_mib(step: Callable, args) -> float | None:

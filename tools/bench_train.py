@@ -1,33 +1,43 @@
-"""Training-step throughput of named model configs, and of a hand-written PyTorch twin.
+"""Training-step throughput of named model configs against a hand-written PyTorch twin, eager and
+torch.compile'd, interleaved in one run, with a sequence-length sweep at fixed tokens per step.
 
-  .venv/bin/python tools/bench_train.py --configs gpt2_tiny,llama_tiny --steps 8 \
+  .venv/bin/python tools/bench_train.py --configs gpt2_tiny --steps 8 \
       --torch_python /tmp/torchvenv/bin/python --json bench_train.json
+  .venv/bin/python tools/bench_train.py --configs gpt2_tiny --seqs 256,512,1024,2048 \
+      --tokens 4096 --torch_python /tmp/torchvenv/bin/python --json sweep.json
 
-For each config (a gin file under gin_configs/models/) it builds the real training state and
-`jit_train_step` on one device (AdamW + clipping from `llm.train.optimizer`, the decoder
-next-token loss) and times full optimizer steps on a fixed synthetic batch:
+For each (config, seq) point -- a gin file under gin_configs/models/ -- it builds the real
+training state and `jit_train_step` on one device (AdamW + clipping from `llm.train.optimizer`,
+the decoder next-token loss) and times full optimizer steps on a fixed synthetic batch:
 
   compile s   lower + compile of the step;
   step ms     median wall time of one step (each step is waited for);
   tokens/s    batch * seq / median step;
-  cpu ms      median process CPU time of one step, all threads (robust to a busy machine when
-              run on one thread; with several it also counts spin-waiting);
-  MFU         model FLOPs (`ModelConfig.flops_per_token`, 6N + attention) per second, divided by
-              the FLOP/s of a large fp32 matmul (`llm.train.metrics.measure_matmul_flops`)
-              measured in this process on the same device, once before the steps and once
-              after every round of steps (median of all).
+  cpu ms      median process CPU time of one step, all threads;
+  MFU         model FLOPs (`ModelConfig.flops_per_token`: 6 x matmul parameters + causal
+              attention counted half, see its docstring) per second, divided by the FLOP/s of a
+              2048^3 fp32 matmul (`llm.train.metrics.measure_matmul_flops`) measured in the same
+              process, before the steps and after every round (median of all);
+  peak RSS    the process's peak resident memory (ru_maxrss) for this point alone: every point
+              runs in a fresh subprocess of this tool, and each twin is a fresh process.
 
-With --torch_python (an interpreter that has torch; PyTorch is not a dependency of `llm`) the
-GPT-2-style configs are also run by `tools/torch_twin.py` in a subprocess. The twin and ours are
-timed interleaved, --round steps of one then --round steps of the other, so machine noise hits
-both alike; the ratio ours/twin is of the medians. Without it the twin is skipped with a note.
+Twins (--torch_python: an interpreter with torch; PyTorch is not a dependency of `llm`): the
+GPT-2-style configs are also run by `tools/torch_twin.py` as "eager" and "compiled"
+(`torch.compile`; its compile is the first step, reported as "first step s" and never timed).
+Ours and each twin take turns, --round steps at a time (ours, eager, compiled, ours, ...), so
+machine noise hits all alike; ours/eager and ours/compiled are ratios of median tokens/s.
+
+Threads: --threads N (default: every CPU this process may use) restricts this process -- and so
+XLA's intra-op pool, which sizes itself from the CPU affinity -- and the twins (inherited
+affinity, plus torch.set_num_threads(N)) to the same N cores. What each side really uses is read
+back and printed: XLA's intra-op threads are counted from /proc/self/task (threads named
+*XLAEigen) after the first step, torch's from torch.get_num_threads().
 
 --profile N prints the N slowest HLO ops of each step (jax.profiler trace; with one XLA thread
-they add up to the step), with the JAX op each came from: that is how the figures in
-docs/benchmarks.md ("Training step (CPU)") were found.
+they add up to the step), with the JAX op each came from.
 
---gin_param overrides the model config for every config (e.g. 'ModelConfig.dtype="bfloat16"').
-XLA flags go in the environment (XLA_FLAGS=...), as for any JAX program.
+--gin_param overrides the model config for every config (e.g. 'ModelConfig.dtype="bfloat16"',
+'ModelConfig.attention_impl="xla"'). XLA flags go in the environment (XLA_FLAGS=...).
 """
 
 from __future__ import annotations
@@ -39,18 +49,69 @@ import gzip
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import gin
-import jax
-import jax.numpy as jnp
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWIN = os.path.join(ROOT, "tools", "torch_twin.py")
+sys.path.insert(0, ROOT)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="gpt2_tiny,llama_tiny",
+                   help="comma-separated names of gin_configs/models/*.gin")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side and point")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--round", type=int, default=2,
+                   help="steps per turn when interleaving with the twins")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seqs", default=None,
+                   help="sequence sweep, e.g. 256,512,1024,2048: batch = --tokens // seq")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step in a --seqs sweep")
+    p.add_argument("--threads", type=int, default=0,
+                   help="cores for both sides (0: all this process may use)")
+    p.add_argument("--gin_param", action="append", default=[],
+                   help="gin binding applied to every config, e.g. ModelConfig.dtype=\"bfloat16\"")
+    p.add_argument("--torch_python", default=None,
+                   help="python with torch installed, runs tools/torch_twin.py")
+    p.add_argument("--twins", default="eager,compiled",
+                   help="which twins to run with --torch_python (eager, compiled)")
+    p.add_argument("--twin_arg", action="append", default=[],
+                   help="extra flag for torch_twin.py, e.g. --twin_arg=--fused")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, trace 2 steps with jax.profiler and print the N slowest "
+                        "HLO ops (use one thread, see op_profile)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--point_json", default=None, help=argparse.SUPPRESS)  # internal: one point
+    return p.parse_args(argv)
+
+
+def pin_threads(threads: int) -> int:
+    """Restrict this process (and its children) to the first `threads` usable cores, before XLA
+    starts; returns the number of cores it may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    if threads:
+        if threads > len(cores):
+            raise SystemExit(f"bench_train: --threads={threads} but only {len(cores)} cores are "
+                             "usable; pass at most that.")
+        os.sched_setaffinity(0, cores[:threads])
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    _ARGS = parse_args()
+    pin_threads(_ARGS.threads)  # before jax is imported, so XLA sizes its pool from it
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from llm.model import transformer  # noqa: E402
 from llm.model.config import ModelConfig  # noqa: E402
@@ -61,9 +122,25 @@ from llm.train.metrics import measure_matmul_flops  # noqa: E402
 from llm.train.optimizer import make_optimizer  # noqa: E402
 from llm.train.state import create_train_state  # noqa: E402
 from llm.train.step import batch_sharding, jit_train_step  # noqa: E402
+from tools.machine import describe, machine_info  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWIN = os.path.join(ROOT, "tools", "torch_twin.py")
+
+@dataclasses.dataclass
+class Side:
+    """One PyTorch twin's figures at one point."""
+
+    name: str  # eager | compiled
+    step_ms: float
+    step_ms_min: float
+    cpu_ms: float
+    tokens_per_s: float
+    ratio: float  # ours / this twin, tokens/s (medians)
+    first_step_s: float  # the untimed first step (= torch.compile's compile for "compiled")
+    threads: int  # torch.get_num_threads() inside the twin
+    interop_threads: int
+    peak_rss_mb: float
+    params: int
+    loss_last: float
 
 
 @dataclasses.dataclass
@@ -73,6 +150,7 @@ class Result:
     batch: int
     seq: int
     dtype: str
+    attention_impl: str
     flops_per_token: float
     compile_s: float
     step_ms: float
@@ -84,15 +162,33 @@ class Result:
     cpu_ms: float  # median process CPU time per step (all threads)
     step_ms_min: float
     step_ms_all: list[float]
-    twin_step_ms: float | None = None
-    twin_cpu_ms: float | None = None
-    twin_step_ms_min: float | None = None
-    twin_tokens_per_s: float | None = None
-    twin_params: int | None = None
-    ratio: float | None = None  # ours / twin tokens/s (wall clock)
-    cpu_ratio: float | None = None  # twin / ours CPU time per step
+    xla_threads: int  # XLA intra-op threads counted after the first step
+    usable_cpus: int  # this process's CPU affinity
+    peak_rss_mb: float  # this point's process, ru_maxrss
+    xla_temp_mb: float  # XLA's temporaries for the step (compiled.memory_analysis())
+    twins: list[Side] = dataclasses.field(default_factory=list)
     twin_note: str | None = None
     profile: list[dict] | None = None  # --profile: the slowest HLO ops, ms per step
+
+    def twin(self, name: str) -> Side | None:
+        return next((t for t in self.twins if t.name == name), None)
+
+
+
+def xla_threads() -> int:
+    """XLA:CPU intra-op threads of this process, counted by name in /proc/self/task."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += "XLAEigen" in f.read()
+        except OSError:
+            pass
+    return n
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_config(name: str, overrides: list[str]) -> ModelConfig:
@@ -135,15 +231,18 @@ class Twin:
     """The PyTorch twin in a subprocess, driven one JSON line at a time."""
 
     def __init__(self, python: str, cfg: ModelConfig, batch: int, seq: int, total_steps: int,
-                 extra: list[str]):
+                 threads: int, extra: list[str]):
         args = [python, TWIN, "--serve", f"--vocab={cfg.vocab_size}",
                 f"--d_model={cfg.d_model}", f"--layers={cfg.num_layers}",
                 f"--heads={cfg.num_heads}", f"--hidden={cfg.hidden_dim}",
                 f"--max_seq_len={cfg.max_seq_len}", f"--eps={cfg.norm_eps}",
-                f"--batch={batch}", f"--seq={seq}", f"--total_steps={total_steps}", *extra]
+                f"--batch={batch}", f"--seq={seq}", f"--total_steps={total_steps}",
+                f"--threads={threads}", *extra]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.info = self._read()
+        self.rss_mb = 0.0
+        self.loss = float("nan")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -156,6 +255,7 @@ class Twin:
         self.proc.stdin.write(json.dumps({"cmd": "run", "steps": steps}) + "\n")
         self.proc.stdin.flush()
         out = self._read()
+        self.rss_mb, self.loss = out["max_rss_mb"], out["loss"]
         return out["times"], out["cpu"]
 
     def close(self) -> None:
@@ -172,15 +272,25 @@ def twin_unsupported(cfg: ModelConfig) -> str | None:
     return f"twin is GPT-2-style fp32 only (differs in {', '.join(bad)})" if bad else None
 
 
-def bench(name: str, args: argparse.Namespace) -> Result:
+def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
+    """One (config, seq) point: ours and the twins, interleaved."""
     cfg = load_config(name, args.gin_param)
+    if cfg.position == "learned" and seq > cfg.max_seq_len:
+        raise SystemExit(f"bench_train: seq {seq} is longer than {name}'s learned position table "
+                         f"(ModelConfig.max_seq_len={cfg.max_seq_len}); pass "
+                         f"--gin_param=ModelConfig.max_seq_len={seq} (both sides get it).")
     total = args.warmup + args.steps + 1
-    compiled, state, data, compile_s = build_step(cfg, args.batch, args.seq, total)
+    compiled, state, data, compile_s = build_step(cfg, batch, seq, total)
+    memory = compiled.memory_analysis()
     matmul = [measure_matmul_flops()]
+    usable = len(os.sched_getaffinity(0))
     note = twin_unsupported(cfg) if args.torch_python else "no --torch_python: twin skipped"
-    twin = None
+    twins: dict[str, Twin] = {}
     if args.torch_python and note is None:
-        twin = Twin(args.torch_python, cfg, args.batch, args.seq, total, args.twin_arg)
+        for kind in args.twins.split(","):
+            extra = ["--compile"] if kind == "compiled" else []
+            twins[kind] = Twin(args.torch_python, cfg, batch, seq, total, usable,
+                               extra + args.twin_arg)
     losses = []
 
     def ours(n: int) -> tuple[list[float], list[float]]:
@@ -194,42 +304,46 @@ def bench(name: str, args: argparse.Namespace) -> Result:
             cpu.append(time.process_time() - c)
         return times, cpu
 
-    ours(args.warmup)
-    if twin:
+    ours(max(args.warmup, 1))
+    threads = xla_threads()
+    for twin in twins.values():
         twin.run(args.warmup)
-    mine, mine_cpu, theirs, theirs_cpu = [], [], [], []
+    mine, mine_cpu = [], []
+    theirs = {k: ([], []) for k in twins}
     while len(mine) < args.steps:
         n = min(args.round, args.steps - len(mine))
         wall, cpu = ours(n)
         mine += wall
         mine_cpu += cpu
-        if twin:
+        for kind, twin in twins.items():
             wall, cpu = twin.run(n)
-            theirs += wall
-            theirs_cpu += cpu
+            theirs[kind][0].extend(wall)
+            theirs[kind][1].extend(cpu)
         matmul.append(measure_matmul_flops(repeats=3))  # same noise as the steps around it
-    if twin:
+    for twin in twins.values():
         twin.close()
     step_s = statistics.median(mine)
-    tokens = args.batch * args.seq
+    tokens = batch * seq
     peak = statistics.median(matmul)
-    fpt = cfg.flops_per_token(args.seq)
+    fpt = cfg.flops_per_token(seq)
     result = Result(
-        config=name, params=cfg.num_params(), batch=args.batch, seq=args.seq, dtype=cfg.dtype,
-        flops_per_token=fpt, compile_s=compile_s, step_ms=step_s * 1e3,
-        tokens_per_s=tokens / step_s, matmul_gflops=peak / 1e9,
+        config=name, params=cfg.num_params(), batch=batch, seq=seq, dtype=cfg.dtype,
+        attention_impl=cfg.attention_impl, flops_per_token=fpt, compile_s=compile_s,
+        step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, matmul_gflops=peak / 1e9,
         mfu=fpt * tokens / step_s / peak, loss_first=losses[0], loss_last=losses[-1],
         cpu_ms=statistics.median(mine_cpu) * 1e3, step_ms_min=min(mine) * 1e3,
-        step_ms_all=[t * 1e3 for t in mine], twin_note=note)
-    if twin:
-        twin_s = statistics.median(theirs)
-        result.twin_step_ms = twin_s * 1e3
-        result.twin_tokens_per_s = tokens / twin_s
-        result.twin_params = twin.info["params"]
-        result.ratio = twin_s / step_s
-        result.twin_cpu_ms = statistics.median(theirs_cpu) * 1e3
-        result.twin_step_ms_min = min(theirs) * 1e3
-        result.cpu_ratio = result.twin_cpu_ms / result.cpu_ms
+        step_ms_all=[t * 1e3 for t in mine], xla_threads=threads, usable_cpus=usable,
+        peak_rss_mb=peak_rss_mb(), xla_temp_mb=memory.temp_size_in_bytes / 2**20,
+        twin_note=note)
+    for kind, twin in twins.items():
+        wall, cpu = theirs[kind]
+        twin_s = statistics.median(wall)
+        result.twins.append(Side(
+            name=kind, step_ms=twin_s * 1e3, step_ms_min=min(wall) * 1e3,
+            cpu_ms=statistics.median(cpu) * 1e3, tokens_per_s=tokens / twin_s,
+            ratio=twin_s / step_s, first_step_s=twin.info["first_step_s"],
+            threads=twin.info["threads"], interop_threads=twin.info["interop_threads"],
+            peak_rss_mb=twin.rss_mb, params=twin.info["params"], loss_last=twin.loss))
         if twin.info["params"] != result.params:
             result.twin_note = f"param count differs: twin {twin.info['params']:,}"
     if args.profile:
@@ -273,67 +387,120 @@ def op_profile(compiled, state, data, top: int, steps: int = 2) -> tuple[list[di
 
 
 def print_table(results: list[Result]) -> None:
-    head = (f"{'config':<12} {'params':>10} {'compile s':>9} {'step ms':>8} {'tokens/s':>9} "
-            f"{'MFU':>6} {'twin tok/s':>10} {'ours/twin':>9} {'cpu ms':>8} {'twin cpu':>8}")
+    head = (f"{'config':<10} {'seq':>5} {'batch':>5} {'attn':<11} {'compile s':>9} "
+            f"{'step ms':>8} {'tokens/s':>9} {'MFU':>6} {'RSS MB':>7} {'thr':>3} | "
+            f"{'eager tok/s':>11} {'ours/eager':>10} {'compiled tok/s':>14} "
+            f"{'ours/compiled':>13} {'RSS MB e/c':>11} {'thr e/c':>7}")
     print(head)
     print("-" * len(head))
     for r in results:
-        twin = (f"{r.twin_tokens_per_s:>10,.0f} {r.ratio:>9.2f}" if r.ratio is not None else
-                f"{'-':>10} {'-':>9}")
-        cpu = f"{r.cpu_ms:>8.0f} " + (f"{r.twin_cpu_ms:>8.0f}" if r.twin_cpu_ms else f"{'-':>8}")
-        print(f"{r.config:<12} {r.params:>10,} {r.compile_s:>9.1f} {r.step_ms:>8.1f} "
-              f"{r.tokens_per_s:>9,.0f} {r.mfu:>6.1%} {twin} {cpu}")
+        e, c = r.twin("eager"), r.twin("compiled")
+        cols = []
+        for t in (e, c):
+            width = 11 if t is e else 14
+            cols.append(f"{t.tokens_per_s:>{width},.0f} " if t else f"{'-':>{width}} ")
+            cols.append(f"{t.ratio:>{10 if t is e else 13}.2f}" if t else
+                        f"{'-':>{10 if t is e else 13}}")
+        rss = "/".join(f"{t.peak_rss_mb:.0f}" for t in (e, c) if t) or "-"
+        thr = "/".join(str(t.threads) for t in (e, c) if t) or "-"
+        print(f"{r.config:<10} {r.seq:>5} {r.batch:>5} {r.attention_impl:<11} "
+              f"{r.compile_s:>9.1f} {r.step_ms:>8.1f} {r.tokens_per_s:>9,.0f} {r.mfu:>6.1%} "
+              f"{r.peak_rss_mb:>7.0f} {r.xla_threads:>3} | {cols[0]}{cols[1]} {cols[2]}{cols[3]} "
+              f"{rss:>11} {thr:>7}")
     for r in results:
         if r.twin_note:
             print(f"  {r.config}: {r.twin_note}")
+        c = r.twin("compiled")
+        if c:
+            print(f"  {r.config} seq {r.seq}: torch.compile first step {c.first_step_s:.1f} s "
+                  f"(untimed); cpu ms/step ours {r.cpu_ms:.0f}, "
+                  + ", ".join(f"{t.name} {t.cpu_ms:.0f}" for t in r.twins))
     for r in results:
         for row in r.profile or []:
             print(f"  {r.config} {row['ms']:8.1f} ms  {row['op']:<28} {row['shape'][:28]:<28} "
                   f"{row['jax_op'][:70]}")
+    print("  threads: ours = XLA intra-op threads counted in /proc/self/task; twins = "
+          "torch.get_num_threads()")
     print("  matmul fp32 GFLOP/s (MFU denominator): "
-          + ", ".join(f"{r.config} {r.matmul_gflops:.1f}" for r in results))
+          + ", ".join(f"{r.config}/{r.seq} {r.matmul_gflops:.1f}" for r in results))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="gpt2_tiny,llama_tiny",
-                   help="comma-separated names of gin_configs/models/*.gin")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per config")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--round", type=int, default=2,
-                   help="steps per turn when interleaving with the twin")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--gin_param", action="append", default=[],
-                   help="gin binding applied to every config, e.g. ModelConfig.dtype=\"bfloat16\"")
-    p.add_argument("--torch_python", default=None,
-                   help="python with torch installed, runs tools/torch_twin.py")
-    p.add_argument("--twin_arg", action="append", default=[],
-                   help="extra flag for torch_twin.py, e.g. --twin_arg=--fused")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, trace 2 steps with jax.profiler and print the N slowest "
-                        "HLO ops (use one thread, see op_profile)")
-    p.add_argument("--json", default=None, help="write all results here")
-    return p.parse_args(argv)
+def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(config, batch, seq) of every point to measure."""
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if args.seqs:
+        shape = []
+        for s in args.seqs.split(","):
+            seq = int(s)
+            if args.tokens % seq:
+                raise SystemExit(f"bench_train: --tokens={args.tokens} is not a multiple of "
+                                 f"seq {seq}; pick --tokens divisible by every --seqs value.")
+            shape.append((args.tokens // seq, seq))
+    else:
+        shape = [(args.batch, args.seq)]
+    return [(n, b, s) for n in names for b, s in shape]
+
+
+def run_point(name: str, batch: int, seq: int, argv: list[str]) -> Result:
+    """Measure one point in a fresh process (so peak RSS is this point's alone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "point.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--configs={name}",
+               f"--batch={batch}", f"--seq={seq}", f"--point_json={out}"]
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            d = json.load(f)
+    d["twins"] = [Side(**t) for t in d["twins"]]
+    return Result(**d)
+
+
+def strip_point_args(argv: list[str]) -> list[str]:
+    """argv without the options that select points (run_point sets them per point)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=")[0]
+        if key in ("--configs", "--batch", "--seq", "--seqs", "--tokens", "--json"):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, batch {args.batch} x seq {args.seq}",
-          flush=True)
+    usable = pin_threads(args.threads)
+    if args.point_json:  # one point, in this process
+        (name,) = args.configs.split(",")
+        r = bench(name.strip(), args.batch, args.seq, args)
+        print(f"  {r.config} seq {r.seq}: step {r.step_ms:.1f} ms, loss {r.loss_first:.3f} -> "
+              f"{r.loss_last:.3f}, peak RSS {r.peak_rss_mb:.0f} MB", flush=True)
+        with open(args.point_json, "w") as f:
+            json.dump(dataclasses.asdict(r), f)
+        return [r]
+    machine = machine_info()
+    print(f"machine: {describe(machine)}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {usable} cores for each "
+          f"side, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     results = []
-    for name in args.configs.split(","):
-        results.append(bench(name.strip(), args))
-        r = results[-1]
-        print(f"  {r.config}: step {r.step_ms:.1f} ms, loss {r.loss_first:.3f} -> "
-              f"{r.loss_last:.3f}", flush=True)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                       "args": vars(args), "results": [dataclasses.asdict(r) for r in results]},
-                      f, indent=1)
+    for n, b, s in points(args):
+        results.append(run_point(n, b, s, strip_point_args(argv)))
+        machine_after = machine_info()
+        print_table(results[-1:])  # each point as it finishes (a sweep takes a while)
+        print(f"  load average now: {' '.join(map(str, machine_after['load_avg']))}",
+              flush=True)
+        if args.json:  # rewritten after every point, so a cut-short sweep keeps what it had
+            with open(args.json, "w") as f:
+                json.dump({"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                           "machine": machine, "load_avg_after": machine_after["load_avg"],
+                           "args": vars(args),
+                           "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    if len(results) > 1:
+        print("\nall points:")
+        print_table(results)
     return results
 
 

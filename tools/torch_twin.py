@@ -14,12 +14,20 @@ and `F.scaled_dot_product_attention`. It runs under its own interpreter (PyTorch
 dependency of `llm`) and talks to `tools/bench_train.py` over stdin/stdout, one JSON object a
 line, so the two can be timed interleaved (A B A B ...) in one benchmark run:
 
-  -> {"cmd": "run", "steps": 5}     <- {"times": [s, ...], "cpu": [s, ...], "loss": float}
+  -> {"cmd": "run", "steps": 5}
+  <- {"times": [s, ...], "cpu": [s, ...], "loss": float, "max_rss_mb": peak RSS so far}
   -> {"cmd": "quit"}
 
-On start it prints {"ready": true, "params": N, "threads": T}. Standalone use:
+On start it runs one step (with --compile that step compiles: its time is the compile cost,
+reported as "first_step_s" and never counted among the timed steps) and prints
+{"ready": true, "params": N, "threads": T, "interop_threads": I, "first_step_s": s,
+"compile": bool}. Standalone use:
 
-  /tmp/torchvenv/bin/python tools/torch_twin.py --steps 20
+  /tmp/torchvenv/bin/python tools/torch_twin.py --steps 20 [--compile]
+
+--compile wraps the forward + loss in `torch.compile` (inductor; the backward is compiled by
+AOTAutograd from the same graph), the strongest form of the twin on CPU; AdamW is torch's
+foreach implementation (--fused for the fused one).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import sys
 import time
 
@@ -118,17 +127,24 @@ class Trainer:
         # One segment per row: the segment mask equals the causal mask, and SDPA's is_causal
         # path is what a hand-written model uses. --segment_mask builds the explicit mask.
         self.mask = attention_mask(segment_ids) if args.segment_mask else None
+        self.loss_fn = torch.compile(self._loss) if args.compile else self._loss
+
+    def _loss(self, inputs, positions, mask, targets, loss_mask):
+        """(loss, flat logits): masked mean next-token cross entropy."""
+        logits = self.model(inputs, positions, mask)
+        flat = logits.view(-1, logits.shape[-1])
+        nll = F.cross_entropy(flat, targets.view(-1), reduction="none")
+        loss_mask = loss_mask.view(-1)
+        return (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1.0), flat
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def step(self) -> float:
-        logits = self.model(self.inputs, self.positions, self.mask)
-        flat = logits.view(-1, logits.shape[-1])
-        nll = F.cross_entropy(flat, self.targets.view(-1), reduction="none")
+        loss, flat = self.loss_fn(self.inputs, self.positions, self.mask, self.targets,
+                                  self.loss_mask)
         mask = self.loss_mask.view(-1)
         tokens = mask.sum().clamp(min=1.0)
-        loss = (nll * mask).sum() / tokens
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -156,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward + loss (first step = compile, untimed)")
     p.add_argument("--segment_mask", action="store_true",
                    help="explicit causal+segment boolean mask instead of is_causal")
     p.add_argument("--serve", action="store_true", help="JSON-lines protocol on stdin/stdout")
@@ -180,24 +198,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer = Trainer(args)
+    first = time.perf_counter()
+    trainer.step()  # compiles under --compile; never among the timed steps
+    first = time.perf_counter() - first
     if not args.serve:
         timed(trainer, args.warmup)
         times, _, loss = timed(trainer, args.steps)
         times.sort()
         ms = times[len(times) // 2] * 1e3
-        print(f"params {trainer.num_params():,}  median step {ms:.1f} ms  "
+        print(f"params {trainer.num_params():,}  threads {torch.get_num_threads()}  "
+              f"first step {first:.1f} s  median step {ms:.1f} ms  "
               f"{args.batch * args.seq / ms * 1e3:,.0f} tokens/s  loss {loss:.3f}")
         return
     out = sys.stdout
     out.write(json.dumps({"ready": True, "params": trainer.num_params(),
-                          "threads": torch.get_num_threads(), "torch": torch.__version__}) + "\n")
+                          "threads": torch.get_num_threads(),
+                          "interop_threads": torch.get_num_interop_threads(),
+                          "first_step_s": first, "compile": args.compile,
+                          "torch": torch.__version__}) + "\n")
     out.flush()
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "quit":
             break
         times, cpu, loss = timed(trainer, int(msg["steps"]))
-        out.write(json.dumps({"times": times, "cpu": cpu, "loss": loss}) + "\n")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out.write(json.dumps({"times": times, "cpu": cpu, "loss": loss, "max_rss_mb": rss})
+                  + "\n")
         out.flush()
 
 

@@ -1,7 +1,12 @@
 """Multi-head / grouped-query self-attention and the attention-implementation switch.
 
 `attend` is the one place that picks how softmax(QK^T)V is computed:
-  xla    - plain jnp (`llm.kernels.reference.mha_reference`), any backend;
+  xla    - plain jnp (`llm.kernels.reference.mha_reference`), any backend; materialises the
+           [batch, heads, q_len, kv_len] scores;
+  xla_blocked - blocked online-softmax attention in jnp (`llm.kernels.blocked`), any backend;
+           memory linear in the sequence length, causally masked blocks skipped;
+  auto   - xla_blocked on CPU when q_len or kv_len >= AUTO_BLOCKED_MIN_LEN, otherwise xla
+           (measured in docs/benchmarks.md; accelerators keep xla unless pallas or cudnn is set);
   pallas - `llm.kernels.flash_attention` (Triton on GPU, Mosaic on TPU, interpreted on CPU);
   cudnn  - `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
 """
@@ -13,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ConfigError
+from llm.kernels.blocked import blocked_attention
 from llm.kernels.reference import attention_mask, mha_reference
 from llm.model.config import ModelConfig
 from llm.model.layers import Dense, rope
@@ -30,6 +36,19 @@ def prefix_lm_mask(prefix: jax.Array) -> jax.Array:
     return attention_mask(prefix.shape[1], prefix.shape[1], causal=True, prefix=prefix)
 
 
+AUTO_BLOCKED_MIN_LEN = 256
+
+
+def resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
+    """The implementation `attend` runs for ModelConfig.attention_impl=impl ("auto" resolved
+    from the backend and the lengths)."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "cpu" and max(q_len, kv_len) >= AUTO_BLOCKED_MIN_LEN:
+        return "xla_blocked"
+    return "xla"
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
            causal: bool, impl: str, kv_segment_ids: jax.Array | None = None,
            prefix: jax.Array | None = None) -> jax.Array:
@@ -45,7 +64,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX's "
                           f"backend is {jax.default_backend()!r}; use ModelConfig.attention_impl="
-                          "'xla' (any backend) or 'pallas'.")
+                          "'auto' or 'xla' (any backend), or 'pallas'.")
+    impl = resolve_impl(impl, q.shape[1], k.shape[1])
+    if impl == "xla_blocked":
+        return blocked_attention(q, k, v, q_segment_ids=segment_ids,
+                                 kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix)
     if prefix is not None:
         if not causal:
             raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
@@ -84,8 +107,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
             mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
-    raise ConfigError(f"ModelConfig.attention_impl={impl!r} is not one of 'xla', 'pallas', "
-                      "'cudnn'; set ModelConfig.attention_impl to one of them.")
+    raise ConfigError(f"ModelConfig.attention_impl={impl!r} is not one of 'auto', 'xla', "
+                      "'xla_blocked', 'pallas', 'cudnn'; set ModelConfig.attention_impl to one "
+                      "of them.")
 
 
 class KVCache(nnx.Module):

@@ -12,7 +12,7 @@ from llm.config import ConfigError
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "pallas", "cudnn")
 REMAT = ("none", "block")
 DTYPES = ("float32", "bfloat16")
 
@@ -44,7 +44,7 @@ class ModelConfig:
     activation: str = "swiglu"
     use_bias: bool = False
     tie_embeddings: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # see llm.model.attention.attend
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -124,13 +124,36 @@ class ModelConfig:
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: forward + backward = 3x forward (PaLM, appendix B).
+        """Training FLOPs per token of the decoder at `seq_len`, in the project's one FLOP
+        convention (see `attention_flops`): 3 x forward matmul FLOPs, i.e.
 
-        6 * (matmul parameters, incl. the output projection) + 12 * layers * seq * heads *
-        head_dim for the attention scores and values (causal masking not discounted).
+          6 * (weight-matrix parameters: attention, MLP, the output projection; not norms,
+               biases or the embedding gathers)
+          + 3 * layers * attention_flops(seq, seq, heads, head_dim, causal=True) / seq
+          = ... + 6 * layers * seq * heads * head_dim.
         """
-        matmul_params = self.num_params(include_embeddings=False)
-        if self.tie_embeddings:
-            matmul_params += self.vocab_size * self.d_model
-        attention = 12 * self.num_layers * seq_len * self.num_heads * self.dim_per_head
-        return 6 * matmul_params + attention
+        d, h, kv, hd, f = (self.d_model, self.num_heads, self.kv_heads, self.dim_per_head,
+                           self.hidden_dim)
+        per_layer = d * hd * (h + 2 * kv) + h * hd * d  # q, k, v, o
+        per_layer += (3 if self.activation == "swiglu" else 2) * d * f
+        # weight matrices only: norm scales and biases are not matmuls; one output projection
+        matmul_params = self.num_layers * per_layer + self.vocab_size * d
+        attention = attention_flops(seq_len, seq_len, self.num_heads, self.dim_per_head,
+                                    causal=True)
+        return 6 * matmul_params + 3 * self.num_layers * attention / seq_len
+
+
+def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, *,
+                    causal: bool) -> float:
+    """Forward FLOPs of softmax(q k^T) v for one sequence and one layer: the FLOP convention
+    of every MFU and TFLOP/s figure in this project (the model's `flops_per_token`, the
+    encoder-decoder's `flops_per_row`, tools/bench_attention.py).
+
+    2 FLOPs per multiply-add; q k^T and p v each cost 2 * q_len * kv_len * heads * head_dim.
+    Causal attention is counted half (q_len * kv_len / 2 score entries, as FlashAttention
+    counts): the masked half is not work, and a kernel that skips it is not penalised. Softmax,
+    masking and scaling are not counted. A training step counts 3x the forward (backward = 2x:
+    model FLOPs, as PaLM's MFU), whatever is recomputed (remat, a flash backward).
+    """
+    flops = 4.0 * q_len * kv_len * heads * head_dim
+    return flops / 2 if causal else flops

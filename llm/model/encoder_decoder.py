@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.model.attention import Attention, CrossAttention
-from llm.model.config import ModelConfig
+from llm.model.config import ModelConfig, attention_flops
 from llm.model.layers import MLP, Dense, Embed, Norm, param
 from llm.model.transformer import Block, _run_block_remat, embed_tokens
 from llm.parallel.rules import constrain
@@ -196,24 +196,31 @@ def num_params(params: dict) -> int:
 
 
 def flops_per_row(cfg: ModelConfig, kind: str, encoder_len: int, decoder_len: int = 0) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one row, as `ModelConfig.
-    flops_per_token`: 6 x matmul parameters per token that passes them, plus attention scores
-    and values (12 x layers x heads x head_dim x keys per query)."""
+    """Training FLOPs of one row in the convention of `ModelConfig.flops_per_token` (see
+    `llm.model.config.attention_flops`): 6 x matmul parameters per token that passes through
+    them, plus 3 x the forward attention FLOPs -- bidirectional encoder self-attention in full,
+    causal decoder self-attention half, cross-attention (decoder queries x encoder keys) in
+    full. Cross-attention's key/value projections run over the encoder tokens, its query/output
+    projections over the decoder tokens."""
     d, h, kv, hd, f = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                        cfg.hidden_dim)
-    attn = d * hd * (h + 2 * kv) + h * hd * d
+    q_o = 2 * d * h * hd  # query + output projections
+    k_v = 2 * d * kv * hd  # key + value projections
     mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
-    layer = attn + mlp
-    scores = 12 * h * hd
+    layer = q_o + k_v + mlp
     out = cfg.vocab_size * d
+    layers = cfg.num_layers
+
+    def attn(q_len: int, kv_len: int, causal: bool) -> float:
+        return 3 * layers * attention_flops(q_len, kv_len, h, hd, causal=causal)
+
     if kind == "encoder":
-        matmul = cfg.num_layers * layer + d * d + out
-        return encoder_len * (6 * matmul + scores * cfg.num_layers * encoder_len)
+        matmul = layers * layer + d * d + out  # + the MLM head's dense and output projection
+        return 6 * encoder_len * matmul + attn(encoder_len, encoder_len, False)
     if kind == "encoder_decoder":
-        enc = encoder_len * (6 * cfg.num_layers * layer
-                             + scores * cfg.num_layers * encoder_len)
-        dec = decoder_len * (6 * (cfg.num_layers * (layer + attn) + out)
-                             + scores * cfg.num_layers * (decoder_len + encoder_len))
+        enc = 6 * encoder_len * layers * (layer + k_v) + attn(encoder_len, encoder_len, False)
+        dec = (6 * decoder_len * (layers * (layer + q_o) + out)
+               + attn(decoder_len, decoder_len, True) + attn(decoder_len, encoder_len, False))
         return enc + dec
     raise ValueError(f"flops_per_row: unknown model kind {kind!r}; choose one of {sorted(MODELS)}.")
 

@@ -1,5 +1,6 @@
-"""tools/bench_train.py runs end to end on a shrunken config and reports real numbers; with
-LLM_TORCH_PYTHON (an interpreter that has torch) the PyTorch twin runs too."""
+"""tools/bench_train.py runs end to end on a shrunken config and reports real numbers (a
+two-point sequence sweep, one thread read back); with LLM_TORCH_PYTHON (an interpreter that has
+torch) the PyTorch twins, eager and compiled, run too."""
 
 import json
 import os
@@ -7,35 +8,55 @@ import os
 import pytest
 
 from tests.conftest import run_experiment
+from tools.bench_train import parse_args, points, strip_point_args
 
 SMALL = ["--gin_param=ModelConfig.d_model=64", "--gin_param=ModelConfig.num_layers=1",
          "--gin_param=ModelConfig.vocab_size=256", "--gin_param=ModelConfig.max_seq_len=32",
-         "--batch=2", "--seq=16", "--steps=2", "--warmup=1", "--round=1"]
+         "--seqs=8,16", "--tokens=32", "--steps=2", "--warmup=1", "--round=1", "--threads=1"]
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, configs, *extra):
     out = tmp_path / "bench.json"
-    proc = run_experiment("tools.bench_train", ["--configs=gpt2_tiny,llama_tiny", *SMALL,
-                                                f"--json={out}", *extra], timeout=300)
-    return proc.stdout, json.loads(out.read_text())["results"]
+    proc = run_experiment("tools.bench_train", [f"--configs={configs}", *SMALL,
+                                                f"--json={out}", *extra], timeout=600)
+    return proc.stdout, json.loads(out.read_text())
 
 
-def test_bench_train_reports_every_config(tmp_path):
-    stdout, results = _run(tmp_path)
-    assert [r["config"] for r in results] == ["gpt2_tiny", "llama_tiny"]
+def test_bench_train_sweeps_and_reads_back_threads(tmp_path):
+    stdout, report = _run(tmp_path, "gpt2_tiny")
+    results = report["results"]
+    assert [(r["config"], r["seq"], r["batch"]) for r in results] == [
+        ("gpt2_tiny", 8, 4), ("gpt2_tiny", 16, 2)]
     for r in results:
         assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["cpu_ms"] > 0
         assert 0 < r["mfu"] < 1.5 and r["matmul_gflops"] > 0
-        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1e3))
+        assert r["tokens_per_s"] == pytest.approx(32 / (r["step_ms"] / 1e3))
         assert r["loss_last"] < r["loss_first"]  # the steps really train
-        assert r["ratio"] is None and "twin skipped" in r["twin_note"]
-    assert "ours/twin" in stdout
+        assert r["twins"] == [] and "twin skipped" in r["twin_note"]
+        # --threads=1: the process was pinned to one core and XLA's pool has one thread.
+        assert r["usable_cpus"] == 1 and r["xla_threads"] == 1
+        assert r["peak_rss_mb"] > 100 and r["xla_temp_mb"] > 0
+    with open("/proc/cpuinfo") as f:
+        assert report["machine"]["cpu_model"] in f.read()
+    assert "ours/compiled" in stdout and "machine:" in stdout
+
+
+def test_point_selection():
+    args = parse_args(["--configs=a,b", "--seqs=256,1024", "--tokens=4096"])
+    assert points(args) == [("a", 16, 256), ("a", 4, 1024), ("b", 16, 256), ("b", 4, 1024)]
+    with pytest.raises(SystemExit, match="--tokens=1000 is not a multiple of seq 256"):
+        points(parse_args(["--seqs=256", "--tokens=1000"]))
+    assert strip_point_args(["--configs", "x", "--seq=8", "--steps=2", "--json", "o.json",
+                             "--threads=1"]) == ["--steps=2", "--threads=1"]
 
 
 @pytest.mark.skipif(not os.environ.get("LLM_TORCH_PYTHON"),
-                    reason="set LLM_TORCH_PYTHON to a python with torch to run the twin")
-def test_torch_twin_matches_param_count(tmp_path):
-    _, results = _run(tmp_path, f"--torch_python={os.environ['LLM_TORCH_PYTHON']}")
-    gpt2, llama = results
-    assert gpt2["twin_params"] == gpt2["params"] and gpt2["ratio"] > 0
-    assert llama["ratio"] is None and "GPT-2-style" in llama["twin_note"]
+                    reason="set LLM_TORCH_PYTHON to a python with torch to run the twins")
+def test_torch_twins_match_param_count_and_threads(tmp_path):
+    _, report = _run(tmp_path, "gpt2_tiny", f"--torch_python={os.environ['LLM_TORCH_PYTHON']}")
+    for r in report["results"]:
+        assert [t["name"] for t in r["twins"]] == ["eager", "compiled"]
+        for t in r["twins"]:
+            assert t["params"] == r["params"] and t["ratio"] > 0
+            assert t["threads"] == 1 and t["peak_rss_mb"] > 0
+        assert r["twins"][1]["first_step_s"] > 0
