@@ -30,7 +30,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from llm.train.manifest import ENV_VARS, git_commit, package_versions  # noqa: E402
+from llm.train.manifest import git_commit, package_versions  # noqa: E402
 from llm.train.metrics import read_metrics  # noqa: E402
 
 # Metrics measured with a clock: never bitwise, and not part of the comparison.

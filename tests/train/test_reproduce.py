@@ -34,8 +34,8 @@ def test_changed_gin_value_is_named_and_metrics_differ(tiny_run, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "differs: gin learning_rate_schedule.peak: 0.003 -> 0.002" in proc.stdout
     # Step 1 trains at lr 0 (warmup), so its loss matches; step 2 (lr = peak / 2) differs.
-    assert "not reproduced: 1/3 steps bitwise identical; first difference at step 2: learning_rate" \
-        in proc.stdout, proc.stdout
+    assert ("not reproduced: 1/3 steps bitwise identical; first difference at step 2: "
+            "learning_rate") in proc.stdout, proc.stdout
 
 
 def test_changed_data_fingerprint_refused(tiny_run, tmp_path):
