@@ -128,7 +128,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     try:
         for step in range(start, cfg.steps):
             if step + 1 == first and profile_dir is not None:
-                jax.profiler.start_trace(profile_dir)
+                jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
                 tracing = True
             batch = to_global(next(data_iter), batch_sharding)
             host = data_metrics() if data_metrics is not None else {}

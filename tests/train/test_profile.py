@@ -20,6 +20,7 @@ def test_profile_steps_write_a_trace(tiny_data, tmp_path):
     data = open(traces[0], "rb").read()
     # The trace holds the annotated training steps and the jitted step's XLA program.
     assert b"train" in data and b"jit_traced" in data
+    assert glob.glob(os.path.join(os.path.dirname(traces[0]), "perfetto_trace.json.gz"))
 
 
 def test_bad_profile_steps_is_one_line(tiny_data, tmp_path):
