@@ -151,7 +151,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
                     and step + 1 < cfg.steps:
                 writer.write(step + 1, evaluate(state, cfg.eval_batches), prefix="eval")
-            if stop.received is not None:
+            if _stop_agreed(stop):
                 status = "preempted"
                 break
         if pending is not None:
@@ -166,6 +166,19 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
         bar.close()
         stop.restore()
     return state, status
+
+
+def _stop_agreed(stop: checkpoint.StopSignal) -> bool:
+    """Whether any process has received SIGTERM. With several processes this is a collective
+    that every process calls after every step, so all of them see the same answer after the same
+    step: a maintenance event that signals one host stops all hosts at one step, and they write
+    one checkpoint together."""
+    local = stop.received is not None
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([local], np.int32))))
 
 
 def _log(pending, writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total,
