@@ -128,3 +128,11 @@ def test_libtpu_large_config_does_not_fit(tmp_path):
     params = 2 * (attn + 3 * 4096 * 14336) + 32000 * 4096
     assert r["memory_per_device"]["arguments"] >= 12 * params
     assert r["memory_per_device"]["arguments"] < 12 * params * 1.01
+
+
+@needs_libtpu
+def test_gin_that_does_not_build_is_one_line():
+    proc = aot("--gin_file=gin_configs/debug/tiny.gin", "--gin_param=ModelConfig.bogus=1",
+               "--topology=v5e-8")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "ModelConfig.bogus=1" in proc.stderr and "Traceback" not in proc.stderr

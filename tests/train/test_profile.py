@@ -17,7 +17,8 @@ def test_profile_steps_write_a_trace(tiny_data, tmp_path):
         "--gin_param=TrainConfig.profile_steps=(2, 3)"))
     traces = glob.glob(str(run_dir / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(traces) == 1, os.listdir(run_dir)
-    data = open(traces[0], "rb").read()
+    with open(traces[0], "rb") as f:
+        data = f.read()
     # The trace holds the annotated training steps and the jitted step's XLA program.
     assert b"train" in data and b"jit_traced" in data
     assert glob.glob(os.path.join(os.path.dirname(traces[0]), "perfetto_trace.json.gz"))
