@@ -308,6 +308,27 @@ def _concat_streams(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
+def reshard_iterator_states(states: list[dict], process_count: int) -> list[dict]:
+    """The iterator states of `len(states)` processes (in process order), re-cut for
+    `process_count` processes at the same position of the same global batch sequence.
+
+    The state of a `make_dataset` iterator is one state per packing stream it owns, and process
+    p owns streams [p*S/P, (p+1)*S/P); so re-sharding is concatenating the per-stream states and
+    cutting them anew. Valid when `num_streams` and `global_batch_size` stay the same (they fix
+    the streams and their rows); not for mixtures, whose token counts are per process.
+    """
+    if any(set(s) != {"parents"} for s in states):
+        raise ConfigError("reshard_iterator_states: only plain (non-mixture) make_dataset "
+                          "iterator states can move to another process count.")
+    streams = [p for s in states for p in s["parents"]]
+    if process_count < 1 or len(streams) % process_count:
+        raise ConfigError(f"{len(streams)} packing streams (make_dataset.num_streams) do not split "
+                          f"over {process_count} processes; keep num_streams a multiple of the "
+                          "process count.")
+    per = len(streams) // process_count
+    return [{"parents": streams[i * per:(i + 1) * per]} for i in range(process_count)]
+
+
 def _split_paths(data_dir: str, split: str) -> list[str]:
     info = shards.load_dataset_info(data_dir)
     if split not in info.splits:

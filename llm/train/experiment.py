@@ -191,7 +191,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
         batch_sharding=batch_shard, manager=manager, writer=writer,
         flops_per_step=model.flops_per_row * tc.global_batch_size,
         peak_flops_total=peak * jax.device_count(), evaluate=evaluate,
-        data_metrics=data_metrics)
+        data_metrics=data_metrics, profile_dir=os.path.join(run_dir, "profile"))
     if hasattr(data_iter, "mixture_proportions"):
         shares = ", ".join(f"{d or '(none)'} {p:.3f}"
                            for d, p in data_iter.mixture_proportions().items())

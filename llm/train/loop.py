@@ -38,6 +38,9 @@ class TrainConfig:
     eval_batches: validation batches per intermediate pass (the final pass reads everything).
     fault_injection: testing hook, "sigkill_after_save:N" or "sigkill_during_save:N" kills the
       process with SIGKILL right after the checkpoint of step N is committed / started.
+    profile_steps: (first, last) steps, 1-based and inclusive, traced with `jax.profiler` into
+      <run_dir>/profile (open in TensorBoard's profile tab or ui.perfetto.dev). Skip step 1:
+      it includes compilation.
     """
 
     steps: int = 1000
@@ -50,6 +53,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 20
     fault_injection: str | None = None
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         for field in ("steps", "global_batch_size", "seq_len", "accum_steps", "log_every"):
@@ -63,6 +67,11 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
                               f"divisible by TrainConfig.accum_steps={self.accum_steps}; make "
                               "the batch a multiple of accum_steps.")
+        if self.profile_steps is not None and (
+                len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0]
+                <= self.profile_steps[1]):
+            raise ConfigError(f"TrainConfig.profile_steps={self.profile_steps!r} must be "
+                              "(first, last) steps with 1 <= first <= last, e.g. (10, 12).")
         if self.fault_injection is not None:
             kind, _, at = self.fault_injection.partition(":")
             if kind not in ("sigkill_after_save", "sigkill_during_save") or not at.isdigit():
@@ -94,8 +103,8 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
                data_iter: Iterator[dict[str, np.ndarray]], batch_sharding: NamedSharding,
                manager, writer: MetricsWriter, flops_per_step: float, peak_flops_total: float,
                evaluate: Callable[[TrainState, int | None], dict] | None = None,
-               data_metrics: Callable[[], dict[str, float]] | None = None
-               ) -> tuple[TrainState, str]:
+               data_metrics: Callable[[], dict[str, float]] | None = None,
+               profile_dir: str | None = None) -> tuple[TrainState, str]:
     """Run from `state.step` to `cfg.steps`. Returns (state, status) where status is
     "completed" or "preempted" (SIGTERM: a checkpoint was written, the caller exits 0).
 
@@ -103,6 +112,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
     saved with every checkpoint.
     data_metrics: host-side figures of the data read so far (e.g. mixture shares), called right
     after each step's batch is drawn and written into that step's metrics record.
+    profile_dir: where the `cfg.profile_steps` trace goes.
     """
     stop = checkpoint.StopSignal()
     start = int(state.step)
@@ -113,11 +123,21 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
                disable=jax.process_index() != 0, dynamic_ncols=True)
     status = "completed"
     log_args = (writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total)
+    first, last = cfg.profile_steps or (0, -1)
+    tracing = False
     try:
         for step in range(start, cfg.steps):
+            if step + 1 == first and profile_dir is not None:
+                jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+                tracing = True
             batch = to_global(next(data_iter), batch_sharding)
             host = data_metrics() if data_metrics is not None else {}
-            state, metrics = step_fn(state, batch)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, metrics = step_fn(state, batch)
+            if tracing and step + 1 == last:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                tracing = False
             if pending is not None:
                 last_time = _log(pending, *log_args, last_time)
             pending = (step + 1, metrics, host)
@@ -131,7 +151,7 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
                     and step + 1 < cfg.steps:
                 writer.write(step + 1, evaluate(state, cfg.eval_batches), prefix="eval")
-            if stop.received is not None:
+            if _stop_agreed(stop):
                 status = "preempted"
                 break
         if pending is not None:
@@ -141,9 +161,24 @@ def train_loop(*, cfg: TrainConfig, state: TrainState, step_fn: Callable,
             checkpoint.save(manager, int(state.step), state, data_iter, force=True)
             manager.wait_until_finished()
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         bar.close()
         stop.restore()
     return state, status
+
+
+def _stop_agreed(stop: checkpoint.StopSignal) -> bool:
+    """Whether any process has received SIGTERM. With several processes this is a collective
+    that every process calls after every step, so all of them see the same answer after the same
+    step: a maintenance event that signals one host stops all hosts at one step, and they write
+    one checkpoint together."""
+    local = stop.received is not None
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([local], np.int32))))
 
 
 def _log(pending, writer, bar, cfg, tokens_per_step, flops_per_step, peak_flops_total,

@@ -17,6 +17,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "gin-
             "sentencepiece", "array-record", "numpy", "seqio", "tensorflow",
             "tensorflow-datasets")
 
+# Environment variables that change numerics or the device set (recorded so a replay sets them).
+ENV_VARS = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_DEFAULT_MATMUL_PRECISION")
+
 
 def git_commit(path: str = ".") -> dict:
     """{'commit': sha or None, 'dirty': bool} for the repository containing `path`."""
@@ -67,6 +70,7 @@ def write_manifest(run_dir: str, *, mesh_shape: dict, seed: int, data: dict,
         "platform": platform.platform(),
         "devices": {"backend": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                     "count": jax.device_count(), "processes": jax.process_count()},
+        "env": {var: os.environ.get(var) for var in ENV_VARS},
         "mesh": mesh_shape,
         "seed": seed,
         "data": data,
