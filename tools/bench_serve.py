@@ -116,7 +116,8 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
         proc.wait(timeout=120)
 
 
-def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int) -> list[dict]:
+def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int,
+                 decode_steps: int | None = None) -> list[dict]:
     from llm.runs import load_run
     from llm.serve.engine import BOS_ID, Engine, EngineConfig, SamplingParams
     from llm.serve.sampler import generate
@@ -126,8 +127,9 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
     context = len(prompt) + max_tokens + 1
     out = []
     for batch in batches:
+        extra = {} if decode_steps is None else {"decode_steps": decode_steps}
         engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
-            slots=batch, max_context=max(context, run.seq_len), chunk_size=32))
+            slots=batch, max_context=max(context, run.seq_len), chunk_size=32, **extra))
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         prompts = [prompt] * batch
 
@@ -161,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="engine vs sampler batch")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode_steps", type=int, default=None,
+                        help="EngineConfig.decode_steps for the engine part (default: its default)")
+    parser.add_argument("--skip_server", action="store_true",
+                        help="only the engine vs sampler part")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
-    server = bench_server(args.run_dir, clients, args.requests, args.max_tokens)
-    engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats)
+    server = ([] if args.skip_server else
+              bench_server(args.run_dir, clients, args.requests, args.max_tokens))
+    engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats,
+                          args.decode_steps)
     print(f"\nload average at start: {load[0]:.1f} ({os.cpu_count()} cores)")
     print(f"{'clients':>8} {'tokens/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
           f"{'ITL p50':>9} {'ITL p99':>9}  (ms)")

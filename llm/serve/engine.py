@@ -222,7 +222,12 @@ def _prefill_chunk(graphdef, cache_graphdef, cache_treedef, params, cache, slot,
     positions = (start + jnp.arange(tokens.shape[0]))[None, :]
     logits, row = _forward(graphdef, cache_graphdef, cache_treedef, params, row, tokens[None, :],
                            positions, start[None])
-    cache = [jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0) for c, r in zip(cache, row)]
+    # Write back only the chunk's rows: an update of the whole slot row (read from the same
+    # buffer) makes XLA copy the entire cache, twice, on every call.
+    zero = jnp.zeros((), jnp.int32)
+    cache = [jax.lax.dynamic_update_slice(
+        c, jax.lax.dynamic_slice_in_dim(r, start, tokens.shape[0], axis=1),
+        (slot, start, zero, zero)) for c, r in zip(cache, row)]
     seed, counter, temperature, top_k, top_p, min_p = sampling
     last = jax.lax.dynamic_index_in_dim(logits[0], valid - 1, keepdims=True)   # [1, vocab]
     token = sample_tokens(last, _request_keys(seed[None], counter[None]), temperature[None],
@@ -478,11 +483,13 @@ class Engine:
         with self._sharding():
             # Prefill a budget of chunks; with no slot decoding nobody waits on the prefill, so
             # every admitted prompt is prefilled now (a burst of arrivals starts decoding together).
-            chunks = 0
-            while self.prefilling and (chunks < self.config.prefill_chunks_per_step
-                                       or not self._decoding()):
-                self._prefill(self.prefilling[0])
+            chunks, burst, pending = 0, not self._decoding(), []
+            while self.prefilling and (chunks < self.config.prefill_chunks_per_step or burst):
+                if (done := self._prefill(self.prefilling[0])) is not None:
+                    pending.append(done)
                 chunks += 1
+            if pending:
+                self._read_prefills(pending)
             if self._decoding():
                 self._decode()
 
@@ -509,7 +516,9 @@ class Engine:
         return (np.uint32(req.seed), np.int32(len(req.output)), np.float32(p.temperature),
                 np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
 
-    def _prefill(self, req: Request) -> None:
+    def _prefill(self, req: Request) -> tuple | None:
+        """Dispatch one prompt chunk of `req`; returns what `_read_prefills` must read back (the
+        last chunk's first token, and echoed prompt logprobs), or None."""
         start, n = req.prefilled, len(req.tokens)
         valid = min(self.config.chunk_size, n - start)
         size = next(b for b in self.config.chunk_buckets() if b >= valid)
@@ -525,13 +534,26 @@ class Engine:
         self.cache = out[0]
         self.stats["prefill_chunks"] += 1
         req.prefilled = start + valid
+        if req.prefilled == n:
+            self.prefilling.popleft()
         if req.prefilled < n and not (want and req.params.echo):
-            return  # nothing to read back from a middle chunk
+            return None  # nothing to read back from a middle chunk
+        return req, start, nxt, req.prefilled == n, out[1:]
+
+    def _read_prefills(self, pending: list) -> None:
+        """Read back the results of a run of prefill calls with one transfer (the calls were
+        dispatched without waiting), then record prompt logprobs and first tokens in order."""
+        for (req, start, nxt, last, _), got in zip(pending,
+                                                   jax.device_get([p[-1] for p in pending])):
+            self._prefill_done(req, start, nxt, last, got)
+
+    def _prefill_done(self, req: Request, start: int, nxt: list[int], last: bool,
+                      got: tuple) -> None:
+        want = req.params.logprobs is not None
         if want:
-            token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = (
-                jax.device_get(out[1:]))
+            token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = got
         else:
-            token, logprob, top_v, top_i = int(out[1]), None, None, None
+            (token,), logprob, top_v, top_i = got, None, None, None
         if req.params.echo and want:
             k = req.params.logprobs
             if start == 0 and self.bos_id is None:
@@ -540,9 +562,8 @@ class Engine:
                 req.prompt_logprobs.append(TokenLogprob(
                     nxt[i], float(target_logp[i]),
                     list(zip(prompt_top_i[i, :k].tolist(), prompt_top_v[i, :k].tolist()))))
-        if req.prefilled < n:
+        if not last or req.finished:
             return
-        self.prefilling.popleft()
         self.stats["prompt_tokens"] += len(req.prompt)
         if req.params.max_tokens == 0:
             self._finish(req, "length")
