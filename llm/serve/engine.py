@@ -568,7 +568,7 @@ class Engine:
         if req.params.max_tokens == 0:
             self._finish(req, "length")
             return
-        self._append(req, int(token), logprob, top_v, top_i)
+        self._append(req, int(token), None if logprob is None else float(logprob), top_v, top_i)
         self._update_text(req)
 
     def _decode(self) -> None:

@@ -60,6 +60,7 @@ def test_logprobs_equal_full_forward_and_evaluator(run):
     ref = np.asarray(logp)[np.arange(len(seq) - 1), seq[1:]]
     got = [e.logprob for e in req.prompt_logprobs] + [e.logprob for e in req.logprobs]
     assert len(got) == len(ref)
+    assert all(type(x) is float for x in got[1:])  # JSON-serialisable, not numpy scalars
     np.testing.assert_allclose(got, ref, atol=1e-5)
     top = [t for t, _ in req.logprobs[0].top]
     assert top == np.argsort(-np.asarray(logp)[len(prompt)])[:3].tolist()
