@@ -2,6 +2,7 @@
 speed against this repo's plain batch sampler (`llm.serve.sampler.generate`).
 
     python -m tools.bench_serve --run_dir=runs/quickstart [--clients=1,8,32] [--out=bench.json]
+        [--skip_server] [--decode_steps=K]
 
 Server part: starts `python -m llm.serve.server` on a free loopback port (slots = the largest N),
 warms it up, then for each N runs N clients that each stream `--requests` completions of
@@ -11,8 +12,9 @@ inter-token latency (gap between SSE chunks carrying tokens), p50 and p99.
 
 Engine part (in this process, compiled and warm, same prompts and token counts): decode tokens/s
 of `Engine.generate` vs `sampler.generate` at batch 1 and at batch `--batch`. The sampler decodes
-a fixed batch in one jitted loop (no host round-trip per token); the engine returns to the host
-every token (streaming, stop strings, admission) -- the price of continuous batching.
+a fixed batch in one jitted loop with a cache sized to the batch; the engine returns to the host
+every `decode_steps` tokens (stop checks, streaming, admission) and prefills each prompt in its
+own call. `--skip_server` runs this part only; `--decode_steps` sets the engine's K.
 
 HF transformers `generate` needs an HF export of our weights, which does not exist yet (the
 interop issue); the comparison is with the plain sampler meanwhile.

@@ -11,16 +11,20 @@ finishes or is cancelled.
 
 One engine `step()`:
   1. admit waiting requests into free slots (FIFO);
-  2. prefill: up to `prefill_chunks_per_step` chunks of at most `chunk_size` prompt tokens, each a
-     jitted call that writes one slot's cache rows [start, start + chunk) and, on a prompt's last
-     chunk, samples the request's first token. Chunk lengths are padded up to a power of two
-     (`EngineConfig.chunk_buckets`), so a prompt of any length compiles nothing new;
-  3. decode: one jitted call advances every slot by one token (slots without a request compute on
-     padding and their results are dropped). It reads only the first `kv_len` cache rows, the
-     smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) above every slot's length,
-     so short sequences do not pay attention over the whole context on the XLA path.
-So the number of compiled programs is at most `len(chunk_buckets) + len(kv_buckets)`, whatever
-the traffic (`Engine.compiled_shapes()`; tested).
+  2. prefill: up to `prefill_chunks_per_step` chunks (all waiting ones when no slot is decoding)
+     of at most `chunk_size` prompt tokens, each a jitted call that writes one slot's cache rows
+     [start, start + chunk) and, on a prompt's last chunk, samples the request's first token.
+     Chunk lengths are padded up to a power of two (`EngineConfig.chunk_buckets`), so a prompt
+     of any length compiles nothing new;
+  3. decode: one jitted call advances every slot by `decode_steps` tokens (a lax.scan; slots
+     without a request compute on padding and their results are dropped); the host then checks
+     the stop conditions token by token and drops what follows a stop. It reads only the first
+     `kv_len` cache rows, the smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) at
+     or above every slot's length plus `decode_steps`, so short sequences do not pay attention
+     over the whole context on the XLA path.
+Every program has a variant with logprobs and one without (used when no request in the call asked
+for them), so the number of compiled programs is at most 2 x (len(chunk_buckets) +
+len(kv_buckets)), whatever the traffic (`Engine.compiled_shapes()`; tested).
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -28,7 +32,7 @@ token. The random key of a request's i-th token is fold_in(key(seed), i), so a s
 the same tokens whichever slot it lands in and whatever else is running. Logprobs are those of the
 model's own distribution (log_softmax of the fp32 logits, before temperature and filtering), the
 numbers an evaluator computes; the top `MAX_TOP_LOGPROBS` alternatives of every position come back
-with them.
+with them, computed only in calls where some request asked for logprobs.
 """
 
 from __future__ import annotations
