@@ -2,6 +2,7 @@
 speed against this repo's plain batch sampler (`llm.serve.sampler.generate`).
 
     python -m tools.bench_serve --run_dir=runs/quickstart [--clients=1,8,32] [--out=bench.json]
+        [--skip_server] [--decode_steps=K]
 
 Server part: starts `python -m llm.serve.server` on a free loopback port (slots = the largest N),
 warms it up, then for each N runs N clients that each stream `--requests` completions of
@@ -11,8 +12,9 @@ inter-token latency (gap between SSE chunks carrying tokens), p50 and p99.
 
 Engine part (in this process, compiled and warm, same prompts and token counts): decode tokens/s
 of `Engine.generate` vs `sampler.generate` at batch 1 and at batch `--batch`. The sampler decodes
-a fixed batch in one jitted loop (no host round-trip per token); the engine returns to the host
-every token (streaming, stop strings, admission) -- the price of continuous batching.
+a fixed batch in one jitted loop with a cache sized to the batch; the engine returns to the host
+every `decode_steps` tokens (stop checks, streaming, admission) and prefills each prompt in its
+own call. `--skip_server` runs this part only; `--decode_steps` sets the engine's K.
 
 HF transformers `generate` needs an HF export of our weights, which does not exist yet (the
 interop issue); the comparison is with the plain sampler meanwhile.
@@ -116,7 +118,8 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
         proc.wait(timeout=120)
 
 
-def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int) -> list[dict]:
+def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int,
+                 decode_steps: int | None = None) -> list[dict]:
     from llm.runs import load_run
     from llm.serve.engine import BOS_ID, Engine, EngineConfig, SamplingParams
     from llm.serve.sampler import generate
@@ -126,8 +129,9 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
     context = len(prompt) + max_tokens + 1
     out = []
     for batch in batches:
+        extra = {} if decode_steps is None else {"decode_steps": decode_steps}
         engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
-            slots=batch, max_context=max(context, run.seq_len), chunk_size=32))
+            slots=batch, max_context=max(context, run.seq_len), chunk_size=32, **extra))
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         prompts = [prompt] * batch
 
@@ -161,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="engine vs sampler batch")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode_steps", type=int, default=None,
+                        help="EngineConfig.decode_steps for the engine part (default: its default)")
+    parser.add_argument("--skip_server", action="store_true",
+                        help="only the engine vs sampler part")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
-    server = bench_server(args.run_dir, clients, args.requests, args.max_tokens)
-    engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats)
+    server = ([] if args.skip_server else
+              bench_server(args.run_dir, clients, args.requests, args.max_tokens))
+    engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats,
+                          args.decode_steps)
     print(f"\nload average at start: {load[0]:.1f} ({os.cpu_count()} cores)")
     print(f"{'clients':>8} {'tokens/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
           f"{'ITL p50':>9} {'ITL p99':>9}  (ms)")

@@ -11,16 +11,20 @@ finishes or is cancelled.
 
 One engine `step()`:
   1. admit waiting requests into free slots (FIFO);
-  2. prefill: up to `prefill_chunks_per_step` chunks of at most `chunk_size` prompt tokens, each a
-     jitted call that writes one slot's cache rows [start, start + chunk) and, on a prompt's last
-     chunk, samples the request's first token. Chunk lengths are padded up to a power of two
-     (`EngineConfig.chunk_buckets`), so a prompt of any length compiles nothing new;
-  3. decode: one jitted call advances every slot by one token (slots without a request compute on
-     padding and their results are dropped). It reads only the first `kv_len` cache rows, the
-     smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) above every slot's length,
-     so short sequences do not pay attention over the whole context on the XLA path.
-So the number of compiled programs is at most `len(chunk_buckets) + len(kv_buckets)`, whatever
-the traffic (`Engine.compiled_shapes()`; tested).
+  2. prefill: up to `prefill_chunks_per_step` chunks (all waiting ones when no slot is decoding)
+     of at most `chunk_size` prompt tokens, each a jitted call that writes one slot's cache rows
+     [start, start + chunk) and, on a prompt's last chunk, samples the request's first token.
+     Chunk lengths are padded up to a power of two (`EngineConfig.chunk_buckets`), so a prompt
+     of any length compiles nothing new;
+  3. decode: one jitted call advances every slot by `decode_steps` tokens (a lax.scan; slots
+     without a request compute on padding and their results are dropped); the host then checks
+     the stop conditions token by token and drops what follows a stop. It reads only the first
+     `kv_len` cache rows, the smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) at
+     or above every slot's length plus `decode_steps`, so short sequences do not pay attention
+     over the whole context on the XLA path.
+Every program has a variant with logprobs and one without (used when no request in the call asked
+for them), so the number of compiled programs is at most 2 x (len(chunk_buckets) +
+len(kv_buckets)), whatever the traffic (`Engine.compiled_shapes()`; tested).
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -28,7 +32,7 @@ token. The random key of a request's i-th token is fold_in(key(seed), i), so a s
 the same tokens whichever slot it lands in and whatever else is running. Logprobs are those of the
 model's own distribution (log_softmax of the fp32 logits, before temperature and filtering), the
 numbers an evaluator computes; the top `MAX_TOP_LOGPROBS` alternatives of every position come back
-with them.
+with them, computed only in calls where some request asked for logprobs.
 """
 
 from __future__ import annotations
@@ -208,50 +212,72 @@ def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, pos
 
 
 def _prefill_chunk(graphdef, cache_graphdef, cache_treedef, params, cache, slot, tokens, targets,
-                   start, valid, sampling):
+                   start, valid, sampling, *, logprobs: bool):
     """Run one prompt chunk of one slot through the model, writing its cache rows.
 
     slot, start, valid: int32 scalars (the chunk holds prompt tokens [start, start + valid) in
     tokens[:valid], padding after). tokens, targets [chunk] int32: targets[i] is the prompt token
     after tokens[i] (anything past the prompt). sampling: (seed, counter, temperature, top_k,
-    top_p, min_p) scalars. Returns the new cache state, the first sampled token (meaningful on the
-    prompt's last chunk), its logprob and top alternatives, and per position the target's logprob
-    [chunk] with the top alternatives [chunk, MAX_TOP_LOGPROBS].
+    top_p, min_p) scalars. Returns the new cache state and the first sampled token (meaningful on
+    the prompt's last chunk); with `logprobs` (static) also its logprob and top alternatives, and
+    per position the target's logprob [chunk] with the top alternatives [chunk, MAX_TOP_LOGPROBS].
     """
     row = [jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0) for c in cache]
     positions = (start + jnp.arange(tokens.shape[0]))[None, :]
     logits, row = _forward(graphdef, cache_graphdef, cache_treedef, params, row, tokens[None, :],
                            positions, start[None])
-    cache = [jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=0) for c, r in zip(cache, row)]
-    logp = jax.nn.log_softmax(logits[0], axis=-1)                    # [chunk, vocab]
-    target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-    top_values, top_ids = _top_logprobs(logp)
+    # Write back only the chunk's rows: an update of the whole slot row (read from the same
+    # buffer) makes XLA copy the entire cache, twice, on every call.
+    zero = jnp.zeros((), jnp.int32)
+    cache = [jax.lax.dynamic_update_slice(
+        c, jax.lax.dynamic_slice_in_dim(r, start, tokens.shape[0], axis=1),
+        (slot, start, zero, zero)) for c, r in zip(cache, row)]
     seed, counter, temperature, top_k, top_p, min_p = sampling
     last = jax.lax.dynamic_index_in_dim(logits[0], valid - 1, keepdims=True)   # [1, vocab]
     token = sample_tokens(last, _request_keys(seed[None], counter[None]), temperature[None],
                           top_k[None], top_p[None], min_p[None])[0]
+    if not logprobs:
+        return cache, token
+    logp = jax.nn.log_softmax(logits[0], axis=-1)                    # [chunk, vocab]
+    target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    top_values, top_ids = _top_logprobs(logp)
     last_logp = jax.lax.dynamic_index_in_dim(logp, valid - 1, keepdims=False)
     return (cache, token, last_logp[token], *_top_logprobs(last_logp), target_logp,
             top_values, top_ids)
 
 
-def _decode_step(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths,
-                 sampling, *, kv_len: int):
-    """Advance every slot by one token. tokens, lengths [slots] int32 (the last token and the
-    number of cached positions before it); sampling: per-slot (seeds, counters, temperature,
-    top_k, top_p, min_p) [slots]. Returns (cache state, next tokens [slots], their logprobs
-    [slots], top alternatives' logprobs and ids [slots, MAX_TOP_LOGPROBS])."""
-    # Attend over the first kv_len cache rows only (a bucket above every slot's length).
+def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths, live,
+                  sampling, *, kv_len: int, steps: int, logprobs: bool):
+    """Advance every slot by `steps` tokens in one call (a lax.scan over single-token steps).
+
+    tokens, lengths [slots] int32: the last token and the number of cached positions before it;
+    live [slots] int32: 1 for a decoding slot, 0 for one whose results are dropped (its length
+    stays put). sampling: per-slot (seeds, counters, temperature, top_k, top_p, min_p) [slots];
+    step j of slot i uses the key fold_in(key(seeds[i]), counters[i] + j), the key a one-step
+    call would use for that token. Returns (cache state, tokens [steps, slots]) and with
+    `logprobs` (static) also their logprobs [steps, slots] and the top alternatives' logprobs and
+    ids [steps, slots, MAX_TOP_LOGPROBS]. The host drops what follows a slot's stop.
+    """
+    # Attend over the first kv_len cache rows only (a bucket above every slot's last row).
     view = [c[:, :kv_len] for c in cache]
-    logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
-                            tokens[:, None], lengths[:, None], lengths)
-    cache = [jax.lax.dynamic_update_slice_in_dim(c, v, 0, axis=1) for c, v in zip(cache, view)]
-    logits = logits[:, 0]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
-    nxt = sample_tokens(logits, _request_keys(seeds, counters), temperature, top_k, top_p, min_p)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
-    return (cache, nxt, chosen, *_top_logprobs(logp))
+
+    def one(carry, j):
+        view, tokens, lengths = carry
+        logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
+                                tokens[:, None], lengths[:, None], lengths)
+        logits = logits[:, 0]
+        nxt = sample_tokens(logits, _request_keys(seeds, counters + j), temperature, top_k,
+                            top_p, min_p)
+        out = (nxt,)
+        if logprobs:
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            out += (jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0], *_top_logprobs(logp))
+        return (view, nxt, lengths + live), out
+
+    (view, _, _), out = jax.lax.scan(one, (view, tokens, lengths), jnp.arange(steps))
+    cache = [jax.lax.dynamic_update_slice_in_dim(c, v, 0, axis=1) for c, v in zip(cache, view)]
+    return (cache, *out)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -261,7 +287,12 @@ class EngineConfig:
     """slots: decode slots (the most requests decoding at once). max_context: longest prompt +
     completion, in tokens (default: the model's max_seq_len). chunk_size: most prompt tokens per
     prefill call, a power of two >= min_chunk. prefill_chunks_per_step: prefill calls between two
-    decode steps (more admits new requests faster, fewer keeps inter-token latency low).
+    decode steps while some slot is decoding (more admits new requests faster, fewer keeps
+    inter-token latency low; with no slot decoding every waiting chunk is prefilled at once).
+    decode_steps: tokens each decode call advances every slot by before returning to the host
+    (stop conditions, streaming, admission and cancellation are handled between calls; tokens
+    sampled past a stop are dropped). More amortises the host round trip and dispatch; fewer
+    delivers streamed tokens in smaller bursts and admits new requests sooner.
     max_queue: waiting requests beyond which `submit` raises QueueFull."""
 
     slots: int = 8
@@ -269,6 +300,7 @@ class EngineConfig:
     chunk_size: int = 256
     min_chunk: int = 16
     prefill_chunks_per_step: int = 1
+    decode_steps: int = 8
     max_queue: int = 256
 
     def chunk_buckets(self) -> tuple[int, ...]:
@@ -294,6 +326,8 @@ class Engine:
         if config.chunk_size & (config.chunk_size - 1) or config.chunk_size < config.min_chunk:
             raise ValueError(f"EngineConfig.chunk_size={config.chunk_size} must be a power of two "
                              f">= min_chunk={config.min_chunk}.")
+        if config.decode_steps < 1:
+            raise ValueError(f"EngineConfig.decode_steps={config.decode_steps} must be >= 1.")
         self.graphdef, self.params, self.cfg = graphdef, params, cfg
         self.tokenizer, self.config, self.eos_id, self.bos_id = tokenizer, config, eos_id, bos_id
         self.mesh, self.rules = mesh, rules
@@ -301,8 +335,10 @@ class Engine:
         if cfg.position == "learned" and self.max_context > cfg.max_seq_len:
             raise ValueError(f"EngineConfig.max_context={self.max_context} exceeds the learned "
                              f"position table (ModelConfig.max_seq_len={cfg.max_seq_len}).")
-        # Headroom of one chunk: a padded last chunk writes (ignored) rows past the context.
-        cache_len = -(-(self.max_context + config.chunk_size) // 128) * 128
+        # Headroom past the context: a padded last chunk writes (ignored) rows up to one chunk
+        # beyond it, and a decode call up to decode_steps rows beyond a slot's last token.
+        headroom = max(config.chunk_size, config.decode_steps + 1)
+        cache_len = -(-(self.max_context + headroom) // 128) * 128
         cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
         # Placed like the step outputs that replace it (replicated on the params' mesh), so the
         # first call compiles nothing that later calls do not reuse.
@@ -317,9 +353,9 @@ class Engine:
         # (argument 1) is donated so it is updated in place.
         statics = (graphdef, cache_graphdef, cache_treedef)
         self._prefill_fn = jax.jit(functools.partial(_prefill_chunk, *statics),
-                                   donate_argnums=(1,))
-        self._decode_fn = jax.jit(functools.partial(_decode_step, *statics), donate_argnums=(1,),
-                                  static_argnames=("kv_len",))
+                                   donate_argnums=(1,), static_argnames=("logprobs",))
+        self._decode_fn = jax.jit(functools.partial(_decode_steps, *statics), donate_argnums=(1,),
+                                  static_argnames=("kv_len", "steps", "logprobs"))
         self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
             cache_len,)
         self.slots: list[Request | None] = [None] * config.slots
@@ -406,7 +442,9 @@ class Engine:
         return not self.waiting and self.active_slots() == 0
 
     def compiled_shapes(self) -> int:
-        """Programs compiled so far by this engine (prefill chunk buckets + decode kv buckets)."""
+        """Programs compiled so far by this engine: one per (chunk bucket, logprobs) for prefill
+        and one per (kv bucket, logprobs) for decode, logprobs being whether the call computes
+        logprobs (only when some request in it asked for them)."""
         return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
 
     def token_text(self, token_id: int) -> str:
@@ -447,13 +485,21 @@ class Engine:
                     self.slots[i] = req
                     self.prefilling.append(req)
         with self._sharding():
-            for _ in range(self.config.prefill_chunks_per_step):
-                if not self.prefilling:
-                    break
-                self._prefill(self.prefilling[0])
-            if any(r is not None and r.prefilled == len(r.tokens) and not r.finished
-                   for r in self.slots):
+            # Prefill a budget of chunks; with no slot decoding nobody waits on the prefill, so
+            # every admitted prompt is prefilled now (a burst of arrivals starts decoding together).
+            chunks, burst, pending = 0, not self._decoding(), []
+            while self.prefilling and (chunks < self.config.prefill_chunks_per_step or burst):
+                if (done := self._prefill(self.prefilling[0])) is not None:
+                    pending.append(done)
+                chunks += 1
+            if pending:
+                self._read_prefills(pending)
+            if self._decoding():
                 self._decode()
+
+    def _decoding(self) -> bool:
+        return any(r is not None and r.prefilled == len(r.tokens) and not r.finished
+                   for r in self.slots)
 
     def _sharding(self):
         if self.mesh is None:
@@ -474,7 +520,9 @@ class Engine:
         return (np.uint32(req.seed), np.int32(len(req.output)), np.float32(p.temperature),
                 np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
 
-    def _prefill(self, req: Request) -> None:
+    def _prefill(self, req: Request) -> tuple | None:
+        """Dispatch one prompt chunk of `req`; returns what `_read_prefills` must read back (the
+        last chunk's first token, and echoed prompt logprobs), or None."""
         start, n = req.prefilled, len(req.tokens)
         valid = min(self.config.chunk_size, n - start)
         size = next(b for b in self.config.chunk_buckets() if b >= valid)
@@ -483,14 +531,34 @@ class Engine:
         targets = np.zeros((size,), np.int32)
         nxt = req.tokens[start + 1:start + valid + 1]
         targets[:len(nxt)] = nxt
+        want = req.params.logprobs is not None
         out = self._prefill_fn(self.params, self.cache, np.int32(req.slot), tokens, targets,
-                               np.int32(start), np.int32(valid), self._sampling_row(req))
+                               np.int32(start), np.int32(valid), self._sampling_row(req),
+                               logprobs=want)
         self.cache = out[0]
-        token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = jax.device_get(
-            out[1:])
         self.stats["prefill_chunks"] += 1
         req.prefilled = start + valid
-        if req.params.echo and req.params.logprobs is not None:
+        if req.prefilled == n:
+            self.prefilling.popleft()
+        if req.prefilled < n and not (want and req.params.echo):
+            return None  # nothing to read back from a middle chunk
+        return req, start, nxt, req.prefilled == n, out[1:]
+
+    def _read_prefills(self, pending: list) -> None:
+        """Read back the results of a run of prefill calls with one transfer (the calls were
+        dispatched without waiting), then record prompt logprobs and first tokens in order."""
+        for (req, start, nxt, last, _), got in zip(pending,
+                                                   jax.device_get([p[-1] for p in pending])):
+            self._prefill_done(req, start, nxt, last, got)
+
+    def _prefill_done(self, req: Request, start: int, nxt: list[int], last: bool,
+                      got: tuple) -> None:
+        want = req.params.logprobs is not None
+        if want:
+            token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = got
+        else:
+            (token,), logprob, top_v, top_i = got, None, None, None
+        if req.params.echo and want:
             k = req.params.logprobs
             if start == 0 and self.bos_id is None:
                 req.prompt_logprobs.append(TokenLogprob(req.prompt[0], None, []))
@@ -498,24 +566,26 @@ class Engine:
                 req.prompt_logprobs.append(TokenLogprob(
                     nxt[i], float(target_logp[i]),
                     list(zip(prompt_top_i[i, :k].tolist(), prompt_top_v[i, :k].tolist()))))
-        if req.prefilled < n:
+        if not last or req.finished:
             return
-        self.prefilling.popleft()
         self.stats["prompt_tokens"] += len(req.prompt)
         if req.params.max_tokens == 0:
             self._finish(req, "length")
             return
-        self._append(req, int(token), float(logprob), top_v, top_i)
+        self._append(req, int(token), None if logprob is None else float(logprob), top_v, top_i)
+        self._update_text(req)
 
     def _decode(self) -> None:
-        slots = len(self.slots)
+        slots, steps = len(self.slots), self.config.decode_steps
         tokens = np.zeros((slots,), np.int32)
-        # The decode step reads cache rows [0, kv_len): the smallest bucket above every
-        # occupied slot's rows. Slots not decoding (free, or mid-prefill) write their dummy token
-        # into row kv_len - 1, past every valid row.
+        # The call reads and writes cache rows [0, kv_len): the smallest bucket above every row a
+        # live slot writes in its `steps` tokens (its last token's row + steps - 1) and above
+        # every occupied slot's rows. Slots not decoding (free, or mid-prefill) keep writing
+        # their dummy token into row kv_len - 1, past all of those.
         used = max(len(r.tokens) + len(r.output) for r in self.slots if r is not None)
-        kv_len = next(b for b in self.kv_buckets if b > used)
+        kv_len = next(b for b in self.kv_buckets if b >= used + steps)
         lengths = np.full((slots,), kv_len - 1, np.int32)
+        live_mask = np.zeros((slots,), np.int32)
         rows = [(np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
                  np.float32(0))] * slots
         live = []
@@ -523,18 +593,36 @@ class Engine:
             if r is not None and r.prefilled == len(r.tokens) and not r.finished:
                 tokens[i] = r.output[-1]
                 lengths[i] = len(r.tokens) + len(r.output) - 1
+                live_mask[i] = 1
                 rows[i] = self._sampling_row(r)
                 live.append(i)
+        want = any(self.slots[i].params.logprobs is not None for i in live)
         sampling = tuple(np.array(col) for col in zip(*rows))
-        out = self._decode_fn(self.params, self.cache, tokens, lengths, sampling, kv_len=kv_len)
+        out = self._decode_fn(self.params, self.cache, tokens, lengths, live_mask, sampling,
+                              kv_len=kv_len, steps=steps, logprobs=want)
         self.cache = out[0]
-        nxt, chosen, top_v, top_i = jax.device_get(out[1:])
-        self.stats["decode_steps"] += 1
+        if want:
+            nxt, chosen, top_v, top_i = jax.device_get(out[1:])
+        else:
+            nxt, chosen, top_v, top_i = np.asarray(out[1]), None, None, None
+        self.stats["decode_steps"] += steps
         for i in live:
-            self._append(self.slots[i], int(nxt[i]), float(chosen[i]), top_v[i], top_i[i])
+            req = self.slots[i]
+            for j in range(steps):
+                if req.finished:
+                    break  # tokens past a stop are dropped
+                if req.params.logprobs is None:
+                    self._append(req, int(nxt[j, i]), None, None, None)
+                else:
+                    self._append(req, int(nxt[j, i]), float(chosen[j, i]), top_v[j, i],
+                                 top_i[j, i])
+            if not req.finished:
+                self._update_text(req)
 
-    def _append(self, req: Request, token: int, logprob: float, top_v, top_i) -> None:
-        """Record a sampled token, then check the stop conditions."""
+    def _append(self, req: Request, token: int, logprob: float | None, top_v, top_i) -> None:
+        """Record a sampled token and check the stop conditions; the text is brought up to date
+        here only when a stop string must be searched (else once per decode call, by
+        `_update_text`), and a request that stops is finished (its slot freed) at once."""
         p = req.params
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
@@ -544,23 +632,36 @@ class Engine:
             req.logprobs.append(TokenLogprob(token, logprob, list(
                 zip(top_i[:p.logprobs].tolist(), top_v[:p.logprobs].tolist()))))
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
-        ids = req.output[:-1] if stop_token else req.output
-        if p.ignore_eos:  # the tokenizer's decode stops at the first EOS
-            ids = [t for t in ids if t != self.eos_id]
-        text = self.tokenizer.decode(ids)
         reason = "stop" if stop_token else None
-        hits = [at for at in (text.find(s) for s in p.stop) if at >= 0]
-        if hits:
-            text, reason = text[:min(hits)], "stop"
-        req.text = text
+        if p.stop or stop_token:
+            req.text = self._decode_text(req, drop_last=stop_token)
+        if p.stop:
+            hits = [at for at in (req.text.find(s) for s in p.stop) if at >= 0]
+            if hits:
+                req.text, reason = req.text[:min(hits)], "stop"
         if reason is None and (len(req.output) >= p.max_tokens or
                                len(req.tokens) + len(req.output) > self.max_context):
-            reason = "length"
+            req.text, reason = self._decode_text(req), "length"
         if reason is not None:
             self._finish(req, reason)
+        elif req.on_event is not None and p.stop:
+            self._update_text(req, decoded=True)
+
+    def _decode_text(self, req: Request, drop_last: bool = False) -> str:
+        ids = req.output[:-1] if drop_last else req.output
+        if req.params.ignore_eos:  # the tokenizer's decode stops at the first EOS
+            ids = [t for t in ids if t != self.eos_id]
+        return self.tokenizer.decode(ids)
+
+    def _update_text(self, req: Request, decoded: bool = False) -> None:
+        """Bring an unfinished request's text up to date and announce its new tokens: stream only
+        text that cannot become part of a stop string or an unfinished character."""
+        if req.finished:
             return
-        # Stream only text that cannot become part of a stop string or an unfinished character.
-        hold = max((len(s) - 1 for s in p.stop), default=0)
+        if not decoded:
+            req.text = self._decode_text(req)
+        text = req.text
+        hold = max((len(s) - 1 for s in req.params.stop), default=0)
         safe = len(text) - hold
         while safe > req.emitted and text[safe - 1] == "\ufffd":
             safe -= 1

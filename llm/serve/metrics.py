@@ -49,32 +49,35 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("llm_request_latency_seconds", "arrival to last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
-        self._last_token: dict[int, float] = {}
+        self._seen: dict[int, tuple[int, float | None]] = {}  # id -> (tokens counted, time)
 
     def on_submit(self, reqs) -> None:
         for r in reqs:
             self.prompt_tokens.inc(len(r.prompt))
 
     def on_event(self, req, kind: str) -> None:
-        """Called from the engine thread for every engine event of a request."""
+        """Called from the engine thread for every engine event of a request. The engine decodes
+        several tokens per call and announces them together ("token" once per call), so the
+        tokens counted are those new since the request's previous event; the inter-token latency
+        observed is the gap between deliveries, once per token (0 for the rest of a burst)."""
         now = time.monotonic()
-        if kind == "token":
-            self.generated_tokens.inc()
-            last = self._last_token.get(req.id)
+        counted, last = self._seen.get(req.id, (0, None))
+        new = len(req.output) - counted
+        if kind != "token" and req.finish_reason in ("cancelled", "error"):
+            new = 0
+        if new > 0:
+            self.generated_tokens.inc(new)
             if last is None:
                 self.ttft.observe(now - req.arrival)
             else:
                 self.itl.observe(now - last)
-            self._last_token[req.id] = now
+            for _ in range(new - 1):
+                self.itl.observe(0.0)
+            counted, last = counted + new, now
+        if kind == "token":
+            self._seen[req.id] = (counted, last)
             return
-        new_token = bool(req.output) and req.finish_reason not in ("cancelled", "error")
-        if new_token and req.id not in self._last_token:  # the one token came with the finish
-            self.generated_tokens.inc()
-            self.ttft.observe(now - req.arrival)
-        elif new_token:
-            self.generated_tokens.inc()
-            self.itl.observe(now - self._last_token[req.id])
-        self._last_token.pop(req.id, None)
+        self._seen.pop(req.id, None)
         self.finished.labels(req.finish_reason).inc()
         self.latency.observe(now - req.arrival)
 

@@ -555,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=8, help="concurrent decode slots")
     parser.add_argument("--max_queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--chunk_size", type=int, default=256, help="prefill chunk (power of 2)")
+    parser.add_argument("--decode_steps", type=int, default=8,
+                        help="tokens per decode call (streamed in bursts of this many)")
     parser.add_argument("--max_context", type=int, default=None,
                         help="prompt + completion tokens (default: the run's training seq_len)")
     parser.add_argument("--log_level", default="info")
@@ -582,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         max_context = args.max_context or run.seq_len
         engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
             slots=args.slots, max_queue=args.max_queue, chunk_size=args.chunk_size,
-            min_chunk=min(16, args.chunk_size), max_context=max_context))
+            min_chunk=min(16, args.chunk_size), max_context=max_context,
+            decode_steps=args.decode_steps))
     except (ConfigError, DataError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sock.close()

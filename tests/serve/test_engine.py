@@ -60,6 +60,7 @@ def test_logprobs_equal_full_forward_and_evaluator(run):
     ref = np.asarray(logp)[np.arange(len(seq) - 1), seq[1:]]
     got = [e.logprob for e in req.prompt_logprobs] + [e.logprob for e in req.logprobs]
     assert len(got) == len(ref)
+    assert all(type(x) is float for x in got[1:])  # JSON-serialisable, not numpy scalars
     np.testing.assert_allclose(got, ref, atol=1e-5)
     top = [t for t, _ in req.logprobs[0].top]
     assert top == np.argsort(-np.asarray(logp)[len(prompt)])[:3].tolist()
@@ -119,6 +120,46 @@ def test_compiled_programs_are_the_buckets(run):
     engine.generate([list(range(3, 3 + n)) for n in (3, 8, 15, 20, 44, 60)],
                     SamplingParams(max_tokens=3, ignore_eos=True, top_p=0.9, min_p=0.1))
     assert engine.compiled_shapes() == 4
+    # Logprobs are computed only by a second variant of each program, compiled when first asked.
+    engine.generate([list(range(3, 3 + n)) for n in (3, 12)],
+                    SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2))
+    assert engine.compiled_shapes() == 7  # chunks 8 and 16, kv 64: with logprobs
+    assert engine.compiled_shapes() <= 2 * (len(config.chunk_buckets()) + len(engine.kv_buckets))
+
+
+def test_multi_step_decode_equals_one_step(run):
+    """K tokens per decode call give exactly what one token per call gives: tokens, text,
+    logprobs and finish reason, with stops falling inside a K-token burst (the tokens after
+    them dropped) and max_tokens not a multiple of K; the slot is free when generate returns."""
+    prompts = [run.tokenizer.encode(p) for p in PROMPTS]
+    greedy = run.tokenizer.decode(
+        _engine(run, decode_steps=1).generate([prompts[1]], SamplingParams(
+            max_tokens=16, temperature=0, ignore_eos=True))[0].output)
+    cases = [SamplingParams(max_tokens=7, temperature=0, ignore_eos=True, logprobs=2),
+             SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=(greedy[6:9],)),
+             SamplingParams(max_tokens=13, temperature=0.9, top_k=30, seed=5, logprobs=3),
+             SamplingParams(max_tokens=11, temperature=1.2, seed=8, ignore_eos=True,
+                            stop_token_ids=(int(prompts[0][1]),))]
+
+    def run_all(steps):
+        engine = _engine(run, decode_steps=steps)
+        reqs = [engine.submit(prompts[i % len(prompts)], p) for i, p in enumerate(cases)]
+        reqs.append(engine.submit(prompts[1], cases[1]))
+        while not all(r.finished for r in reqs):
+            engine.step()
+        assert engine.active_slots() == 0
+        return reqs
+
+    ones, fives = run_all(1), run_all(5)
+    assert ones[1].finish_reason == "stop" and len(ones[1].output) < 16
+    assert len(ones[0].output) == 7
+    for a, b in zip(ones, fives):
+        assert (a.output, a.text, a.finish_reason) == (b.output, b.text, b.finish_reason)
+        assert [e.token_id for e in a.logprobs] == [e.token_id for e in b.logprobs]
+        np.testing.assert_allclose([e.logprob for e in a.logprobs],
+                                   [e.logprob for e in b.logprobs], atol=1e-6)
+        assert [[t for t, _ in e.top] for e in a.logprobs] == [
+            [t for t, _ in e.top] for e in b.logprobs]
 
 
 def test_filters_keep_the_hand_computed_support():
