@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def spm_model(tmp_path_factory) -> str:
     from llm.data.tokenizer import train_sentencepiece
 
     path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-    return train_sentencepiece([open(p).read() for p in EMAIL], path, vocab_size=VOCAB)
+    return train_sentencepiece([Path(p).read_text() for p in EMAIL], path, vocab_size=VOCAB)
 
 
 def _llama(tie: bool):
@@ -142,7 +143,7 @@ def test_export_trained_run_loads_in_transformers(tiny_run, tmp_path):
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 0, 2)
-    texts = [open(p).read() for p in EMAIL] + ["héllo  wörld 😀\t x  ", "  lead", "trail  "]
+    texts = [Path(p).read_text() for p in EMAIL] + ["héllo  wörld 😀\t x  ", "  lead", "trail  "]
     for text in texts:
         ids = run.tokenizer.encode(text)
         assert tok(text, add_special_tokens=False)["input_ids"] == ids
@@ -158,10 +159,10 @@ def _cli_import(hf_dir: str, run_dir: str) -> subprocess.CompletedProcess:
 def test_import_bad_input(spm_model, tmp_path):
     src = _save(_gpt2(), spm_model, str(tmp_path / "hf"))
     config_path = os.path.join(src, "config.json")
-    config = json.load(open(config_path))
+    config = json.loads(Path(config_path).read_text())
 
     def check(mutated: dict, expect: str, tensors: dict | None = None):
-        json.dump(mutated, open(config_path, "w"))
+        Path(config_path).write_text(json.dumps(mutated))
         proc = _cli_import(src, str(tmp_path / f"run{len(os.listdir(tmp_path))}"))
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
