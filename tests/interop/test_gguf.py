@@ -142,7 +142,8 @@ def test_gguf_bad_input(tiny_run, tmp_path):
 
     tok_name = json.loads(Path(run_dir, "manifest.json").read_text())["data"]["tokenizer"]
     manifest_tok = os.path.join(run_dir, os.path.basename(tok_name))
-    texts = [p.read_text() for p in sorted(Path(os.path.dirname(os.__file__), "email").glob("*.py"))]
+    email = Path(os.path.dirname(os.__file__), "email")
+    texts = [p.read_text() for p in sorted(email.glob("*.py"))]
     vocab = load_run(run_dir).cfg.vocab_size
     train_sentencepiece(texts, manifest_tok, vocab_size=vocab + 64)
     proc = subprocess.run([sys.executable, "-m", "tools.export_gguf", f"--run_dir={run_dir}",
