@@ -51,7 +51,6 @@ def random_run(tiny_run, tmp_path_factory) -> str:
     LLaMA-style model with wide weights: unlike the 12-step tiny run, whose replies are one
     repeated piece, its greedy replies depend on the whole conversation, so /reset shows."""
     import jax
-    import numpy as np
     from safetensors.numpy import save_file
 
     from llm.interop import hf
@@ -99,8 +98,8 @@ def test_chat_in_a_terminal(random_run, tmp_path):
         say("/reset", 4)
         screen = say("again", 5)
         tmux("send-keys", "-t", session, "/quit", "Enter")
-        _wait(log, lambda t: "/quit" in t.rsplit("you> ", 1)[-1] and t.rstrip().endswith(("#", "$")),
-              "the shell prompt after /quit")
+        _wait(log, lambda t: "/quit" in t.rsplit("you> ", 1)[-1]
+              and t.rstrip().endswith(("#", "$")), "the shell prompt after /quit")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
