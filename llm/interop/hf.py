@@ -444,3 +444,51 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
     finally:
         manager.close()
     return run_dir
+
+
+def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
+            seed: int = 0) -> dict:
+    """Check a run against a HF directory with transformers itself (both fp32 on CPU):
+    max |logit difference| on random ids [2, seq], whether 32 greedy tokens agree, and the
+    batch-1 greedy decode speed of both (our `sampler.generate`, jitted and warmed up; HF
+    `generate`, KV cache on), timed interleaved, best of 3."""
+    import torch
+    import transformers
+
+    from llm.model import transformer
+    from llm.runs import load_run
+    from llm.serve.sampler import generate
+
+    run = load_run(run_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
+                                                              dtype=torch.float32).eval()
+    ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
+    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    prompt = ids[0, :8].tolist()
+
+    def ours_gen():
+        return generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=new_tokens,
+                        temperature=0.0, eos_id=-1)[0]
+
+    def hf_gen():
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 eos_token_id=None, pad_token_id=PAD_ID)
+        return out[0, len(prompt):].tolist()
+
+    a, b = ours_gen(), hf_gen()  # warm-up (compiles ours)
+    t_ours, t_hf = [], []
+    for _ in range(3):
+        for fn, times in ((ours_gen, t_ours), (hf_gen, t_hf)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return {"max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            "max_abs_logit": float(np.abs(theirs).max()),
+            "greedy_tokens_equal": a == b, "greedy_tokens": len(a),
+            "ours_tokens_per_s": new_tokens / min(t_ours),
+            "transformers_tokens_per_s": new_tokens / min(t_hf),
+            "torch_threads": torch.get_num_threads()}
