@@ -209,7 +209,10 @@ def from_hf_state(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
     _, abstract, _ = transformer.abstract(cfg)
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
+    used: set[str] = set()
+
     def get(name: str, shape: tuple[int, ...], zeros_if_missing: bool = False) -> np.ndarray:
+        used.add(name)
         if name not in tensors:
             if zeros_if_missing:
                 return np.zeros(shape, np.float32)
@@ -275,6 +278,16 @@ def from_hf_state(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
                            "bias": get("transformer.ln_f.bias", (d,))}
     if not cfg.tie_embeddings:
         p["lm_head"] = {"kernel": get("lm_head.weight", (cfg.vocab_size, d)).T}
+    # Buffers transformers may save that carry no weights; anything else left over is a part of
+    # the model this mapping would silently drop (e.g. q/k norms), so it is an error.
+    ignorable = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+    extra = sorted(n for n in tensors if n not in used and not n.endswith(ignorable)
+                   and not (n == "lm_head.weight" and cfg.tie_embeddings and np.array_equal(
+                       tensors[n], p["embed"]["embedding"])))
+    if extra:
+        raise DataError(f"the checkpoint has {len(extra)} tensor(s) this architecture does not "
+                        f"use, e.g. {extra[0]!r}; config.json and the weights disagree (or the "
+                        "model has parts import does not map).")
     p = {k: _contiguous(v) for k, v in p.items()}
     import jax
 

@@ -172,3 +172,4 @@ def test_import_bad_input(spm_model, tmp_path):
     check({k: v for k, v in config.items() if k != "n_layer"}, "'n_layer'")
     check({**config, "n_embd": 96, "n_head": 4}, "'transformer.wte.weight' has shape (512, 64)")
     check({**config, "n_positions": 64}, "'transformer.wpe.weight'")
+    check({**config, "n_layer": 1}, "'transformer.h.1.")  # weights the config does not use
