@@ -32,6 +32,7 @@ and scores (byte fallback, the same whitespace pre-splitting as our SentencePiec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -427,7 +428,7 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
     seq_len = seq_len or min(cfg.max_seq_len, 2048)
     defaults = ModelConfig()
     lines = [f"# Imported from {os.path.abspath(hf_dir)} ({config['architectures'][0]})."]
-    for field in sorted(f.name for f in __import__("dataclasses").fields(ModelConfig)):
+    for field in sorted(f.name for f in dataclasses.fields(ModelConfig)):
         value = getattr(cfg, field)
         if field != "vocab_size" and value != getattr(defaults, field):
             lines.append(f"ModelConfig.{field} = {value!r}")

@@ -161,7 +161,7 @@ def test_import_bad_input(spm_model, tmp_path):
     config_path = os.path.join(src, "config.json")
     config = json.loads(Path(config_path).read_text())
 
-    def check(mutated: dict, expect: str, tensors: dict | None = None):
+    def check(mutated: dict, expect: str):
         Path(config_path).write_text(json.dumps(mutated))
         proc = _cli_import(src, str(tmp_path / f"run{len(os.listdir(tmp_path))}"))
         assert proc.returncode == 2, proc.stderr
