@@ -44,5 +44,9 @@ setup(
         # schemathesis, and lm-eval's API models need tenacity.
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx>=0.27",
                   "openai>=1.40", "schemathesis>=4", "tenacity>=8"],
+        # Hugging Face / GGUF interop (llm/interop, tools/hf.py, tools/export_gguf.py); torch is
+        # transformers' backend (CPU wheel), used by the parity tests.
+        "interop": ["transformers==5.24.0", "torch==2.13.0", "safetensors==0.8.0",
+                    "tokenizers==0.23.3", "gguf==0.19.0"],
     },
 )

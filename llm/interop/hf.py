@@ -1,0 +1,508 @@
+"""Hugging Face interop: a run directory <-> a `transformers` checkpoint directory.
+
+    export_run("runs/X", "hf/X")          # model.safetensors, config.json, generation_config.json,
+                                          # tokenizer.json (+ tokenizer.model, tokenizer_config)
+    import_hf("hf/X", "runs/Y")           # manifest.json, config.gin, checkpoints/0 (orbax)
+
+Two architectures, both loadable by `transformers.AutoModelForCausalLM.from_pretrained(dir)`
+without custom code:
+  LlamaForCausalLM - ModelConfig(norm="rmsnorm", position="rope", activation="swiglu"); GQA,
+                     tied or untied embeddings, optional biases (attention_bias / mlp_bias).
+  GPT2LMHeadModel  - ModelConfig(norm="layernorm", position="learned", activation="gelu",
+                     use_bias=True), MHA only.
+
+Layout notes (what needed care):
+  * Our Dense kernels are [in..., out...] (q: [embed, heads, head_dim], o: [heads, head_dim,
+    embed]); torch `nn.Linear.weight` is [out, in], so LLaMA projections are transposed and the
+    head axes flattened/unflattened. GPT-2's `Conv1D.weight` is already [in, out]: no transpose.
+  * GPT-2 fuses q, k and v into one `c_attn` [embed, 3*embed] (q | k | v along the output axis,
+    head-major inside each); we keep three projections and split/concatenate.
+  * RoPE: our `layers.rope` is the rotate-half form with frequencies theta^(-2i/head_dim), which
+    is exactly HF LLaMA's `rotate_half` convention, so q/k need NO permutation here (the
+    permutation in HF's convert_llama_weights_to_hf.py maps Meta's interleaved pairs to halves;
+    llama.cpp's GGUF wants the interleaved form back).
+  * LLaMA `gate_proj` is our `mlp.wg` (through SiLU), `up_proj` our `mlp.wi`.
+  * GELU: our MLP uses the tanh approximation, which is GPT-2's "gelu_new".
+  * A LLaMA checkpoint with attention biases but no MLP biases (or the reverse) imports with
+    zero biases where HF has none (`use_bias` covers both); the logits are unchanged.
+The tokenizer is exported as a `tokenizers` Unigram model built from the SentencePiece pieces
+and scores (byte fallback, the same whitespace pre-splitting as our SentencePiece options), so
+`AutoTokenizer.from_pretrained(dir)` gives our ids; the SentencePiece file goes beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from llm.config import ConfigError
+from llm.data.objectives import EOS_ID, PAD_ID, UNK_ID
+from llm.data.sources import DataError
+from llm.model.config import ModelConfig
+
+ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
+TOKENIZER_FILE = "tokenizer.model"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config <-> config.json
+# ----------------------------------------------------------------------------------------------
+
+def architecture(cfg: ModelConfig) -> str:
+    """The HF architecture a ModelConfig exports as; ConfigError when it has none."""
+    if (cfg.norm, cfg.position, cfg.activation) == ("rmsnorm", "rope", "swiglu"):
+        return "LlamaForCausalLM"
+    if (cfg.norm, cfg.position, cfg.activation) == ("layernorm", "learned", "gelu"):
+        if not cfg.use_bias or cfg.kv_heads != cfg.num_heads or \
+                cfg.dim_per_head * cfg.num_heads != cfg.d_model:
+            raise ConfigError("a GPT-2-style model exports to GPT2LMHeadModel only with "
+                              "use_bias=True, num_kv_heads=num_heads and head_dim=d_model/"
+                              f"num_heads (got use_bias={cfg.use_bias}, num_kv_heads="
+                              f"{cfg.kv_heads}, head_dim={cfg.dim_per_head}).")
+        return "GPT2LMHeadModel"
+    raise ConfigError(f"ModelConfig(norm={cfg.norm!r}, position={cfg.position!r}, activation="
+                      f"{cfg.activation!r}) has no Hugging Face architecture; export supports "
+                      "LLaMA-style (rmsnorm, rope, swiglu) and GPT-2-style (layernorm, learned, "
+                      "gelu) decoders.")
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json for `cfg` (transformers' own field names)."""
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "bos_token_id": None,
+              "torch_dtype": "float32", "dtype": "float32"}
+    if architecture(cfg) == "LlamaForCausalLM":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden_dim,
+                "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+                "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
+                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "hidden_act": "silu", "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
+                "rope_theta": cfg.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                **common}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.d_model,
+            "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.hidden_dim,
+            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+
+
+def _field(config: dict, name: str, path: str):
+    if name not in config or config[name] is None:
+        raise ConfigError(f"{path} has no {name!r} field, which import needs; add it (see the "
+                          "transformers config class of this architecture).")
+    return config[name]
+
+
+def model_config_from_hf(config: dict, path: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a HF config.json dict; ConfigError for what we cannot represent."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{path}: architecture {arch!r} is not supported; import supports "
+                          f"{', '.join(ARCHITECTURES)}.")
+    vocab = int(_field(config, "vocab_size", path))
+    tie = bool(config.get("tie_word_embeddings", True))
+    if arch == "LlamaForCausalLM":
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{path}: RoPE scaling {rope_type!r} is not supported (ModelConfig "
+                              "has plain RoPE only); use a checkpoint without rope_scaling.")
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{path}: hidden_act={config['hidden_act']!r} is not supported "
+                              "for LLaMA (only 'silu').")
+        heads = int(_field(config, "num_attention_heads", path))
+        d = int(_field(config, "hidden_size", path))
+        return ModelConfig(
+            vocab_size=vocab, d_model=d, num_layers=int(_field(config, "num_hidden_layers", path)),
+            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or d // heads),
+            mlp_dim=int(_field(config, "intermediate_size", path)),
+            max_seq_len=int(config.get("max_position_embeddings", 2048)), norm="rmsnorm",
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)), position="rope",
+            rope_theta=float(theta), activation="swiglu",
+            use_bias=bool(config.get("attention_bias") or config.get("mlp_bias")),
+            tie_embeddings=tie)
+    act = config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{path}: activation_function={act!r} is not supported for GPT-2 "
+                          "(only the tanh GELU, 'gelu_new').")
+    if not config.get("scale_attn_weights", True) or \
+            config.get("scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError(f"{path}: scale_attn_weights=False / scale_attn_by_inverse_layer_idx="
+                          "True are not supported (attention is scaled by 1/sqrt(head_dim)).")
+    d = int(_field(config, "n_embd", path))
+    return ModelConfig(
+        vocab_size=vocab, d_model=d, num_layers=int(_field(config, "n_layer", path)),
+        num_heads=int(_field(config, "n_head", path)), mlp_dim=int(config.get("n_inner") or 4 * d),
+        max_seq_len=int(_field(config, "n_positions", path)), norm="layernorm",
+        norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), position="learned",
+        activation="gelu", use_bias=True, tie_embeddings=tie)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: our nested params dict <-> HF state dict (numpy, fp32)
+# ----------------------------------------------------------------------------------------------
+
+def to_hf_state(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """HF tensors (name -> array) of our params. Shapes in the docstring at the top."""
+    p = _numpy(params)
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    out: dict[str, np.ndarray] = {}
+    if architecture(cfg) == "LlamaForCausalLM":
+        out["model.embed_tokens.weight"] = p["embed"]["embedding"]
+        for i in range(cfg.num_layers):
+            layer, pre = p[f"layer_{i}"], f"model.layers.{i}."
+            out[pre + "input_layernorm.weight"] = layer["attn_norm"]["scale"]
+            out[pre + "post_attention_layernorm.weight"] = layer["mlp_norm"]["scale"]
+            for name, n in (("q", h), ("k", kv), ("v", kv)):
+                out[pre + f"self_attn.{name}_proj.weight"] = \
+                    layer["attn"][name]["kernel"].reshape(d, n * hd).T
+                if cfg.use_bias:
+                    out[pre + f"self_attn.{name}_proj.bias"] = layer["attn"][name]["bias"].ravel()
+            out[pre + "self_attn.o_proj.weight"] = layer["attn"]["o"]["kernel"].reshape(h * hd, d).T
+            for name, ours in (("gate", "wg"), ("up", "wi"), ("down", "wo")):
+                out[pre + f"mlp.{name}_proj.weight"] = layer["mlp"][ours]["kernel"].T
+                if cfg.use_bias:
+                    out[pre + f"mlp.{name}_proj.bias"] = layer["mlp"][ours]["bias"]
+            if cfg.use_bias:
+                out[pre + "self_attn.o_proj.bias"] = layer["attn"]["o"]["bias"]
+        out["model.norm.weight"] = p["final_norm"]["scale"]
+    else:
+        out["transformer.wte.weight"] = p["embed"]["embedding"]
+        out["transformer.wpe.weight"] = p["pos_embed"]["embedding"]
+        for i in range(cfg.num_layers):
+            layer, pre = p[f"layer_{i}"], f"transformer.h.{i}."
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[pre + f"{theirs}.weight"] = layer[ours]["scale"]
+                out[pre + f"{theirs}.bias"] = layer[ours]["bias"]
+            a = layer["attn"]
+            out[pre + "attn.c_attn.weight"] = np.concatenate(
+                [a[n]["kernel"].reshape(d, d) for n in "qkv"], axis=1)
+            out[pre + "attn.c_attn.bias"] = np.concatenate([a[n]["bias"].ravel() for n in "qkv"])
+            out[pre + "attn.c_proj.weight"] = a["o"]["kernel"].reshape(d, d)
+            out[pre + "attn.c_proj.bias"] = a["o"]["bias"]
+            out[pre + "mlp.c_fc.weight"] = layer["mlp"]["wi"]["kernel"]
+            out[pre + "mlp.c_fc.bias"] = layer["mlp"]["wi"]["bias"]
+            out[pre + "mlp.c_proj.weight"] = layer["mlp"]["wo"]["kernel"]
+            out[pre + "mlp.c_proj.bias"] = layer["mlp"]["wo"]["bias"]
+        out["transformer.ln_f.weight"] = p["final_norm"]["scale"]
+        out["transformer.ln_f.bias"] = p["final_norm"]["bias"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def from_hf_state(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
+    """Our params dict from HF tensors; DataError naming the tensor on a missing name or a shape
+    that does not match config.json."""
+    from llm.model import transformer
+
+    _, abstract, _ = transformer.abstract(cfg)
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+
+    used: set[str] = set()
+
+    def get(name: str, shape: tuple[int, ...], zeros_if_missing: bool = False) -> np.ndarray:
+        used.add(name)
+        if name not in tensors:
+            if zeros_if_missing:
+                return np.zeros(shape, np.float32)
+            raise DataError(f"tensor {name!r} is missing from the checkpoint (config.json "
+                            "describes a model that has it).")
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape):
+            raise DataError(f"tensor {name!r} has shape {tuple(t.shape)}, but config.json implies "
+                            f"{tuple(shape)}; the weights and config.json disagree.")
+        return np.asarray(t, np.float32)
+
+    f = cfg.hidden_dim
+    p: dict = {}
+    if architecture(cfg) == "LlamaForCausalLM":
+        p["embed"] = {"embedding": get("model.embed_tokens.weight", (cfg.vocab_size, d))}
+        for i in range(cfg.num_layers):
+            pre = f"model.layers.{i}."
+            attn = {}
+            for name, n in (("q", h), ("k", kv), ("v", kv)):
+                w = get(pre + f"self_attn.{name}_proj.weight", (n * hd, d))
+                attn[name] = {"kernel": w.T.reshape(d, n, hd)}
+                if cfg.use_bias:
+                    attn[name]["bias"] = get(pre + f"self_attn.{name}_proj.bias", (n * hd,),
+                                             True).reshape(n, hd)
+            attn["o"] = {"kernel": get(pre + "self_attn.o_proj.weight", (d, h * hd)).T
+                         .reshape(h, hd, d)}
+            if cfg.use_bias:
+                attn["o"]["bias"] = get(pre + "self_attn.o_proj.bias", (d,), True)
+            mlp = {}
+            for name, ours, shape in (("gate", "wg", (f, d)), ("up", "wi", (f, d)),
+                                      ("down", "wo", (d, f))):
+                mlp[ours] = {"kernel": get(pre + f"mlp.{name}_proj.weight", shape).T}
+                if cfg.use_bias:
+                    mlp[ours]["bias"] = get(pre + f"mlp.{name}_proj.bias", (shape[0],), True)
+            p[f"layer_{i}"] = {
+                "attn_norm": {"scale": get(pre + "input_layernorm.weight", (d,))},
+                "mlp_norm": {"scale": get(pre + "post_attention_layernorm.weight", (d,))},
+                "attn": attn, "mlp": mlp}
+        p["final_norm"] = {"scale": get("model.norm.weight", (d,))}
+    else:
+        p["embed"] = {"embedding": get("transformer.wte.weight", (cfg.vocab_size, d))}
+        p["pos_embed"] = {"embedding": get("transformer.wpe.weight", (cfg.max_seq_len, d))}
+        for i in range(cfg.num_layers):
+            pre = f"transformer.h.{i}."
+            qkv = get(pre + "attn.c_attn.weight", (d, 3 * d))
+            qkv_b = get(pre + "attn.c_attn.bias", (3 * d,))
+            attn = {n: {"kernel": qkv[:, j * d:(j + 1) * d].reshape(d, h, hd),
+                        "bias": qkv_b[j * d:(j + 1) * d].reshape(h, hd)}
+                    for j, n in enumerate("qkv")}
+            attn["o"] = {"kernel": get(pre + "attn.c_proj.weight", (d, d)).reshape(h, hd, d),
+                         "bias": get(pre + "attn.c_proj.bias", (d,))}
+            p[f"layer_{i}"] = {
+                "attn_norm": {"scale": get(pre + "ln_1.weight", (d,)),
+                              "bias": get(pre + "ln_1.bias", (d,))},
+                "mlp_norm": {"scale": get(pre + "ln_2.weight", (d,)),
+                             "bias": get(pre + "ln_2.bias", (d,))},
+                "attn": attn,
+                "mlp": {"wi": {"kernel": get(pre + "mlp.c_fc.weight", (d, f)),
+                               "bias": get(pre + "mlp.c_fc.bias", (f,))},
+                        "wo": {"kernel": get(pre + "mlp.c_proj.weight", (f, d)),
+                               "bias": get(pre + "mlp.c_proj.bias", (d,))}}}
+        p["final_norm"] = {"scale": get("transformer.ln_f.weight", (d,)),
+                           "bias": get("transformer.ln_f.bias", (d,))}
+    if not cfg.tie_embeddings:
+        p["lm_head"] = {"kernel": get("lm_head.weight", (cfg.vocab_size, d)).T}
+    # Buffers transformers may save that carry no weights; anything else left over is a part of
+    # the model this mapping would silently drop (e.g. q/k norms), so it is an error.
+    ignorable = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+    extra = sorted(n for n in tensors if n not in used and not n.endswith(ignorable)
+                   and not (n == "lm_head.weight" and cfg.tie_embeddings and np.array_equal(
+                       tensors[n], p["embed"]["embedding"])))
+    if extra:
+        raise DataError(f"the checkpoint has {len(extra)} tensor(s) this architecture does not "
+                        f"use, e.g. {extra[0]!r}; config.json and the weights disagree (or the "
+                        "model has parts import does not map).")
+    p = {k: _contiguous(v) for k, v in p.items()}
+    import jax
+
+    expected = jax.tree.map(lambda a: a.shape, abstract)
+    got = jax.tree.map(lambda a: a.shape, p)
+    if expected != got:  # a bug in this mapping, not in the user's input
+        raise AssertionError(f"import built params {got}, the model expects {expected}")
+    return p
+
+
+def _numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _numpy(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
+
+
+def _contiguous(tree):
+    if isinstance(tree, dict):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    return np.ascontiguousarray(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def hf_tokenizer(spm_model_path: str):
+    """A `transformers` fast tokenizer with our SentencePiece model's ids: a Unigram model over
+    the same pieces and scores, byte fallback, spaces -> '▁', and words split as SentencePiece
+    splits them with split_by_whitespace + allow_whitespace_only_pieces (a run of '▁' starts a
+    word). No BOS, no EOS added (as `Tokenizer.encode`)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with open(spm_model_path, "rb") as f:
+        proto = pb.ModelProto.FromString(f.read())
+    if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
+        raise ConfigError(f"tokenizer {spm_model_path!r} is not a unigram SentencePiece model; "
+                          "export supports unigram models (prepare.* default).")
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=proto.pieces[EOS_ID].piece,
+                                   pad_token=proto.pieces[PAD_ID].piece,
+                                   unk_token=proto.pieces[UNK_ID].piece)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export / import of whole directories
+# ----------------------------------------------------------------------------------------------
+
+def export_run(run_dir: str, out_dir: str, step: int | None = None,
+               dtype: str = "float32") -> str:
+    """Write `run_dir`'s checkpoint (`step`, default the newest) as a HF model directory."""
+    from safetensors.numpy import save_file
+
+    from llm.runs import load_run
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'.")
+    run = load_run(run_dir, step=step)
+    config = hf_config(run.cfg)
+    tensors = to_hf_state(run.cfg, run.params)
+    if dtype != "float32":
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+        tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+        config["torch_dtype"] = config["dtype"] = dtype
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "bos_token_id": None,
+                   "do_sample": False, "max_length": run.seq_len}, f, indent=2)
+    hf_tokenizer(run.tokenizer.model_path).save_pretrained(out_dir)
+    shutil.copyfile(run.tokenizer.model_path, os.path.join(out_dir, TOKENIZER_FILE))
+    return out_dir
+
+
+def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json dict, tensors) of a HF directory (single or sharded safetensors)."""
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise DataError(f"--hf_dir {hf_dir!r} has no config.json; pass a directory written by "
+                        "`save_pretrained` (config.json + *.safetensors).")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{config_path} is not valid JSON ({e}).") from None
+    files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+    if not files:
+        raise DataError(f"--hf_dir {hf_dir!r} has no *.safetensors file (pytorch_model.bin is "
+                        "not read: it is a pickle); re-save with safe_serialization=True.")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(hf_dir, name)))
+    return config, tensors
+
+
+def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
+    """Write a run directory (manifest.json, config.gin, tokenizer, checkpoints/0) from a HF
+    directory, loadable by `llm.runs.load_run` and so by every stage (fine-tune, eval, serve).
+
+    The tokenizer must be a SentencePiece `tokenizer.model` with seqio ids (pad 0, eos 1,
+    unk 2), as `export_run` writes; the vocabulary may be smaller than vocab_size (padded)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from llm.data.tokenizer import load_tokenizer
+    from llm.train.manifest import git_commit, package_versions
+
+    config, tensors = read_hf_dir(hf_dir)
+    cfg = model_config_from_hf(config, os.path.join(hf_dir, "config.json"))
+    params = from_hf_state(cfg, tensors)
+    spm_path = os.path.join(hf_dir, TOKENIZER_FILE)
+    if not os.path.isfile(spm_path):
+        raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); import "
+                        "needs one with seqio ids pad=0, eos=1, unk=2.")
+    tokenizer = load_tokenizer(spm_path)  # DataError if its special ids differ
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise DataError(f"{spm_path} has {tokenizer.vocab_size} pieces, more than config.json "
+                        f"vocab_size={cfg.vocab_size}.")
+    if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        raise DataError(f"--run_dir {run_dir!r} already holds checkpoints; pick a new run "
+                        "directory.")
+    os.makedirs(run_dir, exist_ok=True)
+    shutil.copyfile(spm_path, os.path.join(run_dir, TOKENIZER_FILE))
+    seq_len = seq_len or min(cfg.max_seq_len, 2048)
+    defaults = ModelConfig()
+    lines = [f"# Imported from {os.path.abspath(hf_dir)} ({config['architectures'][0]})."]
+    for field in sorted(f.name for f in dataclasses.fields(ModelConfig)):
+        value = getattr(cfg, field)
+        if field != "vocab_size" and value != getattr(defaults, field):
+            lines.append(f"ModelConfig.{field} = {value!r}")
+    lines.append(f"TrainConfig.seq_len = {seq_len}")
+    gin_text = "\n".join(lines) + "\n"
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+        f.write(gin_text)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": ["import_hf", os.path.abspath(hf_dir)], "gin_config": gin_text,
+        "git": git_commit(repo), "packages": package_versions(), "objective": "next_token",
+        "imported_from": {"hf_dir": os.path.abspath(hf_dir), "config": config},
+        "seed": 0,
+        "data": {"vocab_size": cfg.vocab_size, "tokenizer": TOKENIZER_FILE,
+                 "data_dir": os.path.abspath(run_dir)},
+    }
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    state = {"step": np.zeros((), np.int32), "params": jax.tree.map(jax.numpy.asarray, params)}
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")),
+                                    item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    try:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return run_dir
+
+
+def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
+            seed: int = 0) -> dict:
+    """Check a run against a HF directory with transformers itself (both fp32 on CPU):
+    max |logit difference| on random ids [2, seq], whether 32 greedy tokens agree, and the
+    batch-1 greedy decode speed of both (our `sampler.generate`, jitted and warmed up; HF
+    `generate`, KV cache on), timed interleaved, best of 3."""
+    import torch
+    import transformers
+
+    from llm.model import transformer
+    from llm.runs import load_run
+    from llm.serve.sampler import generate
+
+    run = load_run(run_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
+                                                              dtype=torch.float32).eval()
+    ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
+    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    prompt = ids[0, :8].tolist()
+
+    def ours_gen():
+        return generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=new_tokens,
+                        temperature=0.0, eos_id=-1)[0]
+
+    def hf_gen():
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 eos_token_id=None, pad_token_id=PAD_ID)
+        return out[0, len(prompt):].tolist()
+
+    a, b = ours_gen(), hf_gen()  # warm-up (compiles ours)
+    t_ours, t_hf = [], []
+    for _ in range(3):
+        for fn, times in ((ours_gen, t_ours), (hf_gen, t_hf)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return {"max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            "max_abs_logit": float(np.abs(theirs).max()),
+            "greedy_tokens_equal": a == b, "greedy_tokens": len(a),
+            "ours_tokens_per_s": new_tokens / min(t_ours),
+            "transformers_tokens_per_s": new_tokens / min(t_hf),
+            "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,153 @@
+"""GGUF export, read back with the `gguf` package (llama.cpp's own Python reader)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from llm.runs import load_run  # noqa: E402
+from tools.export_gguf import export_gguf  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+def _interleaved_rope(x, pos, theta):
+    """llama.cpp's 'normal' RoPE, written from its definition: dims (2i, 2i+1) rotate by
+    pos * theta^(-2i/d). x [..., d]."""
+    d = x.shape[-1]
+    freq = theta ** (-np.arange(0, d, 2) / d)
+    c, s = np.cos(pos * freq), np.sin(pos * freq)
+    out = x.copy()
+    out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+    out[..., 1::2] = x[..., 0::2] * s + x[..., 1::2] * c
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    return {t: export_gguf(tiny_run, str(out / f"m-{t}.gguf"), t) for t in ("f32", "f16", "q8_0")}
+
+
+def test_gguf_metadata_tokenizer_and_tensors(tiny_run, gguf_files):
+    import jax.numpy as jnp
+
+    from llm.model.layers import rope
+
+    run = load_run(tiny_run)
+    cfg = run.cfg
+    r = gguf.GGUFReader(gguf_files["f32"])
+    assert _field(r, "general.architecture") == "llama"
+    assert _field(r, "llama.block_count") == cfg.num_layers
+    assert _field(r, "llama.embedding_length") == cfg.d_model
+    assert _field(r, "llama.feed_forward_length") == cfg.hidden_dim
+    assert _field(r, "llama.attention.head_count") == cfg.num_heads
+    assert _field(r, "llama.attention.head_count_kv") == cfg.kv_heads == 2
+    assert _field(r, "llama.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    assert _field(r, "tokenizer.ggml.eos_token_id") == 1
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size
+    assert [tokens[i] for i in range(run.tokenizer.vocab_size)] == \
+        [run.tokenizer.id_to_piece(i) for i in range(run.tokenizer.vocab_size)]
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert types[1] == gguf.TokenType.CONTROL and types[2] == gguf.TokenType.UNKNOWN
+    assert types[tokens.index("<0x0A>")] == gguf.TokenType.BYTE
+
+    t = {x.name: x for x in r.tensors}
+    p = run.params
+    emb = np.asarray(p["embed"]["embedding"])
+    assert np.array_equal(np.asarray(t["token_embd.weight"].data), emb)
+    assert "output.weight" not in t  # tied
+    # The q/k permutation: llama.cpp's interleaved RoPE on the exported rows gives the same
+    # attention scores as our rotate-half RoPE on our kernel.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, cfg.d_model)).astype(np.float32)
+    hd = cfg.dim_per_head
+    wq = np.asarray(t["blk.0.attn_q.weight"].data).reshape(cfg.num_heads, hd, cfg.d_model)
+    wk = np.asarray(t["blk.0.attn_k.weight"].data).reshape(cfg.kv_heads, hd, cfg.d_model)
+    q_cpp = _interleaved_rope(np.einsum("hdc,c->hd", wq, x[0]), 7, cfg.rope_theta)
+    k_cpp = _interleaved_rope(np.einsum("hdc,c->hd", wk, x[1]), 3, cfg.rope_theta)
+    ours_q = np.einsum("c,chd->hd", x[0], np.asarray(p["layer_0"]["attn"]["q"]["kernel"]))
+    ours_k = np.einsum("c,chd->hd", x[1], np.asarray(p["layer_0"]["attn"]["k"]["kernel"]))
+    q_ours = np.asarray(rope(jnp.asarray(ours_q)[None, None], jnp.array([[7]]),
+                             cfg.rope_theta))[0, 0]
+    k_ours = np.asarray(rope(jnp.asarray(ours_k)[None, None], jnp.array([[3]]),
+                             cfg.rope_theta))[0, 0]
+    group = cfg.num_heads // cfg.kv_heads
+    s_cpp = np.einsum("hd,hd->h", q_cpp, np.repeat(k_cpp, group, axis=0))
+    s_ours = np.einsum("hd,hd->h", q_ours, np.repeat(k_ours, group, axis=0))
+    np.testing.assert_allclose(s_cpp, s_ours, rtol=1e-4, atol=1e-5)
+    # ... and the rows really were permuted (without the permutation the scores differ).
+    q_plain = np.asarray(p["layer_0"]["attn"]["q"]["kernel"]).reshape(cfg.d_model, -1).T
+    assert not np.array_equal(wq.reshape(-1, cfg.d_model), q_plain)
+    q_wrong = _interleaved_rope(np.einsum("hdc,c->hd", q_plain.reshape(wq.shape), x[0]), 7,
+                                cfg.rope_theta)
+    assert not np.allclose(np.einsum("hd,hd->h", q_wrong, np.repeat(k_cpp, group, axis=0)),
+                           s_ours, rtol=1e-4, atol=1e-5)
+
+
+def test_gguf_f16_and_q8_0(gguf_files):
+    f32 = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(gguf_files["f32"]).tensors}
+    r16 = gguf.GGUFReader(gguf_files["f16"])
+    r8 = gguf.GGUFReader(gguf_files["q8_0"])
+    assert _field(r16, "general.file_type") == 1 and _field(r8, "general.file_type") == 7
+    for x in r16.tensors:
+        want = f32[x.name]
+        if want.ndim == 1:
+            assert x.tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.array_equal(np.asarray(x.data), want)
+        else:
+            assert x.tensor_type == gguf.GGMLQuantizationType.F16
+            assert np.array_equal(np.asarray(x.data), want.astype(np.float16))
+    for x in r8.tensors:
+        want = f32[x.name]
+        if want.ndim == 1:
+            assert x.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        assert x.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        got = gguf.quants.dequantize(np.asarray(x.data), x.tensor_type).reshape(want.shape)
+        # Q8_0: blocks of 32 values, one scale amax/127; round-to-nearest errs by <= scale/2
+        # (plus the fp16 rounding of the scale itself).
+        blocks = want.reshape(-1, 32)
+        bound = np.abs(blocks).max(axis=1, keepdims=True) / 127 * (0.5 + 128 * 2**-11)
+        assert np.all(np.abs(got.reshape(-1, 32) - blocks) <= bound + 1e-12), x.name
+
+
+def test_gguf_bad_input(tiny_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tools.export_gguf", f"--run_dir={tiny_run}",
+                           f"--out={tmp_path / 'x.gguf'}", "--type=q4_k"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "'q4_k'" in proc.stderr
+
+    # A tokenizer with more pieces than the model has rows.
+    import shutil
+
+    from llm.data.tokenizer import train_sentencepiece
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run_dir)
+    import json
+
+    tok_name = json.loads(Path(run_dir, "manifest.json").read_text())["data"]["tokenizer"]
+    manifest_tok = os.path.join(run_dir, os.path.basename(tok_name))
+    email = Path(os.path.dirname(os.__file__), "email")
+    texts = [p.read_text() for p in sorted(email.glob("*.py"))]
+    vocab = load_run(run_dir).cfg.vocab_size
+    train_sentencepiece(texts, manifest_tok, vocab_size=vocab + 64)
+    proc = subprocess.run([sys.executable, "-m", "tools.export_gguf", f"--run_dir={run_dir}",
+                           f"--out={tmp_path / 'y.gguf'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{vocab + 64} pieces" in proc.stderr

@@ -1,0 +1,175 @@
+"""Hugging Face interop against transformers itself (CPU, fp32, randomly initialised models built
+from a config; nothing is downloaded).
+
+Reference: transformers' LlamaForCausalLM / GPT2LMHeadModel forward and `generate`."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
+
+from llm.interop import hf  # noqa: E402
+from llm.runs import load_run  # noqa: E402
+from llm.serve.sampler import generate  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EMAIL = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "email", "*.py")))
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> str:
+    from llm.data.tokenizer import train_sentencepiece
+
+    path = str(tmp_path_factory.mktemp("spm") / "spm.model")
+    return train_sentencepiece([Path(p).read_text() for p in EMAIL], path, vocab_size=VOCAB)
+
+
+def _llama(tie: bool):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie, eos_token_id=1,
+        pad_token_id=0, bos_token_id=None)
+    model = transformers.LlamaForCausalLM(config)
+    # Random init is tiny (std 0.02); widen it so attention and the logits are not near-uniform.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _gpt2():
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                     n_positions=128, eos_token_id=1, pad_token_id=0,
+                                     bos_token_id=None)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim == 2 else 0.05)
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_f.w" in name:
+                p.add_(1.0)
+    return model.eval()
+
+
+def _save(model, spm_model: str, out: str) -> str:
+    model.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    shutil.copyfile(spm_model, os.path.join(out, "tokenizer.model"))
+    return out
+
+
+def _our_logits(run, ids: np.ndarray) -> np.ndarray:
+    from llm.model import transformer
+
+    return np.asarray(transformer.apply(run.graphdef, run.params, ids))
+
+
+def _check_parity(model, run, seed: int) -> None:
+    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(2, 24)).astype(np.int32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    ours = _our_logits(run, ids)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours).max() > 1.0  # the check is not vacuous
+    diff = np.abs(ours - theirs).max()
+    assert diff <= 1e-4, diff
+    # Greedy decoding, 32 new tokens, EOS disabled on both sides.
+    prompt = ids[0, :8]
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
+                             max_new_tokens=32, min_new_tokens=32, eos_token_id=None,
+                             pad_token_id=0)
+    theirs_tokens = out[0, len(prompt):].tolist()
+    ours_tokens = generate(run.graphdef, run.params, run.cfg, [prompt.tolist()],
+                           max_new_tokens=32, temperature=0.0, eos_id=-1)[0]
+    assert len(theirs_tokens) == 32 and ours_tokens == theirs_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa_untied", "gpt2"])
+def test_import_parity_and_round_trip(arch, spm_model, tmp_path):
+    model = _llama(tie=False) if arch.startswith("llama") else _gpt2()
+    src = _save(model, spm_model, str(tmp_path / "hf"))
+    run_dir = str(tmp_path / "run")
+    hf.import_hf(src, run_dir)
+    run = load_run(run_dir)
+    if arch.startswith("llama"):
+        assert (run.cfg.num_heads, run.cfg.kv_heads, run.cfg.tie_embeddings) == (4, 2, False)
+    _check_parity(model, run, seed=0)
+
+    # Round trip: import then export is bit-exact on every tensor, and nothing is added/lost.
+    out = str(tmp_path / "exported")
+    hf.export_run(run_dir, out)
+    original = {k: v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    assert set(exported) == set(original)
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(model)
+
+
+def test_export_trained_run_loads_in_transformers(tiny_run, tmp_path):
+    """A run trained by this repo (LLaMA-style, GQA, tied): transformers loads the export with
+    Auto classes, its logits match ours, and AutoTokenizer gives our ids on the corpus."""
+    out = str(tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "-m", "tools.hf", "export", f"--run_dir={tiny_run}",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "tokenizer.model"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    run = load_run(tiny_run)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == run.cfg.kv_heads < run.cfg.num_heads
+    _check_parity(model, run, seed=1)
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 0, 2)
+    texts = [Path(p).read_text() for p in EMAIL] + ["héllo  wörld 😀\t x  ", "  lead", "trail  "]
+    for text in texts:
+        ids = run.tokenizer.encode(text)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids
+        assert tok.decode(ids) == run.tokenizer.decode(ids)
+
+
+def _cli_import(hf_dir: str, run_dir: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.hf", "import", f"--hf_dir={hf_dir}",
+                           f"--run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_import_bad_input(spm_model, tmp_path):
+    src = _save(_gpt2(), spm_model, str(tmp_path / "hf"))
+    config_path = os.path.join(src, "config.json")
+    config = json.loads(Path(config_path).read_text())
+
+    def check(mutated: dict, expect: str):
+        Path(config_path).write_text(json.dumps(mutated))
+        proc = _cli_import(src, str(tmp_path / f"run{len(os.listdir(tmp_path))}"))
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], proc.stderr
+
+    check({**config, "architectures": ["MambaForCausalLM"]}, "'MambaForCausalLM'")
+    check({k: v for k, v in config.items() if k != "n_layer"}, "'n_layer'")
+    check({**config, "n_embd": 96, "n_head": 4}, "'transformer.wte.weight' has shape (512, 64)")
+    check({**config, "n_positions": 64}, "'transformer.wpe.weight'")
+    check({**config, "n_layer": 1}, "'transformer.h.1.")  # weights the config does not use
