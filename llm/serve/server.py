@@ -57,31 +57,36 @@ class _Body(BaseModel):
 Stop = str | list[str] | None
 
 
-class CompletionRequest(_Body):
-    """/v1/completions (OpenAI legacy completions, plus vLLM's top_k, min_p, stop_token_ids,
-    ignore_eos). prompt: a string, a list of strings, a list of token ids, or a list of those;
-    each prompt is one choice."""
+class _Sampling(_Body):
+    """Sampling fields shared by both generation routes (OpenAI's, plus vLLM's top_k, min_p,
+    stop_token_ids and ignore_eos)."""
 
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     top_k: Annotated[int, Field(ge=-1)] | None = -1
     min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
     n: Annotated[int, Field(ge=1)] | None = 1
     stream: bool | None = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool | None = False
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = False
     seed: int | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    """/v1/completions (OpenAI legacy completions). prompt: a string, a list of strings, a list of
+    token ids, or a list of those; each prompt is one choice."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool | None = False
+    best_of: int | None = None
 
 
 class ChatMessage(_Body):
@@ -89,29 +94,15 @@ class ChatMessage(_Body):
     content: str
 
 
-class ChatRequest(_Body):
+class ChatRequest(_Sampling):
     """/v1/chat/completions. The messages are rendered with `llm.serve.chat_template`."""
 
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
-    top_k: Annotated[int, Field(ge=-1)] | None = -1
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
-    n: Annotated[int, Field(ge=1)] | None = 1
-    stream: bool | None = False
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    stop: Stop = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    seed: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
 
 
 class TokenizeRequest(_Body):

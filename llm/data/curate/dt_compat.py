@@ -27,6 +27,7 @@ from collections import Counter
 import numpy as np
 
 from llm.config import ConfigError
+from llm.data.curate.quality import dup_counts
 from llm.data.sources import Document
 
 TERMINAL_PUNCTUATION = frozenset(
@@ -134,18 +135,6 @@ def gopher_quality(doc: Document, min_doc_words: int | None = 50,
     return doc
 
 
-def _dups(items: list[str]) -> tuple[int, int]:
-    seen: set[str] = set()
-    n = chars = 0
-    for it in items:
-        if it in seen:
-            n += 1
-            chars += len(it)
-        else:
-            seen.add(it)
-    return n, chars
-
-
 def _all_dup_chars(ws: list[str], n: int) -> int:
     seen: set[str] = set()
     chars = i = 0
@@ -174,13 +163,13 @@ def gopher_repetition(doc: Document, dup_line_frac: float | None = 0.3,
     if not text:
         return "gopher_empty"
     paras = re.split(r"\n{2,}", text.strip())
-    n, chars = _dups(paras)
+    n, chars = dup_counts(paras)
     if dup_para_frac and n / len(paras) > dup_para_frac:
         return "gopher_dup_para_frac"
     if dup_para_char_frac and chars / len(text) > dup_para_char_frac:
         return "gopher_dup_para_char_frac"
     lines = re.split("\n+", text)
-    n, chars = _dups(lines)
+    n, chars = dup_counts(lines)
     if dup_line_frac and n / len(lines) > dup_line_frac:
         return "gopher_dup_line_frac"
     if dup_line_char_frac and chars / len(text) > dup_line_char_frac:
@@ -262,7 +251,7 @@ def fineweb(doc: Document, line_punct_thr: float = 0.12, line_punct_exclude_zero
         return "fineweb_line_punct_ratio"
     if sum(1 for ln in lines if len(ln) <= short_line_length) / len(lines) > short_line_thr:
         return "fineweb_short_line_ratio"
-    if _dups(lines)[1] / len(doc.text.replace("\n", "")) > char_duplicates_ratio:
+    if dup_counts(lines)[1] / len(doc.text.replace("\n", "")) > char_duplicates_ratio:
         return "fineweb_char_dup_ratio"
     if doc.text.count("\n") / len(words(doc.text)) > new_line_ratio:
         return "fineweb_list_ratio"

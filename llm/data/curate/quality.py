@@ -75,8 +75,8 @@ def gopher_quality(doc: Document, min_words: int = 50, max_words: int = 100_000,
     return doc
 
 
-def _dup_stats(items: list[str]) -> tuple[float, float]:
-    """(fraction of items that repeat an earlier item, fraction of chars in them)."""
+def dup_counts(items: list[str]) -> tuple[int, int]:
+    """(number of items that repeat an earlier item, number of chars in them)."""
     seen: set[str] = set()
     dup = dup_chars = 0
     for it in items:
@@ -85,6 +85,12 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
             dup_chars += len(it)
         else:
             seen.add(it)
+    return dup, dup_chars
+
+
+def _dup_stats(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier item, fraction of chars in them)."""
+    dup, dup_chars = dup_counts(items)
     total_chars = sum(map(len, items))
     return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
 
