@@ -8,11 +8,13 @@ VMEM errors in the kernels show up here exactly as they would on the chip.
 Prints one line per compiled function (forward, forward+backward) with the HLO custom-call
 count and the compiled memory analysis; exits non-zero on the first failure.
 
-  python tools/aot_compile_tpu_kernel.py --topology v5e:2x2 --decode-grid
+  python tools/aot_compile_tpu_kernel.py --topology v5e:2x2,v6e:2x2 --decode-grid [--classes]
 
-compiles the decode kernel instead, once per KV-cache length of `DECODE_GRID` (1..1024, odd
-lengths included; q_len 1 and a 5-token prefill through the cache), and prints one line per
-failure and a summary line "decode grid <topology>: <ok>/<tried> compiled".
+compiles the decode kernel instead, once per KV-cache length of `tools.decode_grid.DECODE_GRID`
+(1..1024, odd lengths included; q_len 1 and a 5-token prefill through the cache), or with
+`--classes` once per tiling class of those lengths (`tools.decode_grid.representatives`; what
+the test suite runs), for each listed topology, and prints one line per failure and a summary
+line "decode grid <topology> (...): <ok>/<tried> compiled" per topology.
 """
 
 from __future__ import annotations
@@ -36,12 +38,7 @@ from jax.experimental import topologies  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm.kernels import BlockSizes, decode_attention, flash_attention  # noqa: E402
-
-# Every cache length 1..80 (small prompts + a few new tokens, where the old block choice broke)
-# and a spread up to 1024: odd, even, primes, powers of two and their neighbours.
-DECODE_GRID = tuple(sorted(set(range(1, 81)) | set(range(81, 1025, 13)) | {
-    96, 100, 127, 128, 129, 200, 255, 256, 257, 333, 500, 511, 512, 513, 640, 997, 1000, 1023,
-    1024}))
+from tools.decode_grid import DECODE_GRID, representatives  # noqa: E402
 
 
 def compile_for_topology(topology: str, *, batch: int, seq: int, heads: int, kv_heads: int,
@@ -134,7 +131,9 @@ def compile_decode_grid(topology: str, lengths=DECODE_GRID, *, batch: int = 2, h
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v6e:2x2, v4:2x2x1")
+    p.add_argument("--topology", default="v5e:2x2",
+                   help="e.g. v5e:2x2, v6e:2x2, v4:2x2x1; with --decode-grid a comma-separated "
+                        "list is compiled in this one process")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--heads", type=int, default=8)
@@ -146,17 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", action="store_true", help="prefix-LM mask (half the sequence)")
     p.add_argument("--decode-grid", action="store_true",
                    help="compile the decode kernel over DECODE_GRID cache lengths instead")
+    p.add_argument("--classes", action="store_true",
+                   help="with --decode-grid: one cache length per tiling class of the grid")
     args = p.parse_args(argv)
     if args.decode_grid:
-        ok, tried, failures = compile_decode_grid(
-            args.topology, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-            head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
-        for line in failures:
-            print(line)
-        lengths = f"{len(DECODE_GRID)} cache lengths {DECODE_GRID[0]}..{DECODE_GRID[-1]}"
-        print(f"decode grid {args.topology} ({lengths}, q_len 1 and 5, "
-              f"{jnp.dtype(args.dtype).name}): {ok}/{tried} compiled")
-        return 0 if ok == tried else 1
+        grid = representatives("tpu") if args.classes else DECODE_GRID
+        what = "tiling-class representatives" if args.classes else "cache lengths"
+        failed = False
+        for topology in args.topology.split(","):
+            ok, tried, failures = compile_decode_grid(
+                topology, grid, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+                head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
+            for line in failures:
+                print(line)
+            print(f"decode grid {topology} ({len(grid)} {what} {grid[0]}..{grid[-1]}, q_len 1 "
+                  f"and 5, {jnp.dtype(args.dtype).name}): {ok}/{tried} compiled", flush=True)
+            failed |= ok != tried
+        return 1 if failed else 0
     for line in compile_for_topology(
             args.topology, batch=args.batch, seq=args.seq, heads=args.heads,
             kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=jnp.dtype(args.dtype),

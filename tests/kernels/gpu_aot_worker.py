@@ -3,12 +3,14 @@
 XLA's GPU compiler runs deviceless against the target description in
 h100_target_config.txtpb; the Triton custom calls go through Triton's whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX). Usage: python -m tests.kernels.gpu_aot_worker <dump_dir>
-Prints one line per compiled function and the kernels found in the emitted PTX.
+Prints one line per compiled function and the kernels found in the emitted PTX; with
+--classes, then also compiles the decode grid's tiling classes (below) in the same process.
 
-python -m tests.kernels.gpu_aot_worker <dump_dir> --decode-grid [--shard i/n] compiles the
-decode kernel instead, at every KV-cache length of `DECODE_GRID` (the TPU tool's grid, 1..1024
-with odd lengths; with --shard, every n-th of them from the i-th), q_len 1 and 5, and prints
-failures and "decode grid h100 (...): <ok>/<tried> compiled".
+python -m tests.kernels.gpu_aot_worker <dump_dir> --decode-grid [--classes] [--shard i/n]
+compiles the decode kernel instead, at every KV-cache length of `tools.decode_grid.DECODE_GRID`
+(the TPU tool's grid, 1..1024 with odd lengths), or with --classes at one length per GPU
+tiling class of it (what the test suite runs); with --shard, every n-th of them from the i-th;
+q_len 1 and 5. Prints failures and "decode grid h100 (...): <ok>/<tried> compiled".
 """
 
 from __future__ import annotations
@@ -28,22 +30,19 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from llm.kernels import decode_attention, flash_attention  # noqa: E402
+from tools.decode_grid import DECODE_GRID, representatives  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Same lengths as tools/aot_compile_tpu_kernel.py (not imported: that module sets TPU env vars).
-DECODE_GRID = tuple(sorted(set(range(1, 81)) | set(range(81, 1025, 13)) | {
-    96, 100, 127, 128, 129, 200, 255, 256, 257, 333, 500, 511, 512, 513, 640, 997, 1000, 1023,
-    1024}))
 
 
-def decode_grid(spec, shard: int = 0, shards: int = 1) -> int:
-    """Compile decode_attention for every DECODE_GRID cache length (those of `shard` out of
+def decode_grid(spec, grid: tuple[int, ...], shard: int = 0, shards: int = 1) -> int:
+    """Compile decode_attention for every cache length of `grid` (those of `shard` out of
     `shards` interleaved parts); returns the exit code."""
     def decode(q, k, v, n):
         return decode_attention(q, k, v, n, backend="gpu", interpret=False)
 
     ok = tried = 0
-    for length in DECODE_GRID[shard::shards]:
+    for length in grid[shard::shards]:
         cache = spec((2, length, 2, 128), jnp.bfloat16)
         for q_len in (t for t in (1, 5) if t <= length):
             tried += 1
@@ -56,8 +55,9 @@ def decode_grid(spec, shard: int = 0, shards: int = 1) -> int:
             except Exception as e:  # noqa: BLE001 -- report every failing length
                 print(f"h100 cache={length} q_len={q_len}: FAILED {str(e)[:200]!r}", flush=True)
     part = f", part {shard + 1} of {shards}" if shards > 1 else ""
-    print(f"decode grid h100 ({len(DECODE_GRID)} cache lengths {DECODE_GRID[0]}.."
-          f"{DECODE_GRID[-1]}{part}, q_len 1 and 5, bfloat16): {ok}/{tried} compiled")
+    what = "tiling-class representatives" if grid != DECODE_GRID else "cache lengths"
+    print(f"decode grid h100 ({len(grid)} {what} {grid[0]}..{grid[-1]}{part}, q_len 1 and 5, "
+          f"bfloat16): {ok}/{tried} compiled")
     return 0 if ok == tried else 1
 
 
@@ -76,8 +76,9 @@ def main() -> None:
         shard, shards = 0, 1
         if "--shard" in sys.argv:
             shard, shards = map(int, sys.argv[sys.argv.index("--shard") + 1].split("/"))
+        grid = representatives("gpu") if "--classes" in sys.argv else DECODE_GRID
         with jax.default_device(device):
-            sys.exit(decode_grid(spec, shard, shards))
+            sys.exit(decode_grid(spec, grid, shard, shards))
 
     def train(causal, segments, prefix):
         def loss(q, k, v, qs, ks):
@@ -122,6 +123,9 @@ def main() -> None:
                 kernels.add((name, "wgmma" in text))
     for name, wgmma in sorted(kernels):
         print(f"ptx kernel {name} wgmma={wgmma}")
+    if "--classes" in sys.argv:  # then the decode kernel's tiling classes, in this process
+        with jax.default_device(device):
+            sys.exit(decode_grid(spec, representatives("gpu")))
 
 
 if __name__ == "__main__":
