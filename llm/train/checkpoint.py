@@ -2,25 +2,105 @@
 
 Saves are asynchronous (training continues while arrays are written) and atomic: orbax writes into
 a temporary directory and renames it when complete, so a process killed mid-write leaves the last
-complete checkpoint as the latest one. Each process stores its own data-iterator position.
+complete checkpoint as the latest one. Each process stores its own data-iterator position
+(grain's format, `data/process_<i>-of-<n>.json`); a run restored on another process count
+re-cuts the saved positions for its processes (`DataIteratorHandler`), so it continues with
+the same global batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import time
+from typing import Any
 
 import gin
 import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from llm.config import ConfigError
+from llm.data.pipeline import reshard_iterator_states
 from llm.train.state import TrainState, abstract_state
 
 log = logging.getLogger(__name__)
+
+
+def process_index_and_count() -> tuple[int, int]:
+    """(this process's index, the number of processes): whose data position is saved/restored."""
+    return jax.process_index(), jax.process_count()
+
+
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator checkpoint (one `process_<i>-of-<n>.json` per process, the same files),
+    restorable on a different process count.
+
+    On restore, a process whose own file is missing (the checkpoint was written by n processes,
+    this run has another number) reads all n files and takes its part of the re-cut positions
+    (`llm.data.pipeline.reshard_iterator_states`): the packing streams are concatenated in
+    process order and cut anew. The global batches then continue token for token when the
+    seed, `TrainConfig.global_batch_size` and `make_dataset.num_streams` are the same as in
+    the saving run (they fix the streams and their rows); a stream count that this run's
+    iterator does not have is a ConfigError naming the setting.
+    """
+
+    def save(self, directory: epath.Path, item=None, args=None) -> None:
+        item = item or args.item
+        index, count = process_index_and_count()
+        (directory / f"process_{index}-of-{count}.json").write_text(
+            json.dumps(item.get_state(), indent=4))
+
+    def restore(self, directory: epath.Path, item=None, args=None):
+        item = item or args.item
+        index, count = process_index_and_count()
+        own = directory / f"process_{index}-of-{count}.json"
+        if own.exists():
+            item.set_state(json.loads(own.read_text()))
+            item.start_prefetch()
+            return item
+        saved = {int(m.group(1)): int(m.group(2)) for f in directory.iterdir()
+                 if (m := _PROCESS_FILE.fullmatch(f.name))}
+        counts = set(saved.values())
+        if len(counts) != 1 or sorted(saved) != list(range(next(iter(counts)))):
+            raise ValueError(f"{directory} holds no complete set of data-iterator states "
+                             f"(found {sorted(f.name for f in directory.iterdir())})")
+        states = [json.loads((directory / f"process_{i}-of-{len(saved)}.json").read_text())
+                  for i in range(len(saved))]
+        expected = len(item.get_state().get("parents", []))
+        streams = sum(len(s.get("parents", [])) for s in states)
+        if all(set(s) == {"parents"} for s in states) and streams != expected * count:
+            raise ConfigError(
+                f"the checkpoint in {directory.parent} was written by {len(saved)} process(es) "
+                f"with {streams} packing streams, but this run's data pipeline has {expected} "
+                f"per process x {count} processes; set make_dataset.num_streams={streams} "
+                "(and keep TrainConfig.global_batch_size) to resume on another process count.")
+        item.set_state(reshard_iterator_states(states, count)[index])
+        item.start_prefetch()
+        log.info("data position of %d process(es) re-cut for %d", len(saved), count)
+        return item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 @gin.configurable
@@ -38,8 +118,7 @@ def checkpoint_manager(directory: str, save_every: int = 100, keep: int = 3,
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iter,
          force: bool = False) -> bool:
     """Start saving (asynchronously) if `step` is a save step or `force`. Returns whether it did."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(data_iter))
     return manager.save(step, args=args, force=force)
 
 
@@ -55,7 +134,8 @@ def _first_line(e: BaseException) -> str:
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter
                    ) -> TrainState | None:
-    """Restore the newest readable checkpoint into `state`'s shardings and `data_iter` (in place).
+    """Restore the newest readable checkpoint into `state`'s shardings and `data_iter` (in place;
+    a data position saved by another number of processes is re-cut, see `DataIteratorHandler`).
 
     Returns the restored state, or None when the directory holds no checkpoint. A checkpoint
     that cannot be read (truncated, emptied, corrupted on disk) is moved to
@@ -68,7 +148,9 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state(state)),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+                data=DataRestore(data_iter)))
+        except ConfigError:  # a setting that does not match the checkpoint: not damage
+            raise
         except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
             failed.append((step, e))
             continue
