@@ -35,7 +35,8 @@ setup(
         "curate": ["py3langid>=0.3", "better-profanity>=0.7", "zstandard>=0.22", "pyarrow>=14",
                    "spacy>=3.8"],  # spaCy: the datatrove-compatible filter mode (no model)
         "tf": ["seqio>=0.0.20", "tensorflow-datasets>=4.9.10", "tensorflow>=2.21"],
-        "tpu": ["jax[tpu]"],
+        # google-cloud-storage: orbax lists gs:// checkpoint steps through it.
+        "tpu": ["jax[tpu]", "google-cloud-storage>=3.0"],
         "gpu": ["jax[cuda12]"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6"],
         # lm-evaluation-harness adapter (llm/eval/harness.py, model name `llm_jax`).

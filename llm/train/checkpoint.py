@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -29,6 +27,7 @@ from etils import epath
 
 from llm.config import ConfigError
 from llm.data.pipeline import reshard_iterator_states
+from llm.train import paths
 from llm.train.state import TrainState, abstract_state
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,12 @@ class DataRestore(ocp.args.CheckpointArgs):
 def checkpoint_manager(directory: str, save_every: int = 100, keep: int = 3,
                        async_save: bool = True) -> ocp.CheckpointManager:
     """A manager that saves every `save_every` steps and keeps the newest `keep` checkpoints
-    (gin: checkpoint_manager.*)."""
+    (gin: checkpoint_manager.*). directory: local or a gs:// URI (`llm.train.paths`)."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    paths.require_bucket_client(directory, "checkpoint_manager.directory")
+    return ocp.CheckpointManager(paths.run_path(directory), options=options,
                                  item_names=("state", "data"))
 
 
@@ -175,12 +175,12 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, data_iter
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     """Move an unreadable step directory out of the manager's view (kept for inspection)."""
-    src = os.path.join(str(manager.directory), str(step))
-    dst_root = os.path.join(os.path.dirname(str(manager.directory)), "corrupt_checkpoints")
-    os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
-    shutil.move(src, dst)
-    return dst
+    src = epath.Path(manager.directory) / str(step)
+    dst_root = epath.Path(manager.directory).parent / "corrupt_checkpoints"
+    dst_root.mkdir(parents=True, exist_ok=True)
+    dst = dst_root / f"{step}-{int(time.time())}"
+    src.rename(dst)
+    return str(dst)
 
 
 class StopSignal:

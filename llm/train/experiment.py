@@ -41,6 +41,7 @@ from llm.train.loss import LossFn
 from llm.train.manifest import write_manifest
 from llm.train.metrics import MetricsWriter, peak_flops, plot_loss
 from llm.train.optimizer import make_optimizer
+from llm.train.paths import run_path
 from llm.train.state import TrainState, create_train_state
 from llm.train.step import BATCH_AXES, batch_sharding, jit_eval_step, jit_train_step
 
@@ -159,7 +160,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     validation = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
                               global_batch_size=tc.global_batch_size, seed=tc.seed,
                               objective=objective, shuffle=False, num_epochs=1)
-    manager = checkpoint.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
+    manager = checkpoint.checkpoint_manager(str(run_path(run_dir) / "checkpoints"))
     restored = checkpoint.restore_latest(manager, state, data_iter)
     if restored is not None:
         state = restored
@@ -191,7 +192,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
         batch_sharding=batch_shard, manager=manager, writer=writer,
         flops_per_step=model.flops_per_row * tc.global_batch_size,
         peak_flops_total=peak * jax.device_count(), evaluate=evaluate,
-        data_metrics=data_metrics, profile_dir=os.path.join(run_dir, "profile"))
+        data_metrics=data_metrics, profile_dir=str(run_path(run_dir) / "profile"))
     if hasattr(data_iter, "mixture_proportions"):
         shares = ", ".join(f"{d or '(none)'} {p:.3f}"
                            for d, p in data_iter.mixture_proportions().items())
@@ -205,8 +206,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     writer.write(int(state.step), result, prefix="eval")
     writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        (run_path(run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
         plot_loss(run_dir)
     return RunResult(status, state, result)
 

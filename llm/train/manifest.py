@@ -13,6 +13,8 @@ import time
 import gin
 import jax
 
+from llm.train.paths import run_path
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "gin-config",
             "sentencepiece", "array-record", "numpy", "seqio", "tensorflow",
             "tensorflow-datasets")
@@ -52,13 +54,14 @@ def write_manifest(run_dir: str, *, mesh_shape: dict, seed: int, data: dict,
     """Write run_dir/manifest.json and run_dir/config.gin (the operative gin config).
 
     data: the dataset record (fingerprint, counts) from prepare_data's dataset.json.
+    run_dir: a local path or a gs:// URI (`llm.train.paths`). Returns manifest.json's path.
     """
+    directory = run_path(run_dir)
     if jax.process_index() != 0:
-        return os.path.join(run_dir, "manifest.json")
-    os.makedirs(run_dir, exist_ok=True)
+        return str(directory / "manifest.json")
+    directory.mkdir(parents=True, exist_ok=True)
     operative = gin.operative_config_str()
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-        f.write(operative)
+    (directory / "config.gin").write_text(operative)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -76,7 +79,6 @@ def write_manifest(run_dir: str, *, mesh_shape: dict, seed: int, data: dict,
         "data": data,
         **(extra or {}),
     }
-    path = os.path.join(run_dir, "manifest.json")
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    return path
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return str(path)

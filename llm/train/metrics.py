@@ -1,5 +1,9 @@
 """Run records: metrics.jsonl, TensorBoard, the console, the loss-curve PNG, and MFU.
 
+The run directory may be local or a gs:// URI: files are written through etils.epath
+(`llm.train.paths`), TensorBoard event files too (an epath writer registered with tensorboardX
+for gs://, replacing its google-cloud-storage one).
+
 MFU = model FLOPs per second / peak FLOPs per second of the devices used. The peak is, in order:
 `peak_flops.per_device` from gin, a table of published bf16 dense peaks per device kind, or on
 CPU a large fp32 matmul measured in this process (`measure_matmul_flops`).
@@ -7,6 +11,7 @@ CPU a large fp32 matmul measured in this process (`measure_matmul_flops`).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,6 +21,10 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from tensorboardX import record_writer
+
+from llm.train.paths import append_text, run_path
 
 # Published dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (lower-case).
 PEAK_FLOPS_BY_KIND = {
@@ -61,27 +70,56 @@ def peak_flops(per_device: float | None = None) -> tuple[float, str]:
     return measure_matmul_flops(), "measured fp32 matmul"
 
 
+class _EpathEventWriter:
+    """A tensorboardX record writer for an object-store URI: buffers the event file and
+    rewrites the object through epath on every flush (objects have no append)."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventWriterFactory:
+    def open(self, path: str) -> _EpathEventWriter:
+        return _EpathEventWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores need no directories
+
+
+record_writer.register_writer_factory("gs", _EpathEventWriterFactory())
+
+
 class MetricsWriter:
     """Writes one JSON object per logged step to metrics.jsonl (appending across resumes) and
-    the same scalars to TensorBoard. Only process 0 writes."""
+    the same scalars to TensorBoard. Only process 0 writes. run_dir: local or gs://."""
 
     def __init__(self, run_dir: str):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.directory = run_path(run_dir)
+        self.path = self.directory / "metrics.jsonl"
         self._tb = None
         if self.active:
-            os.makedirs(run_dir, exist_ok=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._tb = SummaryWriter(str(self.directory / "tb"))
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.active:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path if prefix == "train" else self.path.replace(
-                "metrics.jsonl", f"{prefix}_metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        name = "metrics.jsonl" if prefix == "train" else f"{prefix}_metrics.jsonl"
+        append_text(self.directory / name, json.dumps(record) + "\n")
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
@@ -96,17 +134,17 @@ def _plain(v):
     return v.item() if v.ndim == 0 else v.tolist()
 
 
-def read_metrics(path: str) -> list[dict]:
-    """metrics.jsonl as a list, keeping the last record per step (a resumed run rewrites the
-    steps after its checkpoint)."""
-    if not os.path.exists(path):
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """metrics.jsonl (local or gs://) as a list, keeping the last record per step (a resumed
+    run rewrites the steps after its checkpoint)."""
+    path = run_path(path)
+    if not path.exists():
         return []
     by_step = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                by_step[r["step"]] = r
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -117,8 +155,9 @@ def plot_loss(run_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    evals = read_metrics(os.path.join(run_dir, "eval_metrics.jsonl"))
+    directory = run_path(run_dir)
+    train = read_metrics(directory / "metrics.jsonl")
+    evals = read_metrics(directory / "eval_metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
@@ -126,12 +165,14 @@ def plot_loss(run_dir: str) -> str:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross entropy (nats/token)")
-    ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+    ax.set_title(directory.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = os.path.join(run_dir, "plots", "loss.png")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = directory / "plots" / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return out
+    out.write_bytes(png.getvalue())
+    return str(out)
