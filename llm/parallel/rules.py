@@ -37,15 +37,18 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", 
                    "activation_heads", "activation_kv_heads", "activation_head_dim",
                    "activation_vocab")
 
-# Pure data parallel: parameters replicated, batch split over every mesh axis.
-DATA_PARALLEL: Rules = (("activation_batch", ("data", "fsdp")),)
+# Pure data parallel: parameters replicated, batch split over every mesh axis (and over slices:
+# "dcn" exists only on a multi-slice mesh; an axis a mesh lacks is skipped).
+DATA_PARALLEL: Rules = (("activation_batch", ("dcn", "data", "fsdp")),)
 
 
 @gin.configurable
 def axis_rules(rules: Sequence[Sequence] = DATA_PARALLEL) -> Rules:
     """The active rule set (gin: `axis_rules.rules`). Unlisted logical names are replicated.
     Raises ConfigError for a rule that names an unknown logical or mesh axis."""
-    from llm.parallel.mesh import MESH_AXES
+    from llm.parallel.mesh import DCN_AXIS, MESH_AXES
+
+    mesh_axes = (DCN_AXIS, *MESH_AXES)
 
     out = []
     for rule in rules:
@@ -59,9 +62,9 @@ def axis_rules(rules: Sequence[Sequence] = DATA_PARALLEL) -> Rules:
                               f"carries; weights use {', '.join(WEIGHT_AXES)}; activations use "
                               f"{', '.join(ACTIVATION_AXES)}.")
         for axis in (target,) if isinstance(target, str) else (target or ()):
-            if axis not in MESH_AXES:
+            if axis not in mesh_axes:
                 raise ConfigError(f"axis_rules.rules maps {name!r} to {axis!r}, which is not a "
-                                  f"mesh axis; use one of {', '.join(MESH_AXES)} or None.")
+                                  f"mesh axis; use one of {', '.join(mesh_axes)} or None.")
         out.append((name, target))
     return tuple(out)
 
@@ -70,8 +73,9 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
                     shape: Sequence[int] | None = None) -> PartitionSpec:
     """PartitionSpec for a tensor whose dims carry `names`.
 
-    Each mesh axis is used at most once per tensor (first dim wins). With `mesh` and `shape`,
-    a dim not divisible by its mesh-axes' size is left unsharded.
+    Each mesh axis is used at most once per tensor (first dim wins). With `mesh`, axes the mesh
+    lacks (e.g. "dcn" on one slice) or of size 1 are dropped; with `shape` too, a dim not
+    divisible by its mesh-axes' size is left unsharded.
     """
     table = dict(rules)
     used: set[str] = set()

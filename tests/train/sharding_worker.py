@@ -3,7 +3,9 @@
 Used by test_sharding.py in a subprocess with 8 fake CPU devices.
 usage: python -m tests.train.sharding_worker <config>...  where config is
 "<mesh>[:accum[:attention_impl]]" and
-mesh is a gin file under gin_configs/mesh/ or 'single'. Prints {config: losses} as JSON.
+mesh is a gin file under gin_configs/mesh/, 'single', or 'fsdp_dcn': FSDP inside each of 2
+simulated slices of 4 devices (`make_mesh.dcn = 2`, slices_from="device_order"), data parallel
+across them. Prints {config: losses} as JSON.
 """
 
 import json
@@ -12,6 +14,7 @@ import sys
 import gin
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from llm.model import transformer
 from llm.model.config import ModelConfig
@@ -45,10 +48,31 @@ def configure(mesh_file: str):
     if mesh_file == "single":
         gin.parse_config(["make_mesh.data = 1"])
         devices = jax.devices()[:1]
+    elif mesh_file == "fsdp_dcn":
+        gin.parse_config_file("gin_configs/mesh/fsdp.gin")
+        gin.parse_config(["make_mesh.dcn = 2", "make_mesh.slices_from = 'device_order'"])
+        devices = None
     else:
         gin.parse_config_file(mesh_file)
         devices = None
     return make_mesh(devices=devices), axis_rules()
+
+
+def check_slices(mesh, rules, kernel) -> None:
+    """The simulated layout: slice s is devices 4s..4s+3 (the dcn axis is outermost); each slice
+    holds a whole copy of the weights (the same shard at the same in-slice position, so the
+    only cross-slice traffic is the gradient all-reduce), and the batch is split over slices."""
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    if dict(mesh.shape) != {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1} or \
+            sorted(ids[0].ravel()) != [0, 1, 2, 3] or sorted(ids[1].ravel()) != [4, 5, 6, 7]:
+        raise SystemExit(f"fsdp_dcn: mesh {dict(mesh.shape)} with device ids {ids.tolist()}")
+    index = {s.device.id: str(s.index) for s in kernel.addressable_shards}
+    for a, b in zip(ids[0].ravel(), ids[1].ravel()):
+        if index[a] != index[b]:
+            raise SystemExit(f"fsdp_dcn: devices {a} and {b} (same place in slices 0 and 1) hold "
+                             f"different weight shards {index[a]} / {index[b]}")
+    if batch_sharding(mesh, rules).spec != P(("dcn", "fsdp")):
+        raise SystemExit(f"fsdp_dcn: batch sharding {batch_sharding(mesh, rules).spec}")
 
 
 def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> list[float]:
@@ -62,11 +86,13 @@ def main(mesh_file: str, accum_steps: int = 1, attention_impl: str = "xla") -> l
     step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef), tx=tx,
                           schedule=schedule, accum_steps=accum_steps)
     kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]
-    expected = {"single": 1, "dp": 1, "fsdp": 8, "tp": 2, "fsdp_tp": 8}
+    expected = {"single": 1, "dp": 1, "fsdp": 8, "tp": 2, "fsdp_tp": 8, "fsdp_dcn": 4}
     name = mesh_file.rsplit("/", 1)[-1].removesuffix(".gin")
     shards = len({str(s.index) for s in kernel.addressable_shards})
     if shards != expected[name]:  # the rule set really split the weights
         raise SystemExit(f"{name}: wi kernel has {shards} distinct shards, want {expected[name]}")
+    if name == "fsdp_dcn":
+        check_slices(mesh, rules, kernel)
     losses = []
     for i in range(5):
         batch = jax.device_put(synthetic_batch(i), batch_sharding(mesh, rules))

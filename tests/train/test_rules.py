@@ -7,9 +7,11 @@ import os
 
 import gin
 import pytest
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from llm.config import ConfigError
+from llm.parallel.mesh import make_mesh
 from llm.parallel.rules import axis_rules, logical_to_spec
 from tests.conftest import REPO
 
@@ -18,16 +20,18 @@ MLP_ACTIVATION = ("activation_batch", "activation_length", "activation_mlp")
 EMBEDDING = ("vocab", "embed")
 MLP_IN = ("embed", "mlp")
 
-# Written from the rule files' comments (what each parallelism splits), not from the code.
+# Written from the rule files' comments (what each parallelism splits), not from the code. With
+# no mesh given every named axis stays; "dcn" (slices) is dropped on a mesh that lacks it.
 EXPECTED = {
-    "dp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp")),
+    "dp": {ACTIVATION: P(("dcn", "data", "fsdp")), MLP_ACTIVATION: P(("dcn", "data", "fsdp")),
            EMBEDDING: P(), MLP_IN: P()},
-    "fsdp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp")),
+    "fsdp": {ACTIVATION: P(("dcn", "data", "fsdp")), MLP_ACTIVATION: P(("dcn", "data", "fsdp")),
              EMBEDDING: P("fsdp"), MLP_IN: P("fsdp")},
-    "tp": {ACTIVATION: P(("data", "fsdp")), MLP_ACTIVATION: P(("data", "fsdp"), None, "tensor"),
+    "tp": {ACTIVATION: P(("dcn", "data", "fsdp")),
+           MLP_ACTIVATION: P(("dcn", "data", "fsdp"), None, "tensor"),
            EMBEDDING: P("tensor"), MLP_IN: P(None, "tensor")},
-    "fsdp_tp": {ACTIVATION: P(("data", "fsdp")),
-                MLP_ACTIVATION: P(("data", "fsdp"), None, "tensor"),
+    "fsdp_tp": {ACTIVATION: P(("dcn", "data", "fsdp")),
+                MLP_ACTIVATION: P(("dcn", "data", "fsdp"), None, "tensor"),
                 EMBEDDING: P("tensor", "fsdp"), MLP_IN: P("fsdp", "tensor")},
 }
 
@@ -58,5 +62,27 @@ def test_rule_sets_place_weights_and_activations_in_any_rule_order(mesh):
 def test_bad_rules_are_config_errors(rule, words):
     with pytest.raises(ConfigError) as e:
         axis_rules([rule])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_dcn_is_dropped_on_a_single_slice_mesh():
+    """The batch rule names ("dcn", "data", "fsdp"); a mesh without "dcn" uses the rest, and a
+    multi-slice mesh puts the batch over slices first."""
+    one_slice = AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    two_slices = AbstractMesh((2, 1, 4, 1), ("dcn", "data", "fsdp", "tensor"))
+    rules = rules_of("fsdp")
+    assert logical_to_spec(("activation_batch",), rules, one_slice) == P(("data", "fsdp"))
+    assert logical_to_spec(("activation_batch",), rules, two_slices) == P(("dcn", "fsdp"))
+    assert logical_to_spec(MLP_IN, rules, two_slices) == P("fsdp")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"dcn": 2}, ["dcn=2", "slices", "make_mesh.dcn"]),
+    ({"dcn": 2, "slices_from": "hosts"}, ["make_mesh.slices_from='hosts'", "device_order"]),
+])
+def test_bad_multi_slice_meshes_are_config_errors(kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        make_mesh(**kwargs)
     for w in words:
         assert w in str(e.value)

@@ -10,13 +10,13 @@ import pytest
 
 from tests.conftest import run_experiment
 
-MESHES = ["dp", "fsdp", "tp", "fsdp_tp"]
+MESHES = ["dp", "fsdp", "tp", "fsdp_tp"]  # and fsdp_dcn: FSDP in each of 2 simulated slices
 
 
 @pytest.fixture(scope="module")
 def losses() -> dict[str, list[float]]:
     configs = (["single", "single:4", "single:1:pallas", "gin_configs/mesh/fsdp_tp.gin:1:pallas"]
-               + [f"gin_configs/mesh/{m}.gin" for m in MESHES])
+               + [f"gin_configs/mesh/{m}.gin" for m in MESHES] + ["fsdp_dcn"])
     proc = run_experiment("tests.train.sharding_worker", configs,
                           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -27,7 +27,7 @@ def test_single_device_trains(losses):
     assert losses["single"][-1] < losses["single"][0] - 0.5  # the steps really learn
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", [*MESHES, "fsdp_dcn"])
 def test_mesh_matches_single_device(mesh, losses):
     np.testing.assert_allclose(losses[mesh], losses["single"], rtol=0, atol=1e-5)
 
