@@ -65,7 +65,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
     model = ModelSpec(graphdef, abstract_params, logical_axes,
                       init=lambda k: transformer.init(cfg, k)[1],
-                      loss_fn=decoder_loss(graphdef, tc.z_loss), num_params=cfg.num_params(),
+                      loss_fn=decoder_loss(graphdef, tc.z_loss, tc.loss_chunk),
+                      num_params=cfg.num_params(),
                       flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len)
 
     validation = info.splits["validation"]

@@ -163,8 +163,9 @@ def compile_train_step(devices, vocab_size: int | None = None, platform: str | N
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                        params=params, opt_state=opt_state)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef, tc.z_loss),
-                          tx=tx, schedule=schedule, accum_steps=tc.accum_steps)
+    step = jit_train_step(shardings, mesh, rules,
+                          loss_fn=decoder_loss(graphdef, tc.z_loss, tc.loss_chunk), tx=tx,
+                          schedule=schedule, accum_steps=tc.accum_steps)
     row = jax.ShapeDtypeStruct((tc.global_batch_size, tc.seq_len), jnp.int32,
                                sharding=batch_sharding(mesh, rules))
     batch = {k: row for k in ("inputs", "targets", "segment_ids", "positions")}

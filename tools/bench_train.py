@@ -117,6 +117,7 @@ from llm.model import transformer  # noqa: E402
 from llm.model.config import ModelConfig  # noqa: E402
 from llm.parallel.mesh import make_mesh  # noqa: E402
 from llm.parallel.rules import axis_rules  # noqa: E402
+from llm.train.loop import TrainConfig  # noqa: E402
 from llm.train.loss import decoder_loss  # noqa: E402
 from llm.train.metrics import measure_matmul_flops  # noqa: E402
 from llm.train.optimizer import make_optimizer  # noqa: E402
@@ -218,8 +219,9 @@ def build_step(cfg: ModelConfig, batch: int, seq: int, total_steps: int):
     tx, schedule = make_optimizer(total_steps=total_steps)
     state, shardings = create_train_state(lambda k: transformer.init(cfg, k)[1], abstract_params,
                                           axes, tx, mesh, rules, seed=0)
-    step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef), tx=tx,
-                          schedule=schedule)
+    chunk = TrainConfig(global_batch_size=batch, seq_len=seq).loss_chunk  # gin: --gin_param
+    step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef, chunk=chunk),
+                          tx=tx, schedule=schedule)
     data = jax.device_put(synthetic_batch(batch, seq, cfg.vocab_size),
                           batch_sharding(mesh, rules))
     t = time.perf_counter()

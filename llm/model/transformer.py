@@ -87,6 +87,16 @@ class Decoder(nnx.Module):
         segment_ids None means one document per row. With `caches` (one per layer) the call is an
         incremental decode step (see `Attention`). prefix [batch, seq]: prefix-LM attention
         (positions marked 1 see each other bidirectionally; see `attention.attend`)."""
+        return self.logits(self.features(inputs, positions=positions, segment_ids=segment_ids,
+                                         caches=caches, cache_lengths=cache_lengths,
+                                         prefix=prefix))
+
+    def features(self, inputs: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, caches: list[KVCache] | None = None,
+                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None
+                 ) -> jax.Array:
+        """The final-normed hidden states [batch, seq, d_model] (compute dtype) that `logits`
+        turns into the vocabulary; arguments as `__call__`."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
         x = embed_tokens(self.embed, self.pos_embed, self.cfg, inputs, positions)
@@ -97,12 +107,22 @@ class Decoder(nnx.Module):
                 x = _run_block_remat(block, x, positions, segment_ids, prefix)
             else:
                 x = block(x, positions, segment_ids, prefix=prefix)
-        x = self.final_norm(x)
+        return self.final_norm(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Hidden states [batch, seq, d_model] -> fp32 logits [batch, seq, vocab]."""
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """(the output projection in compute dtype, vocab_major): the tied embedding table
+        [vocab, d_model] (vocab_major=True) or the lm_head kernel [d_model, vocab]."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(self.embed.dtype), True
+        return self.lm_head.kernel[...].astype(self.lm_head.dtype), False
 
 
 def _is_variable(x) -> bool:

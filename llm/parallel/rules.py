@@ -21,6 +21,7 @@ rule set works for every model size (e.g. 2 kv heads on a tensor axis of 4).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator, Sequence
 
@@ -109,18 +110,32 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules):
         logical_tree, shapes_tree, is_leaf=lambda n: isinstance(n, tuple))
 
 
-# The mesh and rules used by `constrain` inside model code. Set by `activation_sharding`.
-_ACTIVE: list[tuple[Mesh, Rules]] = []
+# The mesh and rules that `constrain` uses inside model code, set by `activation_sharding`.
+#
+# Why a context and not an argument: `constrain` is read only while `jax.jit` traces (the
+# compiled program carries the resulting shardings; nothing global is consulted at run time),
+# and it is called from deep inside the model (embeddings, every attention and MLP, the
+# logits). An explicit argument would be threaded through every module call from the loss down
+# to `attend`, or stored in the modules -- and then in the nnx graphdef, tying a model
+# definition to one mesh (the same graphdef serves training, evaluation and serving on
+# different meshes). It is the design of flax's `nn.logical_axis_rules` (MaxText's
+# `with_logical_constraint`) and of JAX's own `use_mesh`. The context is entered in exactly
+# three places, each around the tracing of one jitted function: `llm.train.step`
+# (`jit_train_step`, `jit_eval_step`), `llm.eval.lm` (the scorer) and `llm.serve.engine`.
+# Outside it `constrain` is the identity, so a one-device trace is the plain program. It is a
+# ContextVar, so a trace in one thread (the server's engine) never sees another thread's mesh.
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "llm_activation_sharding", default=None)
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Within this context (around tracing), `constrain` pins activations to the mesh."""
-    _ACTIVE.append((mesh, rules))
+    token = _ACTIVE.set((mesh, rules))
     try:
         yield
     finally:
-        _ACTIVE.pop()
+        _ACTIVE.reset(token)
 
 
 def active_spec(names: Sequence[str | None], shape: Sequence[int]
@@ -128,17 +143,19 @@ def active_spec(names: Sequence[str | None], shape: Sequence[int]
     """(mesh, spec) that `constrain` would use for these names, or None outside
     `activation_sharding` or on a one-device mesh. For code that must shard by hand, such as a
     Pallas kernel under `shard_map`."""
-    if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
         return None
-    mesh, rules = _ACTIVE[-1]
+    mesh, rules = active
     return mesh, logical_to_spec(names, rules, mesh, shape)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
-    if not _ACTIVE:
+    active = _ACTIVE.get()
+    if active is None:
         return x
-    mesh, rules = _ACTIVE[-1]
+    mesh, rules = active
     if len(names) != x.ndim:
         raise ValueError(f"constrain: {len(names)} names {tuple(names)} for a rank-{x.ndim} array")
     return jax.lax.with_sharding_constraint(x, named_sharding(names, mesh, rules, x.shape))

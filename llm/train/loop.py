@@ -41,6 +41,9 @@ class TrainConfig:
     profile_steps: (first, last) steps, 1-based and inclusive, traced with `jax.profiler` into
       <run_dir>/profile (open in TensorBoard's profile tab or ui.perfetto.dev). Skip step 1:
       it includes compilation.
+    loss_chunk: decoder loss head in chunks of this many positions (`llm.train.loss.
+      chunked_cross_entropy`: the [batch, seq, vocab] logits are never held whole); 0 computes
+      the logits at once.
     """
 
     steps: int = 1000
@@ -54,6 +57,7 @@ class TrainConfig:
     eval_batches: int = 20
     fault_injection: str | None = None
     profile_steps: tuple[int, int] | None = None
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for field in ("steps", "global_batch_size", "seq_len", "accum_steps", "log_every"):
@@ -63,6 +67,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.eval_every={self.eval_every} must be >= 0 (0: only "
                               f"at the end) and TrainConfig.eval_batches={self.eval_batches} "
                               ">= 1.")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"TrainConfig.loss_chunk={self.loss_chunk} must be >= 0 (0: "
+                              "unchunked loss head).")
         if self.global_batch_size % self.accum_steps:
             raise ConfigError(f"TrainConfig.global_batch_size={self.global_batch_size} is not "
                               f"divisible by TrainConfig.accum_steps={self.accum_steps}; make "

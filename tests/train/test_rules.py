@@ -86,3 +86,21 @@ def test_bad_multi_slice_meshes_are_config_errors(kwargs, words):
         make_mesh(**kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+def test_activation_sharding_context_is_per_thread():
+    """A trace in one thread (the server's engine) never sees another thread's mesh."""
+    import threading
+
+    from llm.parallel.rules import activation_sharding, active_spec
+
+    mesh = AbstractMesh((2, 1, 1), ("data", "fsdp", "tensor"))
+    seen = []
+    with activation_sharding(mesh, rules_of("dp")):
+        assert active_spec(("activation_batch",), (4,)) == (mesh, P("data"))
+        thread = threading.Thread(target=lambda: seen.append(
+            active_spec(("activation_batch",), (4,))))
+        thread.start()
+        thread.join()
+    assert seen == [None]
+    assert active_spec(("activation_batch",), (4,)) is None
