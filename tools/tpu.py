@@ -15,6 +15,12 @@ worker and installs it there from requirements.lock with the `[tpu]` extra. `run
 command on all workers at once, in the background under nohup (it survives the ssh session),
 with `LLM_DISTRIBUTED=auto` so `jax.distributed.initialize()` finds the other hosts by itself;
 its output goes to ~/llm-run.log on each worker (`logs`).
+
+Multi-slice: `--num_slices=N` (same value for every subcommand) asks for N slices in one queued
+resource (`--node-count=N --node-prefix=<name>`; the slices are the nodes `<name>-0` ..
+`<name>-<N-1>`), and setup/run then address every worker of every slice; `run` adds
+`--gin_param=make_mesh.dcn=N` so the mesh gets its across-slices axis (docs/tpu.md).
+`logs` / `ssh` take `--slice` (default 0).
 """
 
 from __future__ import annotations
@@ -51,16 +57,35 @@ def _where(args) -> list[str]:
     return [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
 
 
-def _ssh(args, command: str | None, worker: str) -> list[str]:
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *_where(args),
+def _nodes(args) -> list[str]:
+    """The TPU VM node names: `<name>`, or `<name>-0` .. for a multi-slice queued resource."""
+    if args.num_slices < 1:
+        raise LaunchError(f"--num_slices={args.num_slices} must be >= 1.")
+    if args.num_slices == 1:
+        return [args.name]
+    return [f"{args.name}-{i}" for i in range(args.num_slices)]
+
+
+def _ssh(args, command: str | None, worker: str, node: str | None = None) -> list[str]:
+    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node or args.name, *_where(args),
            f"--worker={worker}"]
     return cmd + ([f"--command={command}"] if command is not None else [])
 
 
+def _one_node(args) -> str:
+    nodes = _nodes(args)
+    if not 0 <= args.slice < len(nodes):
+        raise LaunchError(f"--slice={args.slice} is not in [0, {len(nodes)}) "
+                          f"(--num_slices={args.num_slices}).")
+    return nodes[args.slice]
+
+
 def create_commands(args) -> list[list[str]]:
     version = args.runtime_version or runtime_version(args.accelerator_type)
+    node = ([f"--node-id={args.name}"] if len(_nodes(args)) == 1 else
+            [f"--node-count={args.num_slices}", f"--node-prefix={args.name}"])
     cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", f"{args.name}-qr",
-           f"--node-id={args.name}", *_where(args), f"--accelerator-type={args.accelerator_type}",
+           *node, *_where(args), f"--accelerator-type={args.accelerator_type}",
            f"--runtime-version={version}"]
     if args.spot:
         cmd.append("--spot")
@@ -79,12 +104,12 @@ def setup_commands(args) -> list[list[str]]:
         "python3 -m pip install -c requirements.lock -e '.[tpu]'",
         "python3 -c 'import jax; print(jax.device_count(), jax.devices()[0].device_kind)'",
     ])
-    return [
-        ["git", "-C", REPO, "archive", "--format=tar.gz", "-o", tarball, "HEAD"],
-        ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{args.name}:~/",
-         *_where(args), "--worker=all"],
-        _ssh(args, install, "all"),
-    ]
+    commands = [["git", "-C", REPO, "archive", "--format=tar.gz", "-o", tarball, "HEAD"]]
+    for node in _nodes(args):
+        commands += [["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{node}:~/",
+                      *_where(args), "--worker=all"],
+                     _ssh(args, install, "all", node)]
+    return commands
 
 
 def run_commands(args) -> list[list[str]]:
@@ -94,17 +119,21 @@ def run_commands(args) -> list[list[str]]:
     command = list(args.command)
     if command[0] == "python":
         command[0] = "python3"
+    nodes = _nodes(args)
+    if len(nodes) > 1:
+        command.append(f"--gin_param=make_mesh.dcn={len(nodes)}")
     remote = (f"cd ~/{REMOTE_DIR} && LLM_DISTRIBUTED=auto nohup {shlex.join(command)} "
               f"> {LOG} 2>&1 < /dev/null &")
-    return [_ssh(args, remote, "all")]
+    return [_ssh(args, remote, "all", node) for node in nodes]
 
 
 def logs_commands(args) -> list[list[str]]:
-    return [_ssh(args, f"tail -n {args.lines} {'-f ' if args.follow else ''}{LOG}", args.worker)]
+    return [_ssh(args, f"tail -n {args.lines} {'-f ' if args.follow else ''}{LOG}", args.worker,
+                 _one_node(args))]
 
 
 def ssh_commands(args) -> list[list[str]]:
-    return [_ssh(args, None, args.worker)]
+    return [_ssh(args, None, args.worker, _one_node(args))]
 
 
 def delete_commands(args) -> list[list[str]]:
@@ -125,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--zone", required=True, help="e.g. us-west4-a (v5e), us-east5-a (v5p)")
         s.add_argument("--project", default=None, help="default: gcloud's configured project")
         s.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+        s.add_argument("--num_slices", type=int, default=1,
+                       help="slices in the queued resource (multi-slice over DCN)")
         if name == "create":
             s.add_argument("--accelerator_type", required=True,
                            help="v4-8, v5litepod-8, v5p-64, v6e-8, ...")
@@ -132,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
         if name in ("logs", "ssh"):
             s.add_argument("--worker", default="0", help="worker index (logs, ssh)")
+            s.add_argument("--slice", type=int, default=0, help="slice index (multi-slice)")
         if name == "logs":
             s.add_argument("--lines", type=int, default=100)
             s.add_argument("--follow", action="store_true")

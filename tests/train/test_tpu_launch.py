@@ -75,3 +75,22 @@ def test_errors_are_one_line():
     assert proc.returncode == 2 and "v9-8" in proc.stderr and proc.stderr.count("\n") == 1
     proc = tpu("run", *Z, "--dry_run")
     assert proc.returncode == 2 and "after `--`" in proc.stderr
+
+
+def test_multi_slice_addresses_every_slice():
+    """--num_slices=2: one queued resource of 2 nodes (exp1-0, exp1-1); setup and run go to
+    every worker of both, run adds the dcn mesh axis; logs/ssh pick a slice."""
+    [create] = lines("create", *Z, "--accelerator_type=v5p-64", "--num_slices=2", "--dry_run")
+    assert "--node-count=2" in create and "--node-prefix=exp1" in create
+    assert not any(a.startswith("--node-id") for a in create)
+    _, scp0, ssh0, scp1, ssh1 = lines("setup", *Z, "--num_slices=2", "--dry_run")
+    assert "exp1-0:~/" in scp0 and "exp1-1:~/" in scp1
+    assert ssh0[5] == "exp1-0" and ssh1[5] == "exp1-1" and "--worker=all" in ssh1
+    runs = lines("run", *Z, "--num_slices=2", "--dry_run", "--", "python", "-m",
+                 "experiments.pretrain_ntp")
+    assert [r[5] for r in runs] == ["exp1-0", "exp1-1"]
+    assert all("--gin_param=make_mesh.dcn=2" in r[-1] and "--worker=all" in r for r in runs)
+    [logs] = lines("logs", *Z, "--num_slices=2", "--slice=1", "--dry_run")
+    assert logs[5] == "exp1-1"
+    proc = tpu("ssh", *Z, "--num_slices=2", "--slice=2", "--dry_run")
+    assert proc.returncode == 2 and "--slice=2" in proc.stderr and "Traceback" not in proc.stderr
