@@ -26,10 +26,11 @@ One engine `step()`:
      `kv_len` cache rows, the smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) at
      or above every slot's length plus `decode_steps`, so short sequences do not pay attention
      over the whole context on the XLA path.
-Every program has a variant with logprobs and one without (used when no request in the call asked
-for them), so the number of compiled programs is at most 2 x (len(row_buckets) x
-len(chunk_buckets) + len(kv_buckets)), whatever the traffic (`Engine.max_compiled_shapes()`;
-tested).
+A prefill call holds only prompts' first chunks ("fresh": attention over the chunk alone, no
+cache read) or only later chunks (each row reads its slot's cache row). Every program has a
+variant with logprobs and one without (used when no request in the call asked for them), so the
+number of compiled programs is at most 2 x (2 x len(row_buckets) x len(chunk_buckets) +
+len(kv_buckets)), whatever the traffic (`Engine.max_compiled_shapes()`; tested).
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -199,6 +200,18 @@ def _request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
 
 
+def _sample(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature: jax.Array,
+            top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """`sample_tokens` with the keys fold_in(key(seeds), counters) [rows]; an all-greedy batch
+    takes the argmax without deriving any key (the per-row threefry hashes cost as much as a
+    small model's step on CPU)."""
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: sample_tokens(logits, _request_keys(seeds, counters), temperature, top_k, top_p,
+                              min_p),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
 def _top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logp [..., vocab] -> (values, ids) [..., MAX_TOP_LOGPROBS], most likely first."""
     k = min(MAX_TOP_LOGPROBS, logp.shape[-1])
@@ -217,7 +230,7 @@ def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, pos
 
 
 def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots, tokens, targets,
-                  starts, valid, sampling, *, logprobs: bool):
+                  starts, valid, sampling, *, fresh: bool, logprobs: bool):
     """Run one prompt chunk of each of `rows` slots through the model in one call, writing their
     cache rows.
 
@@ -225,14 +238,18 @@ def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots,
     of slot slots[r] in tokens[r, :valid[r]], padding after. tokens, targets [rows, chunk] int32:
     targets[r, i] is the prompt token after tokens[r, i] (anything past the prompt). Padding rows
     (the row count is padded to a bucket) repeat row 0, so they write the very values row 0
-    writes. sampling: (seeds, counters, temperature, top_k, top_p, min_p) [rows]. Returns the new
+    writes. fresh (static): every row is a prompt's first chunk (starts all 0), so nothing in the
+    cache is read and attention runs over the chunk alone; otherwise each row reads its slot's
+    whole cache row. sampling: (seeds, counters, temperature, top_k, top_p, min_p) [rows].
+    Returns the new
     cache state and each row's first sampled token [rows] (meaningful on a prompt's last chunk);
     with `logprobs` (static) also its logprob [rows] and top alternatives [rows, MAX_TOP_LOGPROBS],
     and per position the target's logprob [rows, chunk] with the top alternatives
     [rows, chunk, MAX_TOP_LOGPROBS].
     """
     rows, chunk = tokens.shape
-    gathered = [jnp.take(c, slots, axis=0) for c in cache]           # [rows, cache_len, ...]
+    window = chunk if fresh else cache[0].shape[1]
+    gathered = [jnp.take(c[:, :window], slots, axis=0) for c in cache]  # [rows, window, ...]
     positions = starts[:, None] + jnp.arange(chunk)[None, :]
     logits, gathered = _forward(graphdef, cache_graphdef, cache_treedef, params, gathered, tokens,
                                 positions, starts)
@@ -248,7 +265,7 @@ def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots,
     cache = [write(c, g) for c, g in zip(cache, gathered)]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
     last = jnp.take_along_axis(logits, (valid - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
-    token = sample_tokens(last, _request_keys(seeds, counters), temperature, top_k, top_p, min_p)
+    token = _sample(last, seeds, counters, temperature, top_k, top_p, min_p)
     if not logprobs:
         return cache, token
     logp = jax.nn.log_softmax(logits, axis=-1)                       # [rows, chunk, vocab]
@@ -280,8 +297,7 @@ def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens
         logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
                                 tokens[:, None], lengths[:, None], lengths)
         logits = logits[:, 0]
-        nxt = sample_tokens(logits, _request_keys(seeds, counters + j), temperature, top_k,
-                            top_p, min_p)
+        nxt = _sample(logits, seeds, counters + j, temperature, top_k, top_p, min_p)
         out = (nxt,)
         if logprobs:
             logp = jax.nn.log_softmax(logits, axis=-1)
@@ -379,7 +395,7 @@ class Engine:
         # (argument 1) is donated so it is updated in place.
         statics = (graphdef, cache_graphdef, cache_treedef)
         self._prefill_fn = jax.jit(functools.partial(_prefill_rows, *statics),
-                                   donate_argnums=(1,), static_argnames=("logprobs",))
+                                   donate_argnums=(1,), static_argnames=("fresh", "logprobs"))
         self._decode_fn = jax.jit(functools.partial(_decode_steps, *statics), donate_argnums=(1,),
                                   static_argnames=("kv_len", "steps", "logprobs"))
         self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
@@ -468,17 +484,17 @@ class Engine:
         return not self.waiting and self.active_slots() == 0
 
     def compiled_shapes(self) -> int:
-        """Programs compiled so far by this engine: one per (row bucket, chunk bucket, logprobs)
-        for prefill and one per (kv bucket, logprobs) for decode, logprobs being whether the call
-        computes logprobs (only when some request in it asked for them). At most
-        `max_compiled_shapes()`."""
+        """Programs compiled so far by this engine: one per (row bucket, chunk bucket, fresh,
+        logprobs) for prefill and one per (kv bucket, logprobs) for decode, fresh being whether
+        the call holds only first chunks and logprobs whether it computes logprobs (only when
+        some request in it asked for them). At most `max_compiled_shapes()`."""
         return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
 
     def max_compiled_shapes(self) -> int:
         """The bound on `compiled_shapes()`, whatever the traffic:
-        2 x (len(row_buckets) x len(chunk_buckets) + len(kv_buckets))."""
+        2 x (2 x len(row_buckets) x len(chunk_buckets) + len(kv_buckets))."""
         c = self.config
-        return 2 * (len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
+        return 2 * (2 * len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
@@ -553,9 +569,10 @@ class Engine:
                 np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
 
     def _prefill_batch(self, burst: bool) -> list[Request]:
-        """The prompts of the next prefill call, in FIFO order: up to `prefill_rows`, and while
-        some slot is decoding (not `burst`) only as many as keep rows x chunk bucket within
-        `chunk_size` padded tokens (always at least one)."""
+        """The prompts of the next prefill call, in FIFO order: up to `prefill_rows`, all first
+        chunks or all later chunks (`_prefill_rows`'s `fresh`), and while some slot is decoding
+        (not `burst`) only as many as keep rows x chunk bucket within `chunk_size` padded tokens
+        (always at least one)."""
         c = self.config
         batch, longest = [], 0
         for req in self.prefilling:
@@ -563,6 +580,7 @@ class Engine:
             rows = next(b for b in c.row_buckets() if b >= len(batch) + 1)
             size = next(b for b in c.chunk_buckets() if b >= max(longest, valid))
             if batch and (len(batch) == c.row_buckets()[-1] or
+                          (req.prefilled == 0) != (batch[0].prefilled == 0) or
                           (not burst and rows * size > c.chunk_size)):
                 break
             batch.append(req)
@@ -599,7 +617,7 @@ class Engine:
         sampling = tuple(np.array(col) for col in zip(*sampling))
         want = any(r.params.logprobs is not None for r in batch)
         out = self._prefill_fn(self.params, self.cache, slot_ids, tokens, targets, starts, valids,
-                               sampling, logprobs=want)
+                               sampling, fresh=bool(starts.max() == 0), logprobs=want)
         self.cache = out[0]
         self.stats["prefill_chunks"] += len(batch)
         self.stats["prefill_calls"] += 1
