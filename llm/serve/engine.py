@@ -260,7 +260,7 @@ def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots,
     def write(c, g):
         new = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, chunk, axis=0))(g, starts)
         return jax.lax.fori_loop(0, rows, lambda i, c: jax.lax.dynamic_update_slice(
-            c, new[i][None], (slots[i], starts[i], zero, zero)), c)
+            c, new[i][None], (slots[i], starts[i]) + (zero,) * (c.ndim - 2)), c)
 
     cache = [write(c, g) for c, g in zip(cache, gathered)]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
@@ -326,7 +326,8 @@ class EngineConfig:
     prompts prefilled together in one call (each its own next chunk, one row of a [rows, chunk]
     batch); while some slot is decoding a call is further held to rows x chunk <= chunk_size
     padded tokens, the cost of one full chunk, so admitting prompts never stalls decoding more
-    than a single-prompt chunk did."""
+    than a single-prompt chunk did. kv_cache_dtype: "model" (the compute dtype) or "int8" (one
+    scale per position and kv head; `llm.model.attention.KVCache`)."""
 
     slots: int = 8
     max_context: int | None = None
@@ -336,6 +337,7 @@ class EngineConfig:
     decode_steps: int = 8
     max_queue: int = 256
     prefill_rows: int = 32
+    kv_cache_dtype: str = "model"
 
     def chunk_buckets(self) -> tuple[int, ...]:
         """The padded chunk lengths: min_chunk, 2*min_chunk, ..., chunk_size."""
@@ -381,7 +383,8 @@ class Engine:
         # beyond it, and a decode call up to decode_steps rows beyond a slot's last token.
         headroom = max(config.chunk_size, config.decode_steps + 1)
         cache_len = -(-(self.max_context + headroom) // 128) * 128
-        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
+        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len,
+                                                  config.kv_cache_dtype)
         # Placed like the step outputs that replace it (replicated on the params' mesh), so the
         # first call compiles nothing that later calls do not reuse.
         param_sharding = jax.tree.leaves(params)[0].sharding
