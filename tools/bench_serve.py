@@ -16,8 +16,15 @@ a fixed batch in one jitted loop with a cache sized to the batch; the engine ret
 every `decode_steps` tokens (stop checks, streaming, admission) and prefills each prompt in its
 own call. `--skip_server` runs this part only; `--decode_steps` sets the engine's K.
 
-HF transformers `generate` needs an HF export of our weights, which does not exist yet (the
-interop issue); the comparison is with the plain sampler meanwhile.
+Peer decode part (`--peers`, at batch 1 and `--batch`, in one run on the same weights, greedy, a
+fixed number of new tokens after the same BOS + prompt ids): the engine, the plain sampler, HF
+transformers
+`generate` on the run exported with `llm.interop.hf.export_run` (fp32, KV cache on,
+torch's threads = the cores), and llama.cpp (llama-cpp-python, `tools/llamacpp_worker.py` in
+whatever interpreter has it, e.g. /tmp/llamacpp-venv) on the GGUF F32 and Q8_0 exports
+(`tools/export_gguf.py`, batch 1 only), all timed interleaved, best of `--repeats`; each also
+reports how many of its tokens equal the engine's. A peer that is not installed is skipped with
+the reason.
 """
 
 from __future__ import annotations
@@ -150,10 +157,115 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
                 fn()
                 times[name].append(time.perf_counter() - t0)
         e, s = min(times["engine"]), min(times["sampler"])
+        paired = [ts / te for te, ts in zip(times["engine"], times["sampler"])]
         out.append({"batch": batch, "new_tokens": max_tokens,
                     "engine_tokens_per_s": batch * max_tokens / e,
-                    "sampler_tokens_per_s": batch * max_tokens / s, "engine_over_sampler": s / e})
+                    "sampler_tokens_per_s": batch * max_tokens / s, "engine_over_sampler": s / e,
+                    "engine_over_sampler_paired_median": float(np.median(paired))})
     return out
+
+
+def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
+                peers: list[str], threads: int | None = None) -> dict:
+    """Greedy decode tokens/s at each batch size: engine, sampler and each available peer (see
+    the module docstring; llama.cpp at batch 1 only, since llama-cpp-python's API decodes one
+    sequence); `threads`: the peers' thread count (default: the cores). Returns
+    {"rows": [...], "skipped": {peer: reason}, "prompt_tokens": n, "new_tokens": n}."""
+    import tempfile
+
+    from llm.runs import load_run
+    from llm.serve.engine import BOS_ID, Engine, EngineConfig, SamplingParams
+    from llm.serve.sampler import generate
+
+    run = load_run(run_dir)
+    prompt = run.tokenizer.encode("def fibonacci(n):\n")
+    ids = [BOS_ID, *prompt]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    context = max(len(prompt) + new_tokens + 1, run.seq_len)
+    systems = {}  # (name, batch) -> fn returning the first sequence's new tokens
+    for batch in batches:
+        engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer,
+                        EngineConfig(slots=batch, max_context=context))
+        systems["engine", batch] = (
+            lambda e=engine, b=batch: e.generate([prompt] * b, params)[0].output)
+        systems["sampler", batch] = lambda b=batch: generate(
+            run.graphdef, run.params, run.cfg, [ids] * b, max_new_tokens=new_tokens,
+            temperature=0.0, top_k=0, eos_id=-1)[0]
+    skipped, closers, threads = {}, [], threads or os.cpu_count()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+    if "transformers" in peers:
+        try:
+            import torch
+            import transformers
+        except ImportError as e:
+            skipped["transformers"] = f"not installed ({e}); pip install '.[interop]'"
+        else:
+            from llm.interop.hf import export_run
+
+            hf_dir = os.path.join(tmp.name, "hf")
+            export_run(run_dir, hf_dir)
+            torch.set_num_threads(threads)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                hf_dir, dtype=torch.float32).eval()
+            name = (f"transformers {transformers.__version__} (torch {torch.__version__}, "
+                    f"{torch.get_num_threads()} threads)")
+
+            def hf_generate(batch):
+                with torch.no_grad():
+                    # The mask is explicit: our BOS is id 0, which is also the pad id, and
+                    # generate would otherwise mask it out.
+                    out = model.generate(torch.tensor([ids] * batch), do_sample=False,
+                                         attention_mask=torch.ones(batch, len(ids),
+                                                                   dtype=torch.long),
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         eos_token_id=None, pad_token_id=BOS_ID)
+                return out[0, len(ids):].tolist()
+
+            for batch in batches:
+                systems[name, batch] = lambda b=batch: hf_generate(b)
+    if "llamacpp" in peers and 1 in batches:
+        from tools.export_gguf import export_gguf
+        from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+
+        python = llama_cpp_python()
+        if python is None:
+            skipped["llamacpp"] = ("llama-cpp-python is not importable here, from "
+                                   "$LLAMA_CPP_PYTHON or /tmp/llamacpp-venv (docs/serving.md "
+                                   "builds it)")
+        else:
+            for qtype in ("f32", "q8_0"):
+                path = export_gguf(run_dir, os.path.join(tmp.name, f"model-{qtype}.gguf"), qtype)
+                worker = LlamaCpp(path, python=python, threads=threads,
+                                  n_ctx=len(ids) + new_tokens + 8)
+                closers.append(worker.close)
+                systems[f"llama.cpp {qtype.upper()} ({worker.threads} threads)", 1] = (
+                    lambda w=worker: w.generate(ids, new_tokens)[0])
+    try:
+        outputs = {key: fn() for key, fn in systems.items()}  # warm-up (compiles ours)
+        times = {key: [] for key in systems}
+        for _ in range(repeats):  # interleaved, best of
+            for key, fn in systems.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    finally:
+        for close in closers:
+            close()
+        tmp.cleanup()
+    rows = []
+    for (name, batch) in systems:
+        ref = outputs["engine", batch]
+        agree = sum(a == b for a, b in zip(outputs[name, batch], ref))
+        rows.append({"system": name, "batch": batch,
+                     "tokens_per_s": batch * new_tokens / min(times[name, batch]),
+                     "same_tokens_as_engine": f"{agree}/{len(ref)}"})
+    for r in rows:
+        hf = next((h for h in rows if h["system"].startswith("transformers")
+                   and h["batch"] == r["batch"]), None)
+        r["over_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+    rows.sort(key=lambda r: r["batch"])
+    return {"rows": rows, "skipped": skipped, "prompt_tokens": len(ids),
+            "new_tokens": new_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="EngineConfig.decode_steps for the engine part (default: its default)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
+    parser.add_argument("--peers", default="transformers,llamacpp",
+                        help="batch-1 decode peers ('' for none): transformers, llamacpp")
+    parser.add_argument("--peer_threads", type=int, default=None,
+                        help="threads for transformers and llama.cpp (default: the cores)")
+    parser.add_argument("--batch1_tokens", type=int, default=128,
+                        help="new tokens per sequence in the peer comparison")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -177,20 +295,37 @@ def main(argv: list[str] | None = None) -> int:
               bench_server(args.run_dir, clients, args.requests, args.max_tokens))
     engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats,
                           args.decode_steps)
+    peers = [p for p in args.peers.split(",") if p]
+    batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
+                         peers, args.peer_threads)
     print(f"\nload average at start: {load[0]:.1f} ({os.cpu_count()} cores)")
     print(f"{'clients':>8} {'tokens/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
           f"{'ITL p50':>9} {'ITL p99':>9}  (ms)")
     for r in server:
         print(f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['ttft_p50_ms']:>10.1f} "
               f"{r['ttft_p99_ms']:>10.1f} {r['itl_p50_ms']:>9.1f} {r['itl_p99_ms']:>9.1f}")
-    print(f"\n{'batch':>6} {'engine tok/s':>13} {'sampler tok/s':>14} {'engine/sampler':>15}")
+    print(f"\n{'batch':>6} {'engine tok/s':>13} {'sampler tok/s':>14} {'engine/sampler':>15} "
+          f"{'paired median':>14}")
     for r in engine:
         print(f"{r['batch']:>6} {r['engine_tokens_per_s']:>13.1f} "
-              f"{r['sampler_tokens_per_s']:>14.1f} {r['engine_over_sampler']:>15.2f}")
+              f"{r['sampler_tokens_per_s']:>14.1f} {r['engine_over_sampler']:>15.2f} "
+              f"{r['engine_over_sampler_paired_median']:>14.2f}")
+    print(f"\ngreedy decode, {batch1['prompt_tokens']} prompt tokens + "
+          f"{batch1['new_tokens']} new, best of {args.repeats} interleaved")
+    print(f"{'system':<52} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'same tokens':>12}")
+    for r in batch1["rows"]:
+        ratio = f"{r['over_transformers']:.2f}" if r["over_transformers"] else "-"
+        print(f"{r['system']:<52} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {ratio:>6} "
+              f"{r['same_tokens_as_engine']:>12}")
+    for peer, why in batch1["skipped"].items():
+        print(f"skipped {peer}: {why}")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
-                       "engine_vs_sampler": engine, "max_tokens": args.max_tokens}, f, indent=2)
+                       "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
+                       "decode_vs_peers": batch1, "load_average_end": os.getloadavg()}, f,
+                      indent=2)
     return 0
 
 

@@ -11,20 +11,26 @@ finishes or is cancelled.
 
 One engine `step()`:
   1. admit waiting requests into free slots (FIFO);
-  2. prefill: up to `prefill_chunks_per_step` chunks (all waiting ones when no slot is decoding)
-     of at most `chunk_size` prompt tokens, each a jitted call that writes one slot's cache rows
-     [start, start + chunk) and, on a prompt's last chunk, samples the request's first token.
-     Chunk lengths are padded up to a power of two (`EngineConfig.chunk_buckets`), so a prompt
-     of any length compiles nothing new;
+  2. prefill: up to `prefill_chunks_per_step` calls (as many as it takes when no slot is
+     decoding), each a jitted call over a [rows, chunk] batch: the next chunk (at most
+     `chunk_size` prompt tokens) of up to `prefill_rows` waiting prompts, one row each, written
+     into their slots' cache rows [start, start + chunk); on a prompt's last chunk the call also
+     samples its first token. Chunk lengths are padded up to a power of two
+     (`EngineConfig.chunk_buckets`) and row counts too (`EngineConfig.row_buckets`), so prompts
+     of any length and number compile nothing new. While some slot decodes, a call holds at most
+     `chunk_size` padded tokens (rows x chunk), so admission never stalls decoding for longer
+     than one full chunk;
   3. decode: one jitted call advances every slot by `decode_steps` tokens (a lax.scan; slots
      without a request compute on padding and their results are dropped); the host then checks
      the stop conditions token by token and drops what follows a stop. It reads only the first
      `kv_len` cache rows, the smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) at
      or above every slot's length plus `decode_steps`, so short sequences do not pay attention
      over the whole context on the XLA path.
-Every program has a variant with logprobs and one without (used when no request in the call asked
-for them), so the number of compiled programs is at most 2 x (len(chunk_buckets) +
-len(kv_buckets)), whatever the traffic (`Engine.compiled_shapes()`; tested).
+A prefill call holds only prompts' first chunks ("fresh": attention over the chunk alone, no
+cache read) or only later chunks (each row reads its slot's cache row). Every program has a
+variant with logprobs and one without (used when no request in the call asked for them), so the
+number of compiled programs is at most 2 x (2 x len(row_buckets) x len(chunk_buckets) +
+len(kv_buckets)), whatever the traffic (`Engine.max_compiled_shapes()`; tested).
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -194,6 +200,18 @@ def _request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
 
 
+def _sample(logits: jax.Array, seeds: jax.Array, counters: jax.Array, temperature: jax.Array,
+            top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """`sample_tokens` with the keys fold_in(key(seeds), counters) [rows]; an all-greedy batch
+    takes the argmax without deriving any key (the per-row threefry hashes cost as much as a
+    small model's step on CPU)."""
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: sample_tokens(logits, _request_keys(seeds, counters), temperature, top_k, top_p,
+                              min_p),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
 def _top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logp [..., vocab] -> (values, ids) [..., MAX_TOP_LOGPROBS], most likely first."""
     k = min(MAX_TOP_LOGPROBS, logp.shape[-1])
@@ -211,39 +229,51 @@ def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, pos
     return logits, jax.tree.leaves(nnx.state(caches))
 
 
-def _prefill_chunk(graphdef, cache_graphdef, cache_treedef, params, cache, slot, tokens, targets,
-                   start, valid, sampling, *, logprobs: bool):
-    """Run one prompt chunk of one slot through the model, writing its cache rows.
+def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots, tokens, targets,
+                  starts, valid, sampling, *, fresh: bool, logprobs: bool):
+    """Run one prompt chunk of each of `rows` slots through the model in one call, writing their
+    cache rows.
 
-    slot, start, valid: int32 scalars (the chunk holds prompt tokens [start, start + valid) in
-    tokens[:valid], padding after). tokens, targets [chunk] int32: targets[i] is the prompt token
-    after tokens[i] (anything past the prompt). sampling: (seed, counter, temperature, top_k,
-    top_p, min_p) scalars. Returns the new cache state and the first sampled token (meaningful on
-    the prompt's last chunk); with `logprobs` (static) also its logprob and top alternatives, and
-    per position the target's logprob [chunk] with the top alternatives [chunk, MAX_TOP_LOGPROBS].
+    slots, starts, valid [rows] int32: row r holds prompt tokens [starts[r], starts[r] + valid[r])
+    of slot slots[r] in tokens[r, :valid[r]], padding after. tokens, targets [rows, chunk] int32:
+    targets[r, i] is the prompt token after tokens[r, i] (anything past the prompt). Padding rows
+    (the row count is padded to a bucket) repeat row 0, so they write the very values row 0
+    writes. fresh (static): every row is a prompt's first chunk (starts all 0), so nothing in the
+    cache is read and attention runs over the chunk alone; otherwise each row reads its slot's
+    whole cache row. sampling: (seeds, counters, temperature, top_k, top_p, min_p) [rows].
+    Returns the new
+    cache state and each row's first sampled token [rows] (meaningful on a prompt's last chunk);
+    with `logprobs` (static) also its logprob [rows] and top alternatives [rows, MAX_TOP_LOGPROBS],
+    and per position the target's logprob [rows, chunk] with the top alternatives
+    [rows, chunk, MAX_TOP_LOGPROBS].
     """
-    row = [jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0) for c in cache]
-    positions = (start + jnp.arange(tokens.shape[0]))[None, :]
-    logits, row = _forward(graphdef, cache_graphdef, cache_treedef, params, row, tokens[None, :],
-                           positions, start[None])
-    # Write back only the chunk's rows: an update of the whole slot row (read from the same
-    # buffer) makes XLA copy the entire cache, twice, on every call.
+    rows, chunk = tokens.shape
+    window = chunk if fresh else cache[0].shape[1]
+    gathered = [jnp.take(c[:, :window], slots, axis=0) for c in cache]  # [rows, window, ...]
+    positions = starts[:, None] + jnp.arange(chunk)[None, :]
+    logits, gathered = _forward(graphdef, cache_graphdef, cache_treedef, params, gathered, tokens,
+                                positions, starts)
+    # Write back only the chunk's rows of each slot: an update of whole slot rows (read from the
+    # same buffer) makes XLA copy the entire cache on every call.
     zero = jnp.zeros((), jnp.int32)
-    cache = [jax.lax.dynamic_update_slice(
-        c, jax.lax.dynamic_slice_in_dim(r, start, tokens.shape[0], axis=1),
-        (slot, start, zero, zero)) for c, r in zip(cache, row)]
-    seed, counter, temperature, top_k, top_p, min_p = sampling
-    last = jax.lax.dynamic_index_in_dim(logits[0], valid - 1, keepdims=True)   # [1, vocab]
-    token = sample_tokens(last, _request_keys(seed[None], counter[None]), temperature[None],
-                          top_k[None], top_p[None], min_p[None])[0]
+
+    def write(c, g):
+        new = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, chunk, axis=0))(g, starts)
+        return jax.lax.fori_loop(0, rows, lambda i, c: jax.lax.dynamic_update_slice(
+            c, new[i][None], (slots[i], starts[i]) + (zero,) * (c.ndim - 2)), c)
+
+    cache = [write(c, g) for c, g in zip(cache, gathered)]
+    seeds, counters, temperature, top_k, top_p, min_p = sampling
+    last = jnp.take_along_axis(logits, (valid - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
+    token = _sample(last, seeds, counters, temperature, top_k, top_p, min_p)
     if not logprobs:
         return cache, token
-    logp = jax.nn.log_softmax(logits[0], axis=-1)                    # [chunk, vocab]
-    target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    logp = jax.nn.log_softmax(logits, axis=-1)                       # [rows, chunk, vocab]
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     top_values, top_ids = _top_logprobs(logp)
-    last_logp = jax.lax.dynamic_index_in_dim(logp, valid - 1, keepdims=False)
-    return (cache, token, last_logp[token], *_top_logprobs(last_logp), target_logp,
-            top_values, top_ids)
+    last_logp = jnp.take_along_axis(logp, (valid - 1)[:, None, None], axis=1)[:, 0]
+    chosen = jnp.take_along_axis(last_logp, token[:, None], axis=-1)[:, 0]
+    return (cache, token, chosen, *_top_logprobs(last_logp), target_logp, top_values, top_ids)
 
 
 def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths, live,
@@ -267,8 +297,7 @@ def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens
         logits, view = _forward(graphdef, cache_graphdef, cache_treedef, params, view,
                                 tokens[:, None], lengths[:, None], lengths)
         logits = logits[:, 0]
-        nxt = sample_tokens(logits, _request_keys(seeds, counters + j), temperature, top_k,
-                            top_p, min_p)
+        nxt = _sample(logits, seeds, counters + j, temperature, top_k, top_p, min_p)
         out = (nxt,)
         if logprobs:
             logp = jax.nn.log_softmax(logits, axis=-1)
@@ -293,7 +322,12 @@ class EngineConfig:
     (stop conditions, streaming, admission and cancellation are handled between calls; tokens
     sampled past a stop are dropped). More amortises the host round trip and dispatch; fewer
     delivers streamed tokens in smaller bursts and admits new requests sooner.
-    max_queue: waiting requests beyond which `submit` raises QueueFull."""
+    max_queue: waiting requests beyond which `submit` raises QueueFull. prefill_rows: most
+    prompts prefilled together in one call (each its own next chunk, one row of a [rows, chunk]
+    batch); while some slot is decoding a call is further held to rows x chunk <= chunk_size
+    padded tokens, the cost of one full chunk, so admitting prompts never stalls decoding more
+    than a single-prompt chunk did. kv_cache_dtype: "model" (the compute dtype) or "int8" (one
+    scale per position and kv head; `llm.model.attention.KVCache`)."""
 
     slots: int = 8
     max_context: int | None = None
@@ -302,6 +336,8 @@ class EngineConfig:
     prefill_chunks_per_step: int = 1
     decode_steps: int = 8
     max_queue: int = 256
+    prefill_rows: int = 32
+    kv_cache_dtype: str = "model"
 
     def chunk_buckets(self) -> tuple[int, ...]:
         """The padded chunk lengths: min_chunk, 2*min_chunk, ..., chunk_size."""
@@ -310,6 +346,12 @@ class EngineConfig:
             sizes.append(c)
             c *= 2
         return (*sizes, self.chunk_size)
+
+    def row_buckets(self) -> tuple[int, ...]:
+        """The padded row counts of a prefill call: 1, 2, 4, ... up to min(prefill_rows, slots)."""
+        most = min(self.prefill_rows, self.slots)
+        return (*(b for b in (2**i for i in range(32)) if b < most), most)
+
 
 
 class QueueFull(RuntimeError):
@@ -326,6 +368,8 @@ class Engine:
         if config.chunk_size & (config.chunk_size - 1) or config.chunk_size < config.min_chunk:
             raise ValueError(f"EngineConfig.chunk_size={config.chunk_size} must be a power of two "
                              f">= min_chunk={config.min_chunk}.")
+        if config.prefill_rows < 1:
+            raise ValueError(f"EngineConfig.prefill_rows={config.prefill_rows} must be >= 1.")
         if config.decode_steps < 1:
             raise ValueError(f"EngineConfig.decode_steps={config.decode_steps} must be >= 1.")
         self.graphdef, self.params, self.cfg = graphdef, params, cfg
@@ -339,7 +383,8 @@ class Engine:
         # beyond it, and a decode call up to decode_steps rows beyond a slot's last token.
         headroom = max(config.chunk_size, config.decode_steps + 1)
         cache_len = -(-(self.max_context + headroom) // 128) * 128
-        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len)
+        cache_graphdef, cache_state = init_caches(cfg, config.slots, cache_len,
+                                                  config.kv_cache_dtype)
         # Placed like the step outputs that replace it (replicated on the params' mesh), so the
         # first call compiles nothing that later calls do not reuse.
         param_sharding = jax.tree.leaves(params)[0].sharding
@@ -352,8 +397,8 @@ class Engine:
         # Jitted per engine with the model structure bound (nothing hashed per call); the cache
         # (argument 1) is donated so it is updated in place.
         statics = (graphdef, cache_graphdef, cache_treedef)
-        self._prefill_fn = jax.jit(functools.partial(_prefill_chunk, *statics),
-                                   donate_argnums=(1,), static_argnames=("logprobs",))
+        self._prefill_fn = jax.jit(functools.partial(_prefill_rows, *statics),
+                                   donate_argnums=(1,), static_argnames=("fresh", "logprobs"))
         self._decode_fn = jax.jit(functools.partial(_decode_steps, *statics), donate_argnums=(1,),
                                   static_argnames=("kv_len", "steps", "logprobs"))
         self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
@@ -370,7 +415,7 @@ class Engine:
         self._token_text: dict[int, str] = {}
         # Counters read by the server's /metrics.
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                      "prefill_chunks": 0, "finished": 0}
+                      "prefill_chunks": 0, "prefill_calls": 0, "finished": 0}
 
     # ------------------------------------------------------------------ public API
 
@@ -442,10 +487,17 @@ class Engine:
         return not self.waiting and self.active_slots() == 0
 
     def compiled_shapes(self) -> int:
-        """Programs compiled so far by this engine: one per (chunk bucket, logprobs) for prefill
-        and one per (kv bucket, logprobs) for decode, logprobs being whether the call computes
-        logprobs (only when some request in it asked for them)."""
+        """Programs compiled so far by this engine: one per (row bucket, chunk bucket, fresh,
+        logprobs) for prefill and one per (kv bucket, logprobs) for decode, fresh being whether
+        the call holds only first chunks and logprobs whether it computes logprobs (only when
+        some request in it asked for them). At most `max_compiled_shapes()`."""
         return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
+
+    def max_compiled_shapes(self) -> int:
+        """The bound on `compiled_shapes()`, whatever the traffic:
+        2 x (2 x len(row_buckets) x len(chunk_buckets) + len(kv_buckets))."""
+        c = self.config
+        return 2 * (2 * len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
@@ -485,13 +537,12 @@ class Engine:
                     self.slots[i] = req
                     self.prefilling.append(req)
         with self._sharding():
-            # Prefill a budget of chunks; with no slot decoding nobody waits on the prefill, so
+            # Prefill a budget of calls; with no slot decoding nobody waits on the prefill, so
             # every admitted prompt is prefilled now (a burst of arrivals starts decoding together).
-            chunks, burst, pending = 0, not self._decoding(), []
-            while self.prefilling and (chunks < self.config.prefill_chunks_per_step or burst):
-                if (done := self._prefill(self.prefilling[0])) is not None:
-                    pending.append(done)
-                chunks += 1
+            calls, burst, pending = 0, not self._decoding(), []
+            while self.prefilling and (calls < self.config.prefill_chunks_per_step or burst):
+                pending.extend(self._prefill(self._prefill_batch(burst)))
+                calls += 1
             if pending:
                 self._read_prefills(pending)
             if self._decoding():
@@ -520,45 +571,89 @@ class Engine:
         return (np.uint32(req.seed), np.int32(len(req.output)), np.float32(p.temperature),
                 np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
 
-    def _prefill(self, req: Request) -> tuple | None:
-        """Dispatch one prompt chunk of `req`; returns what `_read_prefills` must read back (the
-        last chunk's first token, and echoed prompt logprobs), or None."""
-        start, n = req.prefilled, len(req.tokens)
-        valid = min(self.config.chunk_size, n - start)
-        size = next(b for b in self.config.chunk_buckets() if b >= valid)
-        tokens = np.full((size,), PAD_ID, np.int32)
-        tokens[:valid] = req.tokens[start:start + valid]
-        targets = np.zeros((size,), np.int32)
-        nxt = req.tokens[start + 1:start + valid + 1]
-        targets[:len(nxt)] = nxt
-        want = req.params.logprobs is not None
-        out = self._prefill_fn(self.params, self.cache, np.int32(req.slot), tokens, targets,
-                               np.int32(start), np.int32(valid), self._sampling_row(req),
-                               logprobs=want)
+    def _prefill_batch(self, burst: bool) -> list[Request]:
+        """The prompts of the next prefill call, in FIFO order: up to `prefill_rows`, all first
+        chunks or all later chunks (`_prefill_rows`'s `fresh`), and while some slot is decoding
+        (not `burst`) only as many as keep rows x chunk bucket within `chunk_size` padded tokens
+        (always at least one)."""
+        c = self.config
+        batch, longest = [], 0
+        for req in self.prefilling:
+            valid = min(c.chunk_size, len(req.tokens) - req.prefilled)
+            rows = next(b for b in c.row_buckets() if b >= len(batch) + 1)
+            size = next(b for b in c.chunk_buckets() if b >= max(longest, valid))
+            if batch and (len(batch) == c.row_buckets()[-1] or
+                          (req.prefilled == 0) != (batch[0].prefilled == 0) or
+                          (not burst and rows * size > c.chunk_size)):
+                break
+            batch.append(req)
+            longest = max(longest, valid)
+        return batch
+
+    def _prefill(self, batch: list[Request]) -> list[tuple]:
+        """Dispatch the next prompt chunk of every request in `batch` as one call; returns, per
+        row that has something to read back (a last chunk's first token, echoed prompt
+        logprobs), what `_read_prefills` needs."""
+        c = self.config
+        valid = [min(c.chunk_size, len(r.tokens) - r.prefilled) for r in batch]
+        size = next(b for b in c.chunk_buckets() if b >= max(valid))
+        rows = next(b for b in c.row_buckets() if b >= len(batch))
+        tokens = np.full((rows, size), PAD_ID, np.int32)
+        targets = np.zeros((rows, size), np.int32)
+        starts = np.zeros((rows,), np.int32)
+        nexts = []
+        for i, (req, n) in enumerate(zip(batch, valid)):
+            start = req.prefilled
+            tokens[i, :n] = req.tokens[start:start + n]
+            nxt = req.tokens[start + 1:start + n + 1]
+            targets[i, :len(nxt)] = nxt
+            starts[i] = start
+            nexts.append(nxt)
+        # Padding rows repeat row 0 (same slot, same rows written with the same values).
+        tokens[len(batch):], targets[len(batch):], starts[len(batch):] = (
+            tokens[0], targets[0], starts[0])
+        slot_ids = np.array([r.slot for r in batch] + [batch[0].slot] * (rows - len(batch)),
+                            np.int32)
+        valids = np.array(valid + [valid[0]] * (rows - len(batch)), np.int32)
+        sampling = [self._sampling_row(r) for r in batch]
+        sampling += [sampling[0]] * (rows - len(batch))
+        sampling = tuple(np.array(col) for col in zip(*sampling))
+        want = any(r.params.logprobs is not None for r in batch)
+        out = self._prefill_fn(self.params, self.cache, slot_ids, tokens, targets, starts, valids,
+                               sampling, fresh=bool(starts.max() == 0), logprobs=want)
         self.cache = out[0]
-        self.stats["prefill_chunks"] += 1
-        req.prefilled = start + valid
-        if req.prefilled == n:
-            self.prefilling.popleft()
-        if req.prefilled < n and not (want and req.params.echo):
-            return None  # nothing to read back from a middle chunk
-        return req, start, nxt, req.prefilled == n, out[1:]
+        self.stats["prefill_chunks"] += len(batch)
+        self.stats["prefill_calls"] += 1
+        pending, results = [], out[1:]
+        for i, (req, n) in enumerate(zip(batch, valid)):
+            start = req.prefilled
+            req.prefilled = start + n
+            last = req.prefilled == len(req.tokens)
+            if last:
+                self.prefilling.remove(req)
+            if last or (req.params.logprobs is not None and req.params.echo):
+                pending.append((req, start, nexts[i], last, i, results))
+        return pending
 
     def _read_prefills(self, pending: list) -> None:
         """Read back the results of a run of prefill calls with one transfer (the calls were
         dispatched without waiting), then record prompt logprobs and first tokens in order."""
-        for (req, start, nxt, last, _), got in zip(pending,
-                                                   jax.device_get([p[-1] for p in pending])):
-            self._prefill_done(req, start, nxt, last, got)
+        outs = {id(p[-1]): p[-1] for p in pending}
+        got = dict(zip(outs, jax.device_get(list(outs.values()))))
+        for req, start, nxt, last, row, out in pending:
+            self._prefill_done(req, start, nxt, last, tuple(x[row] for x in got[id(out)]),
+                               want=len(out) > 1)
 
     def _prefill_done(self, req: Request, start: int, nxt: list[int], last: bool,
-                      got: tuple) -> None:
-        want = req.params.logprobs is not None
+                      got: tuple, want: bool) -> None:
+        """Record one row of a prefill call; `want`: the call computed logprobs."""
         if want:
             token, logprob, top_v, top_i, target_logp, prompt_top_v, prompt_top_i = got
         else:
             (token,), logprob, top_v, top_i = got, None, None, None
-        if req.params.echo and want:
+        if req.params.logprobs is None:
+            logprob, top_v, top_i = None, None, None
+        if req.params.echo and req.params.logprobs is not None:
             k = req.params.logprobs
             if start == 0 and self.bos_id is None:
                 req.prompt_logprobs.append(TokenLogprob(req.prompt[0], None, []))

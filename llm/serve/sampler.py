@@ -21,9 +21,11 @@ from llm.model.attention import KVCache
 from llm.model.config import ModelConfig
 
 
-def init_caches(cfg: ModelConfig, batch: int, max_len: int) -> tuple[nnx.GraphDef, nnx.State]:
-    """Empty caches for every layer, split into (graphdef, state)."""
-    caches = nnx.List([KVCache(batch, max_len, cfg) for _ in range(cfg.num_layers)])
+def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "model"
+                ) -> tuple[nnx.GraphDef, nnx.State]:
+    """Empty caches for every layer, split into (graphdef, state); dtype "model" or "int8"
+    (`KVCache`)."""
+    caches = nnx.List([KVCache(batch, max_len, cfg, dtype) for _ in range(cfg.num_layers)])
     return nnx.split(caches)
 
 
@@ -75,8 +77,11 @@ def _generate(graphdef, params, cache_graphdef, cache_state, prompts, lengths, r
 @gin.configurable
 def generate(graphdef: nnx.GraphDef, params: dict, cfg: ModelConfig, prompts: list[list[int]],
              *, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0, eos_id: int = EOS_ID) -> list[list[int]]:
+             seed: int = 0, eos_id: int = EOS_ID, kv_cache_dtype: str = "model"
+             ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
+    kv_cache_dtype: "model" (the compute dtype) or "int8" (`KVCache`; gin:
+    `generate.kv_cache_dtype = 'int8'`).
 
     Returns the new tokens per prompt, cut at (and excluding) the first EOS.
     """
@@ -90,7 +95,7 @@ def generate(graphdef: nnx.GraphDef, params: dict, cfg: ModelConfig, prompts: li
     if cfg.position == "learned" and max_len > cfg.max_seq_len:
         raise ValueError(f"generate: prompt + new tokens = {max_len} exceeds the learned position "
                          f"table (ModelConfig.max_seq_len={cfg.max_seq_len}).")
-    cache_graphdef, cache_state = init_caches(cfg, len(prompts), max_len)
+    cache_graphdef, cache_state = init_caches(cfg, len(prompts), max_len, kv_cache_dtype)
     out = _generate(graphdef, params, cache_graphdef, cache_state, jnp.asarray(padded),
                     jnp.asarray(lengths), jax.random.key(seed), max_new_tokens=max_new_tokens,
                     temperature=float(temperature), top_k=int(top_k), eos_id=eos_id)

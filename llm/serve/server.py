@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per decode call (streamed in bursts of this many)")
     parser.add_argument("--max_context", type=int, default=None,
                         help="prompt + completion tokens (default: the run's training seq_len)")
+    parser.add_argument("--kv_cache_dtype", default="model", choices=("model", "int8"),
+                        help="KV cache storage: the model's compute dtype, or int8 with one scale "
+                             "per position and head (3.8x less memory than fp32 at head_dim 64)")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -576,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
             slots=args.slots, max_queue=args.max_queue, chunk_size=args.chunk_size,
             min_chunk=min(16, args.chunk_size), max_context=max_context,
-            decode_steps=args.decode_steps))
+            decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype))
     except (ConfigError, DataError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sock.close()

@@ -151,3 +151,36 @@ def test_gguf_bad_input(tiny_run, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{vocab + 64} pieces" in proc.stderr
+
+
+def test_llama_cpp_greedy_equals_ours(tiny_run, gguf_files):
+    """llama.cpp itself (llama-cpp-python, an optional extra that builds llama.cpp from source)
+    loads the exported files: F32 gives exactly our sampler's 32 greedy tokens on three prompts;
+    Q8_0 agrees on at least half the positions (docs/interop.md states the measured agreement).
+    Skipped where no interpreter can import llama_cpp."""
+    from llm.serve.engine import BOS_ID
+    from llm.serve.sampler import generate
+    from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+
+    python = llama_cpp_python()
+    if python is None:
+        pytest.skip("llama-cpp-python is not installed here, in $LLAMA_CPP_PYTHON or in "
+                    "/tmp/llamacpp-venv (optional extra 'llamacpp'; it compiles llama.cpp, "
+                    "~9 min, so CI leaves it out)")
+    run = load_run(tiny_run)
+    rng = np.random.default_rng(0)
+    prompts = [[BOS_ID, *run.tokenizer.encode("def parse(")],
+               *([BOS_ID, *rng.integers(3, run.cfg.vocab_size, 8).tolist()] for _ in range(2))]
+    ours = generate(run.graphdef, run.params, run.cfg, prompts, max_new_tokens=32,
+                    temperature=0.0, top_k=0, eos_id=-1)
+    agree = {}
+    for qtype in ("f32", "q8_0"):
+        worker = LlamaCpp(gguf_files[qtype], python=python, threads=1, n_ctx=64)
+        try:
+            theirs = [worker.generate(p, 32)[0] for p in prompts]
+        finally:
+            worker.close()
+        agree[qtype] = sum(a == b for o, t in zip(ours, theirs) for a, b in zip(o, t))
+        if qtype == "f32":
+            assert theirs == ours
+    assert agree["q8_0"] >= 48, agree  # of 96 positions

@@ -104,27 +104,51 @@ def test_seeded_request_same_tokens_alone_or_among_15(run):
 
 
 def test_compiled_programs_are_the_buckets(run):
-    """Any mix of prompt lengths compiles one prefill program per chunk bucket and one decode
-    program per kv bucket, and nothing more afterwards."""
+    """Prompts of any length and number compile one prefill program per (row bucket, chunk
+    bucket) met and one decode program per kv bucket met, each counted by hand below, and never
+    more than `max_compiled_shapes()`."""
     config = EngineConfig(slots=4, chunk_size=16, min_chunk=8, max_context=run.seq_len)
-    assert config.chunk_buckets() == (8, 16)
+    assert config.chunk_buckets() == (8, 16) and config.row_buckets() == (1, 2, 4)
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config)
     assert engine.kv_buckets == (64, 128)  # cache rows: 64 context + 16 chunk, rounded to 128
+    assert engine.max_compiled_shapes() == 2 * (3 * 2 + 2)
     assert engine.compiled_shapes() == 0
-    prompts = [list(range(3, 3 + n)) for n in (1, 7, 9, 16, 17, 33, 50)]
-    engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
-    assert engine.compiled_shapes() == 3  # both chunk buckets; rows < 64 so kv bucket 64 only
-    engine.generate([list(range(3, 3 + n)) for n in (2, 5, 12, 31, 40, 61)],
-                    SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.5, top_k=3))
-    assert engine.compiled_shapes() == 4  # BOS + 61 + 2 rows read, 1 written: kv bucket 128
-    engine.generate([list(range(3, 3 + n)) for n in (3, 8, 15, 20, 44, 60)],
-                    SamplingParams(max_tokens=3, ignore_eos=True, top_p=0.9, min_p=0.1))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    # 3 prompts (2, 5, 7 tokens with BOS), one burst: prefill [4 rows, 8]; decode kv 64.
+    engine.generate([list(range(3, 3 + n)) for n in (1, 4, 6)], params)
+    assert engine.stats["prefill_calls"] == 1
+    assert engine.compiled_shapes() == 2
+    # 3 and 31 tokens: [2, 16] for both first chunks, then [1, 16] for the long one's rest.
+    engine.generate([list(range(3, 3 + n)) for n in (2, 30)], params)
+    assert engine.stats["prefill_calls"] == 3
     assert engine.compiled_shapes() == 4
+    # Four short prompts reuse [4, 8]; the fifth (61 tokens) waits for a slot, then takes four
+    # [1, 16] calls and decodes past row 64: kv bucket 128.
+    engine.generate([list(range(3, 3 + n)) for n in (1, 2, 3, 4, 60)],
+                    SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.5, top_k=3))
+    assert engine.stats["prefill_calls"] == 3 + 1 + 4
+    assert engine.compiled_shapes() == 5
     # Logprobs are computed only by a second variant of each program, compiled when first asked.
-    engine.generate([list(range(3, 3 + n)) for n in (3, 12)],
-                    SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2))
-    assert engine.compiled_shapes() == 7  # chunks 8 and 16, kv 64: with logprobs
-    assert engine.compiled_shapes() <= 2 * (len(config.chunk_buckets()) + len(engine.kv_buckets))
+    engine.generate([[3, 4, 5]], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2))
+    assert engine.compiled_shapes() == 7  # [1, 8] and kv 64, with logprobs
+    assert engine.compiled_shapes() <= engine.max_compiled_shapes()
+
+
+def test_prefill_while_decoding_stays_within_one_chunk(run):
+    """While a slot decodes, one step prefills at most chunk_size padded tokens: with 8-token
+    buckets and 16-token chunks, two of three waiting short prompts per step, in one call."""
+    engine = _engine(run)
+    long = engine.submit([3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.step()
+    assert engine.stats["prefill_calls"] == 1
+    short = [engine.submit([6, 7, 8, 9], SamplingParams(max_tokens=2, ignore_eos=True))
+             for _ in range(3)]
+    engine.step()
+    assert engine.stats["prefill_calls"] == 2 and engine.stats["prefill_chunks"] == 3
+    assert [r.prefilled for r in short] == [5, 5, 0]
+    while not long.finished:
+        engine.step()
+    assert all(r.finished and len(r.output) == 2 for r in short)
 
 
 def test_multi_step_decode_equals_one_step(run):
@@ -230,3 +254,43 @@ def test_bad_requests_raise(run):
         engine.submit([], SamplingParams())
     with pytest.raises(ValueError, match="top_p"):
         engine.submit([5], SamplingParams(top_p=0))
+
+
+def test_int8_kv_cache_within_bound_of_fp32(run):
+    """The int8 cache: each stored element within scale/2 of the value (absmax / 127 per
+    vector, by hand); logits of a 48-token cached forward within 2% of the largest logit of the
+    fp32-cache forward; and the engine on an int8 cache gives the plain sampler's int8 greedy
+    tokens (chunked prefill and multi-step decode quantize the same vectors)."""
+    from flax import nnx
+
+    from llm.model.attention import dequantize_int8, quantize_int8
+    from llm.serve.sampler import init_caches
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * jnp.array([0.01, 1.0, 30.0])[:, None,
+                                                                                          None]
+    q, scale = quantize_int8(x)
+    assert q.dtype == jnp.int8 and scale.shape == (3, 5)
+    np.testing.assert_allclose(scale, np.abs(np.asarray(x)).max(-1) / 127, rtol=1e-6)
+    err = np.abs(np.asarray(dequantize_int8(q, scale, jnp.float32)) - np.asarray(x))
+    assert np.all(err <= np.asarray(scale)[..., None] / 2 + 1e-7)
+
+    ids = jnp.asarray([[BOS_ID, *run.tokenizer.encode(PROMPTS[2])[:47]]])
+    logits = {}
+    for dtype in ("model", "int8"):
+        graphdef, state = init_caches(run.cfg, 1, 64, dtype)
+        model = nnx.merge(run.graphdef, run.params)
+        logits[dtype] = np.asarray(model(
+            ids, positions=jnp.arange(ids.shape[1])[None], caches=list(nnx.merge(graphdef, state)),
+            cache_lengths=jnp.zeros((1,), jnp.int32)))
+    stored = {a.dtype for a in jax.tree.leaves(init_caches(run.cfg, 1, 64, "int8")[1])}
+    assert stored == {jnp.dtype(jnp.int8), jnp.dtype(jnp.float32)}  # values and scales
+    diff = np.abs(logits["int8"] - logits["model"]).max()
+    assert 0 < diff <= 0.02 * np.abs(logits["model"]).max(), diff
+
+    prompts = [run.tokenizer.encode(p) for p in PROMPTS]
+    reqs = _engine(run, kv_cache_dtype="int8").generate(
+        prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    ref = generate(run.graphdef, run.params, run.cfg, [[BOS_ID, *p] for p in prompts],
+                   max_new_tokens=12, temperature=0.0, top_k=0, eos_id=-1,
+                   kv_cache_dtype="int8")
+    assert [r.output for r in reqs] == ref
