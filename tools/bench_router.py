@@ -19,7 +19,7 @@ the first difference (prefix accuracy, the smoother of the two).
 
 Thresholds: the 0, 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
 logprob, measured in a first all-local pass), so the policies defer about 0-80 % of the prompts;
-all-local is threshold -inf, all-remote asks the remote directly. Latency: mean wall time per
+all-local is threshold -1e9 (never defers), all-remote asks the remote directly. Latency: mean wall time per
 request, sent one at a time. Writes results.json and tradeoff.png under --out.
 """
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             except httpx.HTTPError:
                 time.sleep(1)
         asyncio.run(policy(None))  # warm-up: compiles the remote's and the local's programs
-        local_rows = asyncio.run(policy(-float("inf")))
+        local_rows = asyncio.run(policy(-1e9))  # never defers
         confs = np.array([r["confidence"] for r in local_rows])
         thresholds = [float(np.quantile(confs, q)) + 1e-9 for q in (0.2, 0.4, 0.6, 0.8)]
         results = [{"policy": "all-local", "threshold": None, "rows": local_rows}]
