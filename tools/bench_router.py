@@ -17,10 +17,10 @@ the line. Completions are greedy, at most 24 tokens, stopped at a newline. Quali
 of the line (whitespace-stripped) and the fraction of the reference's characters matched before
 the first difference (prefix accuracy, the smoother of the two).
 
-Thresholds: the 0, 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
-logprob, measured in a first all-local pass), so the policies defer about 0-80 % of the prompts;
-all-local is threshold -1e9 (never defers), all-remote asks the remote directly. Latency: mean wall time per
-request, sent one at a time. Writes results.json and tradeoff.png under --out.
+Thresholds: the 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
+logprob, measured in a first all-local pass), so the router defers about 20-80 % of the prompts;
+all-local is threshold -1e9 (never defers), all-remote asks the remote directly. Latency: mean
+wall time per request, sent one at a time. Writes results.json and tradeoff.png under --out.
 """
 
 from __future__ import annotations
