@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        asyncio.run(policy(None))  # warm-up: compiles the remote's and the local's programs
+        # Warm-up passes (discarded): compile the remote's and the local engine's programs.
+        asyncio.run(policy(None))
+        asyncio.run(policy(-1e9))
         local_rows = asyncio.run(policy(-1e9))  # never defers
         confs = np.array([r["confidence"] for r in local_rows])
         thresholds = [float(np.quantile(confs, q)) + 1e-9 for q in (0.2, 0.4, 0.6, 0.8)]
