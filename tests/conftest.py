@@ -22,9 +22,20 @@ TINY = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests run only where JAX's backend is a GPU. (`tpu` marks tests that
-    compile for TPU ahead of time; they have their own skip conditions.)"""
+    compile for TPU ahead of time; they have their own skip conditions.)
+
+    The tests of a module with a module-scoped fixture of its own (a training run, a server)
+    form one xdist group, so `--dist loadgroup` (tools/run_tests.sh) computes that fixture on
+    one worker instead of once per worker that happens to get one of its tests."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" and d.baseid == module
+               for fixture_defs in defs.values() for d in fixture_defs):
+            item.add_marker(pytest.mark.xdist_group(module))
     marked = [i for i in items if i.get_closest_marker("gpu") is not None]
     if not marked:
         return

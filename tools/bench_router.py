@@ -17,10 +17,10 @@ the line. Completions are greedy, at most 24 tokens, stopped at a newline. Quali
 of the line (whitespace-stripped) and the fraction of the reference's characters matched before
 the first difference (prefix accuracy, the smoother of the two).
 
-Thresholds: the 0, 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
-logprob, measured in a first all-local pass), so the policies defer about 0-80 % of the prompts;
-all-local is threshold -inf, all-remote asks the remote directly. Latency: mean wall time per
-request, sent one at a time. Writes results.json and tradeoff.png under --out.
+Thresholds: the 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
+logprob, measured in a first all-local pass), so the router defers about 20-80 % of the prompts;
+all-local is threshold -1e9 (never defers), all-remote asks the remote directly. Latency: mean
+wall time per request, sent one at a time. Writes results.json and tradeoff.png under --out.
 """
 
 from __future__ import annotations
@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        asyncio.run(policy(None))  # warm-up: compiles the remote's and the local's programs
-        local_rows = asyncio.run(policy(-float("inf")))
+        # Warm-up passes (discarded): compile the remote's and the local engine's programs.
+        asyncio.run(policy(None))
+        asyncio.run(policy(-1e9))
+        local_rows = asyncio.run(policy(-1e9))  # never defers
         confs = np.array([r["confidence"] for r in local_rows])
         thresholds = [float(np.quantile(confs, q)) + 1e-9 for q in (0.2, 0.4, 0.6, 0.8)]
         results = [{"policy": "all-local", "threshold": None, "rows": local_rows}]

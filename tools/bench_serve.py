@@ -287,14 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads for transformers and llama.cpp (default: the cores)")
     parser.add_argument("--batch1_tokens", type=int, default=128,
                         help="new tokens per sequence in the peer comparison")
+    parser.add_argument("--skip_engine", action="store_true",
+                        help="leave out the engine vs sampler part")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
     server = ([] if args.skip_server else
               bench_server(args.run_dir, clients, args.requests, args.max_tokens))
-    engine = bench_engine(args.run_dir, [1, args.batch], args.max_tokens, args.repeats,
-                          args.decode_steps)
+    engine = [] if args.skip_engine else bench_engine(
+        args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps)
     peers = [p for p in args.peers.split(",") if p]
     batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
                          peers, args.peer_threads)

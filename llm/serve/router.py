@@ -134,7 +134,11 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
                       on_start=None, on_stop=None) -> FastAPI:
     """The router app. local: a client whose base URL serves the local model (OpenAI API) under
     the name `local_model`; the remote at `remote_url` serves `remote_model`. threshold: the
-    mean-token-logprob below which an answer is deferred (-inf: never, +inf: always)."""
+    mean-token-logprob below which an answer is deferred (finite; -1e9 never defers, anything
+    above 0 always does)."""
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold={threshold} must be finite (a mean token logprob; a very "
+                         "low one, e.g. -1e9, never defers)")
     metrics = RouterMetrics()
     headers = {"Authorization": f"Bearer {remote_api_key}"} if remote_api_key else {}
     remote = httpx.AsyncClient(base_url=remote_url.rstrip("/"), timeout=remote_timeout,

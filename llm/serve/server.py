@@ -553,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv_cache_dtype", default="model", choices=("model", "int8"),
                         help="KV cache storage: the model's compute dtype, or int8 with one scale "
                              "per position and head (3.8x less memory than fp32 at head_dim 64)")
+    parser.add_argument("--mesh", default=None,
+                        help="a mesh gin file, as training uses (gin_configs/mesh/*.gin: its "
+                             "make_mesh and axis_rules bindings); default one device")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -574,9 +577,21 @@ def main(argv: list[str] | None = None) -> int:
     from llm.serve.engine import Engine, EngineConfig
 
     try:
-        run = load_run(args.run_dir, step=args.step)
+        mesh = rules = None
+        if args.mesh:
+            from llm.config import parse_gin
+            from llm.parallel.mesh import make_mesh
+            from llm.parallel.rules import axis_rules
+
+            parse_gin([args.mesh], skip_unknown=True)
+            try:
+                mesh, rules = make_mesh(), axis_rules()
+            except ConfigError as e:  # gin appends "In call to configurable ..." lines
+                raise ConfigError(f"--mesh={args.mesh}: {str(e).splitlines()[0]}") from None
+        run = load_run(args.run_dir, step=args.step, mesh=mesh, rules=rules)
         max_context = args.max_context or run.seq_len
-        engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
+        engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, mesh=mesh, rules=rules,
+                        config=EngineConfig(
             slots=args.slots, max_queue=args.max_queue, chunk_size=args.chunk_size,
             min_chunk=min(16, args.chunk_size), max_context=max_context,
             decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype))
@@ -591,8 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, model_name=name, api_keys=keys)
     auth = (f"API keys required ({len(keys)} configured)" if keys else
             "no API keys configured: listening on 127.0.0.1 only")
+    where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"
     print(f"{prog}: serving {name} (step {run.step}, context {engine.max_context}, "
-          f"{args.slots} slots) on http://{host}:{args.port} -- {auth}", file=sys.stderr,
+          f"{args.slots} slots, {where}) on http://{host}:{args.port} -- {auth}", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that

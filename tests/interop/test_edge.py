@@ -1,0 +1,53 @@
+"""The edge export (tools/export_edge.py): serialized StableHLO and a TFLite flatbuffer of the
+decode step, each run on a prompt against the JAX model (the tiny run), and a bad --cache_len."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tools.export_edge import PARITY_ATOL, export_edge
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_stablehlo_and_tflite_match_jax(tiny_run, tmp_path):
+    pytest.importorskip("tensorflow")
+    import jax
+
+    from llm.runs import load_run
+    from llm.serve.engine import BOS_ID
+    from llm.serve.sampler import generate
+
+    meta = export_edge(tiny_run, str(tmp_path), cache_len=64, new_tokens=12)
+    assert set(os.listdir(tmp_path)) == {"decode_step.stablehlo", "decode_step.tflite",
+                                         "edge.json"}
+    assert json.loads((tmp_path / "edge.json").read_text())["parity"] == meta["parity"]
+    for name in ("stablehlo", "tflite"):
+        assert meta["parity"][name]["max_abs_logit_diff_vs_jax"] <= PARITY_ATOL, meta
+        assert meta["parity"][name]["greedy_tokens_equal_jax"], meta
+    # The file alone (a fresh deserialize, no model code) gives the sampler's first greedy token.
+    run = load_run(tiny_run)
+    ids = [BOS_ID, *run.tokenizer.encode("def fibonacci(n):\n")]
+    restored = jax.export.deserialize(bytearray((tmp_path / "decode_step.stablehlo").read_bytes()))
+    cache = [np.zeros(a.shape, a.dtype) for a in restored.in_avals[2:]]
+    for pos, tok in enumerate(ids):
+        out = restored.call(np.array([tok], np.int32), np.array([pos], np.int32), *cache)
+        cache = list(out[1:])
+    ref = generate(run.graphdef, run.params, run.cfg, [ids], max_new_tokens=1, temperature=0.0,
+                   top_k=0, eos_id=-1)[0]
+    assert int(np.argmax(np.asarray(out[0])[0])) == ref[0]
+
+
+def test_cache_too_short_is_one_line(tiny_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tools.export_edge", f"--run_dir={tiny_run}",
+                           f"--out={tmp_path / 'e'}", "--cache_len=8", "--no_tflite"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--cache_len=8" in proc.stderr
