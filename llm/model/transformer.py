@@ -81,12 +81,14 @@ class Decoder(nnx.Module):
 
     def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, caches: list[KVCache] | None = None,
-                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None
-                 ) -> jax.Array:
+                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
         """inputs, positions, segment_ids: [batch, seq] int32. positions default to 0..seq-1;
         segment_ids None means one document per row. With `caches` (one per layer) the call is an
         incremental decode step (see `Attention`). prefix [batch, seq]: prefix-LM attention
-        (positions marked 1 see each other bidirectionally; see `attention.attend`)."""
+        (positions marked 1 see each other bidirectionally; see `attention.attend`).
+        return_hidden: return the final-norm hidden states [batch, seq, embed] instead of the
+        logits (for scalar heads: reward model, value head)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
         x = embed_tokens(self.embed, self.pos_embed, self.cfg, inputs, positions)
@@ -98,6 +100,8 @@ class Decoder(nnx.Module):
             else:
                 x = block(x, positions, segment_ids, prefix=prefix)
         x = self.final_norm(x)
+        if return_hidden:
+            return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
