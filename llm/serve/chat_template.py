@@ -21,8 +21,10 @@ reserved when a tokenizer is trained with `gin_configs/data/chat_tokens.gin`, or
 existing run's vocabulary by SFT (`llm.posttrain.init.extend_tokenizer`), so a tag is always one
 token and no text can be split into it. With a tokenizer that lacks them they are plain text,
 which still renders the same string. Either way a completion is cut at the next tag
-(`CHAT_STOP`); SFT teaches the model to emit it (or EOS) after its turn. `CHAT_TEMPLATE_JINJA` is the same template in the Jinja syntax of Hugging Face
-tokenizers and lm-eval (served at /tokenizer_info); `render_chat` is its reference implementation
+(`CHAT_STOP`); SFT teaches the model to emit it (or EOS) after its turn.
+
+`CHAT_TEMPLATE_JINJA` is the same template in the Jinja syntax of Hugging Face tokenizers and
+lm-eval (served at /tokenizer_info); `render_chat` is its reference implementation
 (tested equal).
 """
 
