@@ -89,7 +89,7 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
               f"{result['unigram_bits_per_byte']:.4f})")
     if sample_prompt and jax.process_count() == 1:
         tok = load_tokenizer(info.tokenizer_path)
-        new = generate(graphdef, run.state.params, cfg, [tok.encode(sample_prompt)],
+        new = generate(graphdef, run.params, cfg, [tok.encode(sample_prompt)],
                        max_new_tokens=sample_tokens)[0]
         print("pretrain: sample\n" + "-" * 60 + "\n" + sample_prompt + tok.decode(new) +
               "\n" + "-" * 60)
