@@ -82,6 +82,16 @@ class QArray:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / math.prod(self.shape)
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        """`param[...]`, the way every layer reads its weight (`self.kernel[...]`), dequantizes:
+        a params dict with QArray leaves runs unchanged through `transformer.apply`, the KV-cache
+        sampler and the evaluator, the unpack fused into the jitted forward."""
+        return dequantize(self)[index]
+
 
 def _permutation(ndim: int, contraction: Sequence[int]) -> tuple[int, ...]:
     contraction = tuple(d % ndim for d in contraction)
