@@ -52,6 +52,9 @@ from llm.train.loss import decoder_loss
 
 __all__ = ["main", "sft"]
 
+# Tokens generated per held-out answer when scoring, by task (None: the others).
+SCORE_TOKENS = {"code": 160, None: 24}
+
 # Rows are packed by `llm.posttrain.chat_data`; the objective only names the run's rows
 # (manifest "objective"; `llm.runs` reads "sft" runs as decoder-only).
 SFT_OBJECTIVE = Objective(name="sft", lengths=lambda n: {"targets": n},
@@ -83,7 +86,7 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
         validation_fraction: float = 0.1, tasks: tuple[str, ...] = (),
         task_examples: int | None = None, validation_examples: int | None = 256,
         score_examples: int = 64,
-        score_max_new_tokens: int = 64, init_optimizer: str = "fresh") -> dict:
+        score_max_new_tokens: int | None = None, init_optimizer: str = "fresh") -> dict:
     """Fine-tune and evaluate. Returns the final eval record (also in eval.json).
 
     init_from: a run directory to start from (None: from scratch, with `tokenizer`).
@@ -95,7 +98,8 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
       train_data (their "train" split, `task_examples` each, None: the task's default; the
       validation set: the first `validation_examples` of each "heldout" split).
     score_examples / score_max_new_tokens: held-out examples per task scored by greedy
-      generation before and after training (0: no scoring).
+      generation before and after training (0: no scoring); tokens generated per answer
+      (None: `SCORE_TOKENS`).
     init_optimizer: "fresh" or "restored" (the base run's optimizer state; same optimizer).
     """
     tc = TrainConfig()
@@ -170,6 +174,9 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
         def init_opt_state(fresh):
             return init.restore_opt_state(init_from, base.step, fresh)
 
+    def max_tokens(task: str) -> int:
+        return score_max_new_tokens or SCORE_TOKENS.get(task, SCORE_TOKENS[None])
+
     scores_before = {}
     if held and score_examples and base is not None and jax.process_count() == 1:
         params0 = base.init(None)
@@ -177,9 +184,9 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
             ex = examples[:score_examples]
             scores_before[name] = {
                 "chat": task_score(graphdef, params0, cfg, tok, ex, chat=True,
-                                   max_new_tokens=score_max_new_tokens)["score"],
+                                   max_new_tokens=max_tokens(name))["score"],
                 "raw": task_score(graphdef, params0, cfg, tok, ex, chat=False,
-                                  max_new_tokens=score_max_new_tokens)["score"]}
+                                  max_new_tokens=max_tokens(name))["score"]}
             print(f"sft: base task score {name}: chat template "
                   f"{scores_before[name]['chat']:.3f}, raw prompt {scores_before[name]['raw']:.3f}")
         del params0
@@ -210,7 +217,7 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
         result["task_score"] = {}
         for name, examples in held.items():
             s = task_score(graphdef, params, cfg, tok, examples[:score_examples], chat=True,
-                           max_new_tokens=score_max_new_tokens)
+                           max_new_tokens=max_tokens(name))
             result["task_score"][name] = {"sft": s["score"], "n": s["n"], "reward": s["reward"],
                                           **({"base_chat": scores_before[name]["chat"],
                                               "base_raw": scores_before[name]["raw"]}
