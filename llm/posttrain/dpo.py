@@ -159,24 +159,31 @@ def reference_logps(graphdef, params: dict, rows: dict[str, np.ndarray], batch_s
                     mesh, rules) -> dict[str, np.ndarray]:
     """`rows` plus ref_chosen / ref_rejected [n, seq] fp32: the frozen reference's masked
     per-token log-probabilities, by a jitted forward sharded like training (n a multiple of
-    batch_size)."""
+    batch_size). Chosen and rejected rows go through as one [2 * batch, seq] batch, the shape
+    `dpo_loss_fn` uses, so that a policy equal to the reference gets implicit rewards of exactly
+    0 (XLA:CPU picks its kernels by shape)."""
     shard = batch_sharding(mesh, rules)
 
-    def fn(params, tokens, mask):
+    def fn(params, batch):
         with activation_sharding(mesh, rules):
-            return token_logps(graphdef, params, tokens, mask)
+            tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
+            mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+            logp = token_logps(graphdef, params, tokens, mask)
+            n = batch["chosen"].shape[0]
+            return logp[:n], logp[n:]
 
-    jitted = jax.jit(fn, in_shardings=(jax.tree.map(lambda x: x.sharding, params), shard, shard),
+    fields = ("chosen", "rejected", "chosen_mask", "rejected_mask")
+    jitted = jax.jit(fn, in_shardings=(jax.tree.map(lambda x: x.sharding, params),
+                                       {k: shard for k in fields}),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
-    out = dict(rows)
-    for side in ("chosen", "rejected"):
-        parts = []
-        for i in range(0, rows[side].shape[0], batch_size):
-            batch = to_global({"t": rows[side][i:i + batch_size],
-                               "m": rows[f"{side}_mask"][i:i + batch_size]}, shard)
-            parts.append(np.asarray(jitted(params, batch["t"], batch["m"])))
-        out[f"ref_{side}"] = np.concatenate(parts).astype(np.float32)
-    return out
+    chosen, rejected = [], []
+    for i in range(0, rows["chosen"].shape[0], batch_size):
+        batch = to_global({k: rows[k][i:i + batch_size] for k in fields}, shard)
+        c, r = jitted(params, batch)
+        chosen.append(np.asarray(c))
+        rejected.append(np.asarray(r))
+    return {**rows, "ref_chosen": np.concatenate(chosen).astype(np.float32),
+            "ref_rejected": np.concatenate(rejected).astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------ the training
