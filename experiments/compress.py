@@ -129,7 +129,8 @@ def load_average() -> float:
 def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: int = 128,
              embedding_method: str | None = None, sparsity: float = 0.5,
              calibration_batches: int = 8, calibration_batch_size: int = 8,
-             finetune_steps: int = 0, finetune_lr: float = 3e-4, eval_batch_size: int = 8,
+             finetune_steps: int = 0, finetune_lr: float = 3e-4, finetune_batch_size: int = 8,
+             eval_batch_size: int = 8,
              eval_batches: int | None = None, prefill_len: int = 256, decode_tokens: int = 64,
              speed_repeats: int = 3, gptq_damp: float = 0.01, seed: int = 0) -> dict:
     """Compress the run at `run_dir` with `method` and write the report (module docstring).
@@ -183,8 +184,9 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
                     run.graphdef, run.params,
                     finetune.qat_transform(axes, quant, group_size, embedding_method),
                     data_dir=data_dir, steps=finetune_steps, seq_len=run.seq_len,
-                    batch_size=calibration_batch_size, learning_rate=finetune_lr, seed=seed)
-                settings.update(finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+                    batch_size=finetune_batch_size, learning_rate=finetune_lr, seed=seed)
+                settings.update(finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                            finetune_batch_size=finetune_batch_size)
             compressed = Q.quantize_params(params, axes, method=quant, group_size=group_size,
                                            embedding_method=embedding_method)
     else:
@@ -194,9 +196,10 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
         if finetune_steps > 0:
             compressed, finetune_losses = finetune.finetune(
                 run.graphdef, compressed, finetune.mask_transform(masks), data_dir=data_dir,
-                steps=finetune_steps, seq_len=run.seq_len, batch_size=calibration_batch_size,
+                steps=finetune_steps, seq_len=run.seq_len, batch_size=finetune_batch_size,
                 learning_rate=finetune_lr, seed=seed)
-            settings.update(finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+            settings.update(finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                            finetune_batch_size=finetune_batch_size)
     compress_s = time.time() - t0
 
     ckpt_bytes = save_compressed(os.path.join(out, "checkpoint"), compressed, method=method,
@@ -206,7 +209,7 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
 
     print("compress: scoring the validation split (original, compressed)")
     kw = dict(batch_size=eval_batch_size, max_batches=eval_batches)
-    base_metrics = validation_metrics(run, run.params, data_dir, **kw)
+    base_metrics = _original_metrics(out_root, run, data_dir, kw)
     new_metrics = validation_metrics(run, compressed, data_dir, **kw)
     print("compress: timing prefill and decode (interleaved)")
     load_before = load_average()
@@ -271,6 +274,23 @@ def _check_groups(abstract_params, axes, quant, group_size, embedding_method) ->
         m = embedding_method if (names[-1] == "embedding" and embedding_method) else quant
         Q.check_group_size(m, int(np.prod([a.shape[d] for d in dims])), group_size,
                            "/".join(names))
+
+
+def _original_metrics(out_root: str, run: LoadedRun, data_dir: str, kw: dict) -> dict:
+    """The original model's validation metrics, computed once per out_dir, run, step and
+    evaluation setting (every method's report compares against the same numbers)."""
+    path = os.path.join(out_root, "original", "metrics.json")
+    key = {"run_dir": run.run_dir, "step": run.step, **kw}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["metrics"]
+    metrics = validation_metrics(run, run.params, data_dir, **kw)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"key": key, "metrics": metrics}, f, indent=2)
+    return metrics
 
 
 def _original_bytes(out_root: str, run: LoadedRun) -> int:
