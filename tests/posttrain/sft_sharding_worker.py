@@ -43,6 +43,11 @@ def main(mesh_file: str) -> dict:
                                           axes, tx, mesh, rules, seed=0)
     step = jit_train_step(shardings, mesh, rules, loss_fn=decoder_loss(graphdef), tx=tx,
                           schedule=schedule)
+    kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]
+    name = mesh_file.rsplit("/", 1)[-1].removesuffix(".gin")
+    shards = len({str(s.index) for s in kernel.addressable_shards})
+    if shards != {"single": 1, "fsdp": 8, "fsdp_tp": 8, "tp": 2}[name]:
+        raise SystemExit(f"{name}: wi kernel has {shards} distinct shards")
     data = iter(chat_dataset(examples(), seq_len=32, global_batch_size=8, seed=0))
     losses = []
     for _ in range(3):
