@@ -272,3 +272,21 @@ def test_sft_step_on_8_devices_matches_1_device():
         np.testing.assert_allclose(r["losses"], single["losses"], rtol=0, atol=1e-5, err_msg=mesh)
         np.testing.assert_allclose(r["params"], single["params"], rtol=0, atol=1e-5,
                                    err_msg=mesh)
+
+
+def test_chat_iterator_resumes_exactly_from_its_json_state(tok):
+    convs = [chat_data.Conversation(tuple(CONVERSATION[i:i + 3]), str(i)) for i in range(3)] * 7
+    convs = [c for c in convs if any(m["role"] == "assistant" for m in c.messages)]
+    examples, _ = chat_data.encode_conversations(tok, convs, 48)
+    ds = chat_data.chat_dataset(examples, seq_len=48, global_batch_size=4, seed=3)
+    it = iter(ds)
+    for _ in range(5):  # into the second epoch
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # as grain.checkpoint stores it
+    want = [next(it) for _ in range(6)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for a in want:
+        b = next(resumed)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
