@@ -269,6 +269,16 @@ def base_kernel(plan: LoraPlan, target: Target, frozen: dict) -> jax.Array:
     return quantize.dequantize(w, dtype=target.dtype)
 
 
+def base_params(plan: LoraPlan, frozen: dict) -> dict:
+    """The base model as full parameters (QLoRA: its kernels dequantized; no adapters): the
+    reference policy of DPO / RLHF, without holding a second copy."""
+    if plan.cfg.quant is None:
+        return frozen
+    for t in plan.targets:
+        frozen = _set(frozen, t.path, base_kernel(plan, t, frozen))
+    return frozen
+
+
 def combine(plan: LoraPlan, adapters: dict, frozen: dict, rng: jax.Array | None = None) -> dict:
     """Full parameters for `transformer.apply`: base (dequantized) + (alpha/rank) * a . b on every
     target. rng: dropout key for training (None: no dropout). Pure; call it inside the loss so
