@@ -112,6 +112,10 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
     if init_from is None and tokenizer is None:
         raise ConfigError("A run from scratch needs sft.tokenizer (a tokenizer.model path); or "
                           "start from a pretrained run with sft.init_from.")
+    if init_from is not None and tokenizer is not None:
+        raise ConfigError(f"sft.tokenizer={tokenizer!r} and sft.init_from={init_from!r} are both "
+                          "set; a run from a base uses the base's tokenizer, so unset "
+                          "sft.tokenizer.")
     if init_from is None and init_optimizer == "restored":
         raise ConfigError("sft.init_optimizer='restored' needs sft.init_from.")
     os.makedirs(run_dir, exist_ok=True)

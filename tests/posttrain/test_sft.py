@@ -255,6 +255,11 @@ def test_domain_pretraining_starts_from_the_run_weights(tiny_data, tiny_run, tmp
     assert abs(tuned[0]["loss"] - fresh[-1]["loss"]) < 0.3
     manifest = _read(run_dir, "manifest.json")
     assert manifest["init_from"]["optimizer"] == "restored"
+    # tools.bits_per_byte (the domain/general comparison) reads the run back through load_run
+    # and scores the same rows as the run's own final validation pass.
+    from tools.bits_per_byte import bits_per_byte
+    np.testing.assert_allclose(bits_per_byte(run_dir, tiny_data)["bits_per_byte"],
+                               _read(run_dir, "eval.json")["bits_per_byte"], rtol=1e-5)
 
 
 def test_sft_step_on_8_devices_matches_1_device():
