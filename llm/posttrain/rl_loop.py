@@ -213,12 +213,20 @@ class PromptOrder:
 
     def set_state(self, state: bytes | str) -> None:
         s = json.loads(state)
-        if (s["num"], s["seed"]) != (self.num, self.seed):
-            raise checkpoint.CheckpointError(
-                f"the checkpoint's prompt order is over {s['num']} prompts with seed {s['seed']}, "
-                f"this run's over {self.num} with seed {self.seed}; restore RLConfig.task/"
-                "num_prompts and the seed, or use a new run directory.")
         self.epoch, self.index = s["epoch"], s["index"]
+        self.restored_from = (s["num"], s["seed"])
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after set_state; there is nothing to prefetch."""
+
+    def check_restored(self) -> None:
+        """ConfigError if the restored position belongs to another prompt set or seed."""
+        num, seed = getattr(self, "restored_from", (self.num, self.seed))
+        if (num, seed) != (self.num, self.seed):
+            raise ConfigError(
+                f"the checkpoint's prompt order is over {num} prompts with seed {seed}, this "
+                f"run's over {self.num} with seed {self.seed}; restore RLConfig.task / "
+                "num_prompts and rlhf.seed, or use a new rlhf.run_dir.")
 
 
 # ----------------------------------------------------------------------------------- prompts
@@ -433,6 +441,7 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     order = PromptOrder(len(train_ex), rc.prompts_per_step, ctx.seed)
     restored = checkpoint.restore_latest(ctx.manager, state, order)
     if restored is not None:
+        order.check_restored()
         state = restored
         print(f"rlhf: resumed from step {int(state.step)} of {rc.steps}")
     start = int(state.step)
@@ -441,49 +450,51 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
           f"{rc.batch_size} samples per step")
     bar = tqdm(total=rc.steps, initial=start, desc=algo.name, unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)
-    for step in range(start, rc.steps):
-        t0 = time.perf_counter()
-        rng, rollout_key, update_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
-        chosen = [i for i in next(order) for _ in range(rc.samples_per_prompt)]
-        policy, _ = params_of(state.params, frozen)
-        ro = sample_batch(ctx, rc, policy, [train_ids[i] for i in chosen], rollout_key)
-        t_rollout = time.perf_counter() - t0
-        completions = decode_completions(ctx, ro.responses, chat)
-        scores = tasks.score(reward_fn, [train_ex[i].prompt for i in chosen], completions,
-                             [train_ex[i].reference for i in chosen])
-        host = {"tokens": ro.tokens, "response_mask": ro.response_mask, "scores": scores}
-        batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
-        batch = steps.prepare(state, frozen, batch)
-        prepared = jax.device_get({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
-        state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
-        kl_coef = float(state.kl_coef)
-        seq_kl = float(np.mean(prepared["kl"]))
-        next_coef = algo.next_kl_coef(kl_coef, seq_kl)
-        state = jax.device_put(  # the same placement every step: no recompilation
-            state.replace(step=state.step + 1, rng=jax.random.key_data(rng),
-                          kl_coef=jnp.asarray(next_coef, jnp.float32)), state_shardings)
-        lengths = ro.response_lengths
-        dt = time.perf_counter() - t0
-        record = {
-            "reward": float(scores.mean()), "reward_std": float(scores.std()),
-            "kl": seq_kl, "kl_k3": float(np.mean(prepared["kl_k3"])),
-            "entropy": float(np.sum(prepared["entropy"] * lengths) / max(lengths.sum(), 1)),
-            "response_length": float(lengths.mean()), "kl_coef": kl_coef,
-            "learning_rate": float(schedule((step + 1) * rc.epochs * rc.minibatches - 1)),
-            **metrics, "rollout_s": t_rollout, "step_time_s": dt,
-            "rollout_tokens_per_s": float(lengths.sum()) / t_rollout,
-            "prompts_truncated": ro.truncated,
-        }
-        if not all(math.isfinite(v) for v in record.values()):
-            bad = [k for k, v in record.items() if not math.isfinite(v)]
-            raise FloatingPointError(f"rlhf: {', '.join(bad)} became non-finite at step "
-                                     f"{step + 1}; lower learning_rate_schedule.peak.")
-        ctx.writer.write(step + 1, record)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{seq_kl:.3f}")
-        if checkpoint.save(ctx.manager, step + 1, state, order):
-            _fault(rc, step + 1, ctx.manager)
-    bar.close()
+    try:
+        for step in range(start, rc.steps):
+            t0 = time.perf_counter()
+            rng, rollout_key, update_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
+            chosen = [i for i in next(order) for _ in range(rc.samples_per_prompt)]
+            policy, _ = params_of(state.params, frozen)
+            ro = sample_batch(ctx, rc, policy, [train_ids[i] for i in chosen], rollout_key)
+            t_rollout = time.perf_counter() - t0
+            completions = decode_completions(ctx, ro.responses, chat)
+            scores = tasks.score(reward_fn, [train_ex[i].prompt for i in chosen], completions,
+                                 [train_ex[i].reference for i in chosen])
+            host = {"tokens": ro.tokens, "response_mask": ro.response_mask, "scores": scores}
+            batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+            batch = steps.prepare(state, frozen, batch)
+            prepared = jax.device_get({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
+            state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
+            kl_coef = float(state.kl_coef)
+            seq_kl = float(np.mean(prepared["kl"]))
+            next_coef = algo.next_kl_coef(kl_coef, seq_kl)
+            state = jax.device_put(  # the same placement every step: no recompilation
+                state.replace(step=state.step + 1, rng=jax.random.key_data(rng),
+                              kl_coef=jnp.asarray(next_coef, jnp.float32)), state_shardings)
+            lengths = ro.response_lengths
+            dt = time.perf_counter() - t0
+            record = {
+                "reward": float(scores.mean()), "reward_std": float(scores.std()),
+                "kl": seq_kl, "kl_k3": float(np.mean(prepared["kl_k3"])),
+                "entropy": float(np.sum(prepared["entropy"] * lengths) / max(lengths.sum(), 1)),
+                "response_length": float(lengths.mean()), "kl_coef": kl_coef,
+                "learning_rate": float(schedule((step + 1) * rc.epochs * rc.minibatches - 1)),
+                **metrics, "rollout_s": t_rollout, "step_time_s": dt,
+                "rollout_tokens_per_s": float(lengths.sum()) / t_rollout,
+                "prompts_truncated": ro.truncated,
+            }
+            if not all(math.isfinite(v) for v in record.values()):
+                bad = [k for k, v in record.items() if not math.isfinite(v)]
+                raise FloatingPointError(f"rlhf: {', '.join(bad)} became non-finite at step "
+                                         f"{step + 1}; lower learning_rate_schedule.peak.")
+            ctx.writer.write(step + 1, record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{seq_kl:.3f}")
+            if checkpoint.save(ctx.manager, step + 1, state, order):
+                _fault(rc, step + 1, ctx.manager)
+    finally:
+        bar.close()  # ends the bar's line before any error message
     ctx.manager.wait_until_finished()
     if int(state.step) > start and int(state.step) not in ctx.manager.all_steps():
         checkpoint.save(ctx.manager, int(state.step), state, order, force=True)
