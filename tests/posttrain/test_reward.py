@@ -1,4 +1,5 @@
-"""experiments.reward end to end on the tiny pretrained run, and its bad input through the CLI."""
+"""experiments.reward end to end on the tiny pretrained run (trained on pairs exported from
+human-review ratings), and its bad input through the CLI."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def code_pairs(n: int, seed: int) -> list[dict]:
     """chosen: 3 consecutive real lines of the email package; rejected: the same lines with
     their words shuffled (not Python any more)."""
     rng = random.Random(seed)
-    lines = [x.rstrip() for path in sorted(glob.glob(STDLIB_EMAIL))
-             for x in open(path, encoding="utf-8") if len(x.strip()) > 20]
+    lines = []
+    for path in sorted(glob.glob(STDLIB_EMAIL)):
+        with open(path, encoding="utf-8") as f:
+            lines += [x.rstrip() for x in f if len(x.strip()) > 20]
     out = []
     for _ in range(n):
         i = rng.randrange(len(lines) - 3)
@@ -60,10 +63,30 @@ def test_missing_chosen_is_one_line_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "rm")  # nothing written
 
 
+def review_export(d, pairs: list[dict]) -> str:
+    """The training pairs as human feedback: a review database in which two reviewers each
+    preferred the real code (system "sft") over the shuffled words ("base"), exported by the
+    review tool's `pairs` command (aggregate "none": one pair per rating)."""
+    from llm.eval import review
+    from tools.review import write_pairs as export_pairs
+
+    conn = review.connect(str(d / "review.sqlite"))
+    review.add_items(conn, [{"id": f"i{k}", "prompt": p["prompt"], "system_a": "base",
+                             "output_a": p["rejected"], "system_b": "sft",
+                             "output_b": p["chosen"]} for k, p in enumerate(pairs)], "test")
+    for k in range(len(pairs)):
+        for reviewer in ("ann", "bob"):
+            review.record(conn, f"i{k}", reviewer, "base", "B")  # right = sft
+    conn.close()
+    out = str(d / "train.jsonl")
+    assert export_pairs(str(d / "review.sqlite"), out) == 2 * len(pairs)
+    return out
+
+
 @pytest.fixture(scope="module")
 def reward_run(tiny_run, tmp_path_factory):
     d = tmp_path_factory.mktemp("reward")
-    train = write_pairs(str(d / "train.jsonl"), code_pairs(64, seed=0))
+    train = review_export(d, code_pairs(32, seed=0))
     heldout = write_pairs(str(d / "heldout.jsonl"), code_pairs(24, seed=1))
     run_dir = str(d / "rm")
     proc = run_experiment("experiments.reward", reward_args(tiny_run, run_dir, train, heldout))
@@ -81,6 +104,7 @@ def test_reward_run_writes_the_contract_and_learns(reward_run):
         manifest = json.load(f)
     assert manifest["objective"] == "reward_model"
     assert manifest["reward_model"]["num_heldout"] == 24 and result["pairs"] == 24
+    assert manifest["reward_model"]["num_train"] == 64  # 32 items x 2 reviewers
     assert result["step"] == 16
     # real code vs its shuffled words: the held-out pairs are ranked right far above chance
     assert result["accuracy"] >= 0.9 > result["initial_accuracy"] + 0.2, result
