@@ -151,7 +151,7 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     _, abstract_params, axes = transformer.abstract(run.cfg)
     quant = method.split("-")[-1] if method.split("-")[-1] in QUANT else None
     if quant:  # check the group size against every weight before any work
-        _check_groups(abstract_params, axes, quant, group_size, embedding_method)
+        Q.check_params(abstract_params, axes, quant, group_size, embedding_method)
     name = method_name(method, finetune_steps)
     out_root = os.path.join(os.path.abspath(out_dir or run_dir), "compress")
     out = os.path.join(out_root, name)
@@ -261,19 +261,6 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
           f"{base_metrics['bits_per_byte']:.4f} -> {new_metrics['bits_per_byte']:.4f}, "
           f"checkpoint {original_bytes} -> {ckpt_bytes} bytes; report in {out}")
     return record
-
-
-def _check_groups(abstract_params, axes, quant, group_size, embedding_method) -> None:
-    flat_axes = {Q._path_names(p): a for p, a in jax.tree_util.tree_flatten_with_path(
-        axes, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    for path, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-        names = Q._path_names(path)
-        dims = Q.contraction_dims(names, flat_axes[names])
-        if dims is None:
-            continue
-        m = embedding_method if (names[-1] == "embedding" and embedding_method) else quant
-        Q.check_group_size(m, int(np.prod([a.shape[d] for d in dims])), group_size,
-                           "/".join(names))
 
 
 def _original_metrics(out_root: str, run: LoadedRun, data_dir: str, kw: dict) -> dict:

@@ -27,6 +27,7 @@ import sys
 import gin
 import jax
 
+from llm.compress.qat import qat
 from llm.config import ConfigError
 from llm.data import objectives
 from llm.data.tokenizer import load_tokenizer
@@ -86,7 +87,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
     model = ModelSpec(graphdef, abstract_params, logical_axes,
                       init=base.init if base else (lambda k: transformer.init(cfg, k)[1]),
-                      loss_fn=decoder_loss(graphdef, tc.z_loss), num_params=cfg.num_params(),
+                      loss_fn=qat(decoder_loss(graphdef, tc.z_loss), abstract_params,
+                                  logical_axes), num_params=cfg.num_params(),
                       flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len,
                       base_run=base.run_dir if base else None,
                       base_step=base.step if base else None)

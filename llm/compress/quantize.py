@@ -274,6 +274,21 @@ def quantize_params(params: dict, logical_axes: dict, method: str = "int8",
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def check_params(abstract_params: dict, logical_axes: dict, method: str, group_size: int,
+                 embedding_method: str | None = None) -> None:
+    """Raise ConfigError unless `method` / group_size fit every weight quantize_params would
+    quantize (params or ShapeDtypeStructs)."""
+    flat_axes = {_path_names(p): a for p, a in jax.tree_util.tree_flatten_with_path(
+        logical_axes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        names = _path_names(path)
+        dims = contraction_dims(names, flat_axes[names])
+        if dims is None:
+            continue
+        m = embedding_method if (names[-1] == "embedding" and embedding_method) else method
+        check_group_size(m, math.prod(a.shape[d] for d in dims), group_size, "/".join(names))
+
+
 def dequantize_params(qparams: dict, dtype=None) -> dict:
     """Every QArray leaf back to a float array (call inside the jitted forward)."""
     return jax.tree.map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, qparams,
@@ -292,8 +307,8 @@ def fake_quantize(w: jax.Array, contraction: Sequence[int], method: str = "int8"
                   group_size: int = 128) -> jax.Array:
     """Quantize-dequantize w with a straight-through estimator: the forward value is
     dequantize(quantize(w)), the gradient is the identity where w lies inside the quantizer's
-    range and zero where it is clipped (|w| / scale beyond the largest code). The scales are
-    absmax scales, so every weight is in range unless the scale is frozen (`scale` stopped)."""
+    range and zero where it is clipped (`ste_quantize_2d`). With absmax scales (held constant
+    in the backward) every weight is in range, so the gradient is the identity."""
     contraction = tuple(d % w.ndim for d in contraction)
     k = math.prod(w.shape[d] for d in contraction)
     g = check_group_size(method, k, group_size)
@@ -303,13 +318,16 @@ def fake_quantize(w: jax.Array, contraction: Sequence[int], method: str = "int8"
 
 
 def ste_quantize_2d(w2: jax.Array, scale: jax.Array, method: str) -> jax.Array:
-    """decode(encode(w2)) forward; gradient 1 inside [lo, hi] * scale, 0 outside (STE)."""
+    """decode(encode(w2)) forward; straight-through gradient: 1 where w2 / scale rounds to a code
+    without clipping (int: within [lo - 1/2, hi + 1/2]; nf4: within [-1, 1] up to float
+    rounding), 0 where it is clipped."""
     k = w2.shape[0]
     s = jnp.repeat(scale, k // scale.shape[0], axis=0)
-    lo, hi = {"int8": (-INT8_MAX, INT8_MAX), "int4": (-8.0, INT4_MAX),
-              "nf4": (-1.0, 1.0)}[method]
+    lo, hi = {"int8": (-INT8_MAX - 0.5, INT8_MAX + 0.5), "int4": (-8.5, INT4_MAX + 0.5),
+              "nf4": (-1.0 - 1e-6, 1.0 + 1e-6)}[method]
     x = w2.astype(jnp.float32)
-    inside = (x >= lo * s) & (x <= hi * s)
+    r = x / s
+    inside = (r >= lo) & (r <= hi)
     q = decode(encode(x, scale, method), scale, method)
     return jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))
 

@@ -77,7 +77,8 @@ def test_ste_gradient_identity_inside_range_zero_outside():
     grad = jax.grad(lambda x: jnp.sum(Q.ste_quantize_2d(x, scale, "int4") * upstream))(w)
     inside = np.array([[False, True], [True, True], [False, True]])
     np.testing.assert_array_equal(np.asarray(grad), np.where(inside, upstream, 0.0))
-    # the forward value is the quantized weight (clipped outside)
+    # inside means w / scale in [-8.5, 7.5] (rounds to a code without clipping); the forward value
+    # is the quantized weight, clipped outside
     np.testing.assert_allclose(np.asarray(Q.ste_quantize_2d(w, scale, "int4")),
                                [[-0.8, -0.2], [0.0, 0.7], [0.7, -0.7]], atol=1e-6)
 
