@@ -1,6 +1,7 @@
 """Compress a trained run and report what it cost and bought.
 
-    python -m experiments.compress --run_dir=runs/quickstart --method=int8 [--out_dir=D] \
+    python -m experiments.compress --run_dir=runs/quickstart --method=int8[,wanda+ft,...] \
+        [--out_dir=D] \
         [--gin_file=gin_configs/debug/quantize_tiny.gin] [--gin_param=compress.group_size=64]
 
 Methods (`METHODS`):
@@ -9,8 +10,9 @@ Methods (`METHODS`):
   qat-int8, qat-int4, qat-nf4      fake-quantized fine-tune (STE), then round-to-nearest
   magnitude, wanda        unstructured pruning at compress.sparsity (per layer)
   2:4                     semi-structured 2-of-4 pruning (Wanda scores)
-With compress.finetune_steps > 0 a pruned model gets a recovery fine-tune with its masks fixed
-(QAT always fine-tunes, compress.finetune_steps or 100).
+A pruning method with "+ft" (e.g. wanda+ft), or any with compress.finetune_steps > 0, gets a
+recovery fine-tune with its masks fixed (compress.finetune_steps, or 100); QAT always
+fine-tunes (compress.finetune_steps or 100).
 
 Writes <out_dir>/compress/<name>/ (name: the method, ':' as 'of', '-ft<steps>' after a recovery
 fine-tune; out_dir defaults to run_dir):
@@ -140,8 +142,12 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     calibration_*: rows of the training split for GPTQ / Wanda / 2:4. eval_batches: None
     scores the whole validation split. Returns the report record.
     """
+    if method.endswith("+ft") and method[:-3] in prune.METHODS:
+        method = method[:-3]
+        finetune_steps = finetune_steps or 100
     if method not in METHODS:
-        raise ConfigError(f"--method={method!r} is not one of {', '.join(METHODS)}.")
+        raise ConfigError(f"--method={method!r} is not one of {', '.join(METHODS)} (a pruning "
+                          "method may end in +ft).")
     if method in ("magnitude", "wanda"):
         prune.check_sparsity(sparsity)
     if method.startswith("qat-") and finetune_steps <= 0:
@@ -390,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.compress",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", default=None, help="the trained run to compress")
-    parser.add_argument("--method", default=None, help=", ".join(METHODS))
+    parser.add_argument("--method", default=None,
+                        help=f"one of {', '.join(METHODS)}, or several separated by commas "
+                        "(one process, one report each)")
     parser.add_argument("--out_dir", default=None, help="default: run_dir")
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_param", action="append", default=[])
@@ -405,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("no run to compress: pass --run_dir=runs/<name>.")
         if "method" not in kwargs and "method" not in bound:
             raise ConfigError(f"no method: pass --method=one of {', '.join(METHODS)}.")
-        compress(**kwargs)
+        methods = kwargs.pop("method", None)
+        for method in (methods.split(",") if methods else [None]):
+            compress(**kwargs, **({"method": method} if method else {}))
     except (ConfigError, DataError) as e:
         print(f"compress: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
