@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import run_experiment
 
-MESHES = ["fsdp_tp", "dp"]
+MESHES = ["fsdp_tp"]
 
 
 @pytest.fixture(scope="module")
