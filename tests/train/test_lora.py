@@ -280,3 +280,26 @@ def test_regex_matching_nothing_through_the_cli(tiny_data, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("pretrain_ntp: error: LoraConfig.targets='attn/qkv' matches no")
     assert "layer_0/attn/k/kernel" in lines[0]
+
+
+def test_qlora_sharded_matches_single_device():
+    """QLoRA steps on 8 fake devices (FSDP x TP rules: the adapters shard like their kernels)
+    give the single-device losses and adapters within 1e-5."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.train.lora_sharding_worker", "single",
+         "gin_configs/mesh/fsdp_tp.gin"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    single, sharded = out["single"], out["gin_configs/mesh/fsdp_tp.gin"]
+    assert sharded["q_a_spec"] == "P('fsdp',)"  # a [embed, r]: embed -> fsdp
+    assert sharded["q_b_spec"] == "P(None, 'tensor')"  # b [r, heads, head_dim]
+    assert single["losses"][-1] < single["losses"][0]
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    for x, y in zip(sharded["adapters"], single["adapters"]):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
