@@ -200,17 +200,19 @@ def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict:
     return out
 
 
-def abstract_adapters(plan: LoraPlan, abstract_params: dict) -> dict:
+def abstract_adapters(plan: LoraPlan, abstract_params: dict | None = None) -> dict:
     """ShapeDtypeStructs of the trainable tree: {...path...: {"a": [*in, r], "b": [r, *out]}}
-    per target, and the `train_also` parameters at their own paths."""
+    per target, and the `train_also` parameters at their own paths (`abstract_params` is needed
+    only when the plan has any)."""
     r = plan.cfg.rank
     return _nest([(t.path, {"a": jax.ShapeDtypeStruct((*t.in_shape, r), t.dtype),
                             "b": jax.ShapeDtypeStruct((r, *t.out_shape), t.dtype)})
                   for t in plan.targets] + [(p, _get(abstract_params, p)) for p in plan.full])
 
 
-def adapter_axes(plan: LoraPlan, logical_axes: dict) -> dict:
-    """Logical axis names of the trainable tree (the rank axis is unnamed: replicated)."""
+def adapter_axes(plan: LoraPlan, logical_axes: dict | None = None) -> dict:
+    """Logical axis names of the trainable tree (the rank axis is unnamed: replicated;
+    `logical_axes`, the model's, is needed only for `train_also` parameters)."""
     return _nest([(t.path, {"a": (*t.in_axes, None), "b": (None, *t.out_axes)})
                   for t in plan.targets] + [(p, _get(logical_axes, p)) for p in plan.full])
 
