@@ -16,17 +16,21 @@ report_error (one line on stderr, exit 2) for bad settings, bad data and failing
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
+import shutil
 import sys
 
 import gin
 import jax
 
 from llm.config import ConfigError
+from llm.model import transformer
 from llm.posttrain.context import make_context
 from llm.posttrain.plots import plot_rl_metrics
+from llm.posttrain.rl_loop import is_chat_run, lora_plan
 from llm.train import experiment
 from llm.train.manifest import write_manifest
 
@@ -42,6 +46,21 @@ def _import_algorithms() -> None:
         except ModuleNotFoundError as e:
             if e.name != module:  # a module that is there but fails to import is a bug
                 raise
+
+
+def record_model(run_dir: str, base) -> None:
+    """Make the run directory self-describing for `llm.runs.load_run` (evaluation, serving, a
+    later RLHF stage): the base's ModelConfig and seq_len appended to config.gin (the model is
+    not configured by this run's gin), and the base's tokenizer copied in."""
+    lines = ["", "# The model, from the base run (experiments.rlhf):"]
+    for field in dataclasses.fields(base.cfg):
+        if field.name != "vocab_size":  # from the data record, as in pretraining
+            lines.append(f"ModelConfig.{field.name} = {getattr(base.cfg, field.name)!r}")
+    lines.append(f"TrainConfig.seq_len = {base.seq_len}")
+    with open(os.path.join(run_dir, "config.gin"), "a") as f:
+        f.write("\n".join(lines) + "\n")
+    name = os.path.basename(base.manifest["data"]["tokenizer"])
+    shutil.copyfile(base.tokenizer.model_path, os.path.join(run_dir, name))
 
 
 @gin.configurable
@@ -61,12 +80,21 @@ def rlhf(run_dir: str = "runs/rlhf", base_run: str = "runs/sft", algorithm: str 
                           "of this checkout.") from None
     ctx = make_context(run_dir, base_run, seed)
     base = ctx.base
+    extra = {"objective": "rlhf", "algorithm": algorithm,
+             "chat_template": is_chat_run(base.manifest),
+             "base_run": {"run_dir": base.run_dir, "step": base.step,
+                          "objective": base.manifest.get("objective")},
+             "model": {"params": base.cfg.num_params()}}
+    plan = lora_plan(ctx)
+    if plan is not None:  # an adapter-only run: load_run merges it onto the base
+        from llm.train import lora
+
+        _, abstract_params, _ = transformer.abstract(base.cfg)
+        extra["lora"] = lora.manifest_record(plan, abstract_params, base.run_dir, base.step)
     write_manifest(run_dir, mesh_shape={k: int(v) for k, v in ctx.mesh.shape.items()},
-                   seed=seed, data=base.manifest.get("data", {}),
-                   extra={"objective": "rlhf", "algorithm": algorithm,
-                          "base_run": {"run_dir": base.run_dir, "step": base.step,
-                                       "objective": base.manifest.get("objective")},
-                          "model": {"params": base.cfg.num_params()}})
+                   seed=seed, data=base.manifest.get("data", {}), extra=extra)
+    if jax.process_index() == 0:
+        record_model(run_dir, base)
     try:
         result = module.train(ctx)
     finally:

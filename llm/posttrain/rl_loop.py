@@ -131,13 +131,15 @@ class RLConfig:
 
 @flax.struct.dataclass
 class RLState:
-    """step: int32, RL steps done. params: the trainable tree {"policy": ..., ["value": ...]}
-    (policy: the full decoder params, or LoRA adapters). opt_state: optax state of `params`.
-    rng: uint32 [2] key data, split once per step. kl_coef: fp32, the KL penalty coefficient
-    (PPO's adaptive controller changes it)."""
+    """step: int32, RL steps done. params: the trainable policy (the full decoder params, or
+    LoRA adapters) -- `state.params` as in pretraining, so `llm.runs.load_run` opens an RL run.
+    value: the value model's params (PPO; {} without a critic). opt_state: optax state of
+    {"policy": params, "value": value}. rng: uint32 [2] key data, split once per step.
+    kl_coef: fp32, the KL penalty coefficient (PPO's adaptive controller changes it)."""
 
     step: jax.Array
     params: dict
+    value: dict
     opt_state: optax.OptState
     rng: jax.Array
     kl_coef: jax.Array
@@ -152,11 +154,11 @@ class Algorithm:
 
     name: "ppo" / "grpo".
     init_value: (ctx, key) -> (value params, their logical axes), or None (no critic).
-    prepare: (policy_params, ref_params, value_params | None, batch, kl_coef) -> dict of new
-      batch fields (at least old_logp, ref_logp, advantages [batch, seq]; kl, entropy [batch]
-      per-sequence figures for metrics). batch has tokens, response_mask [batch, seq] and
-      scores [batch].
-    loss: (policy_params, value_params | None, minibatch, kl_coef) -> (scalar loss, metrics).
+    prepare: (policy_params, ref_params, value_params ({} without a critic), batch, kl_coef) ->
+      dict of new batch fields (at least old_logp, ref_logp, advantages [batch, seq]; kl,
+      kl_k3, entropy [batch] per-sequence figures for metrics). batch has tokens,
+      response_mask [batch, seq] and scores [batch].
+    loss: (policy_params, value_params, minibatch, kl_coef) -> (scalar loss, metrics).
     next_kl_coef: host-side (kl_coef, mean sequence KL of the batch) -> next kl_coef.
     """
 
@@ -232,10 +234,24 @@ class PromptOrder:
 # ----------------------------------------------------------------------------------- prompts
 
 
+def is_chat_run(manifest: dict) -> bool:
+    """Whether a run's policy was tuned on the chat template: an SFT run, or an RLHF run from
+    one (`experiments.rlhf` records "chat_template" in its manifest)."""
+    return manifest.get("objective") == "sft" or bool(manifest.get("chat_template"))
+
+
 def chat_format(ctx: RLHFContext, rc: RLConfig) -> bool:
     if rc.prompt_format == "auto":
-        return ctx.base.manifest.get("objective") == "sft"
+        return is_chat_run(ctx.base.manifest)
     return rc.prompt_format == "chat"
+
+
+def prompt_texts(texts: list[str], chat: bool) -> list[str]:
+    """The prompt text as the policy reads it: the task's text, or its chat-template user turn
+    followed by the assistant tag."""
+    from llm.serve.chat_template import render_chat
+
+    return [render_chat([{"role": "user", "content": t}]) for t in texts] if chat else texts
 
 
 def encode_prompts(ctx: RLHFContext, texts: list[str], chat: bool) -> list[list[int]]:
@@ -243,12 +259,8 @@ def encode_prompts(ctx: RLHFContext, texts: list[str], chat: bool) -> list[list[
     pretraining convention of `llm.data.objectives`) then the text, or the chat template's user
     turn and the assistant tag."""
     from llm.data.objectives import PAD_ID
-    from llm.serve.chat_template import render_chat
 
-    tok = ctx.base.tokenizer
-    if chat:
-        texts = [render_chat([{"role": "user", "content": t}]) for t in texts]
-    return [[PAD_ID, *ids] for ids in tok.encode_batch(list(texts))]
+    return [[PAD_ID, *ids] for ids in ctx.base.tokenizer.encode_batch(prompt_texts(texts, chat))]
 
 
 def decode_completions(ctx: RLHFContext, responses: list[list[int]], chat: bool) -> list[str]:
@@ -263,6 +275,40 @@ def decode_completions(ctx: RLHFContext, responses: list[list[int]], chat: bool)
             text = text[:min(cut)] if cut else text
         out.append(text)
     return out
+
+
+# ----------------------------------------------------------------------------------- rewards
+
+Scorer = Callable[[list[str], list[str], list[str]], np.ndarray]
+
+
+def make_scorer(ctx: RLHFContext, spec: str) -> Scorer:
+    """(prompts, completions, references) -> rewards [n] float32, from RLConfig.reward:
+
+    "rm:<run dir>": a reward model trained by `experiments.reward` (`reward_model.load`),
+      scoring the prompt text the policy was given and its completion (references unused);
+    anything else: a Python reward fn(prompt, completion, reference) -> float named in the
+      tasks registry or "package.module:function" (`tasks.score`: a function that raises or
+      returns NaN/inf is a one-line RewardError naming it and the sample).
+    """
+    if spec.startswith("rm:"):
+        from llm.posttrain import reward_model
+
+        rm = reward_model.load(spec[3:], mesh=ctx.mesh, rules=ctx.rules)
+
+        def score_rm(prompts, completions, references):
+            del references
+            out = np.asarray(rm.score(list(prompts), list(completions)), np.float32)
+            if not np.all(np.isfinite(out)):
+                i = int(np.flatnonzero(~np.isfinite(out))[0])
+                raise tasks.RewardError(
+                    f"reward model {spec[3:]!r} returned {out[i]} on the sample "
+                    f"prompt={prompts[i][:80]!r} completion={completions[i][:80]!r}")
+            return out
+        return score_rm
+    fn = tasks.get_reward(spec)
+    return lambda prompts, completions, references: tasks.score(fn, prompts, completions,
+                                                                references)
 
 
 # -------------------------------------------------------------------------------- the steps
@@ -288,7 +334,7 @@ def batch_shardings(batch: dict, mesh, rules) -> dict:
 class Steps:
     """The jitted pieces of one RL step for a fixed algorithm, model and mesh.
 
-    params_of(trainable, frozen) -> (policy params, reference params).
+    params_of(trainable policy, frozen) -> (policy params, reference params).
     prepare(state, frozen, batch) -> batch with the algorithm's fields added.
     update(state, frozen, batch, idx) -> (state, metrics): one optimizer step on rows `idx`.
     """
@@ -308,22 +354,23 @@ def make_steps(algo: Algorithm, tx: optax.GradientTransformation, state_sharding
     def prepare(state: RLState, frozen: dict, batch: Batch) -> Batch:
         with activation_sharding(mesh, rules):
             policy, ref = params_of(state.params, frozen)
-            return {**batch, **algo.prepare(policy, ref, state.params.get("value"), batch,
-                                            state.kl_coef)}
+            return {**batch, **algo.prepare(policy, ref, state.value, batch, state.kl_coef)}
 
     def update(state: RLState, frozen: dict, batch: Batch, idx: jax.Array):
         with activation_sharding(mesh, rules):
             minibatch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
 
             def objective(trainable):
-                policy, _ = params_of(trainable, frozen)
-                return algo.loss(policy, trainable.get("value"), minibatch, state.kl_coef)
+                policy, _ = params_of(trainable["policy"], frozen)
+                return algo.loss(policy, trainable["value"], minibatch, state.kl_coef)
 
-            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            trainable = {"policy": state.params, "value": state.value}
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+            updates, opt_state = tx.update(grads, state.opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        return state.replace(params=params, opt_state=opt_state), metrics
+        return state.replace(params=trainable["policy"], value=trainable["value"],
+                             opt_state=opt_state), metrics
 
     prepared = jax.jit(prepare, in_shardings=(state_shardings, frozen_shardings, in_batch))
     updated = jax.jit(update, in_shardings=(state_shardings, frozen_shardings, None, replicated),
@@ -351,8 +398,8 @@ def update_epochs(steps: Steps, state: RLState, frozen: dict, batch: Batch, key:
 # ---------------------------------------------------------------------------------- the loop
 
 
-def _lora_plan(ctx: RLHFContext):
-    """The LoRA plan of gin's LoraConfig (None when LoRA is off)."""
+def lora_plan(ctx: RLHFContext):
+    """The LoRA plan of gin's LoraConfig for the base model (None when LoRA is off)."""
     from llm.train import lora
 
     _, abstract_params, logical_axes = transformer.abstract(ctx.base.cfg)
@@ -361,37 +408,40 @@ def _lora_plan(ctx: RLHFContext):
 
 def init_state(ctx: RLHFContext, algo: Algorithm, rc: RLConfig, tx, seed: int
                ) -> tuple[RLState, dict, Callable]:
-    """(initial state, frozen params, params_of). Full fine-tuning: trainable policy = a copy of
-    the base params, frozen = {"reference": base params}. LoRA: trainable policy = the adapters,
-    frozen = {"base": lora.freeze(base)}, reference = the base (adapters at zero)."""
+    """(initial state, frozen params, params_of). Full fine-tuning: the trainable policy is a
+    copy of the base params, frozen = {"reference": base params}. LoRA: the trainable policy is
+    the adapters, frozen = {"base": lora.freeze(base)}, the reference is the base itself."""
     mesh, rules = ctx.mesh, ctx.rules
     replicated = NamedSharding(mesh, PartitionSpec())
     policy_key, value_key, rng = jax.random.split(jax.random.key(seed), 3)
-    plan = _lora_plan(ctx)
+    plan = lora_plan(ctx)
     if plan is None:
-        trainable = {"policy": jax.tree.map(jnp.copy, ctx.base.params)}
+        policy = jax.tree.map(jnp.copy, ctx.base.params)
         frozen = {"reference": ctx.base.params}
 
-        def params_of(trainable, frozen):
-            return trainable["policy"], frozen["reference"]
+        def params_of(policy, frozen):
+            return policy, frozen["reference"]
     else:
         from llm.train import lora
 
-        adapters = lora.init_adapters(plan, policy_key)
-        adapters = jax.device_put(adapters, tree_shardings(lora.adapter_axes(plan), adapters,
-                                                           mesh, rules))
-        trainable = {"policy": adapters}
+        _, abstract_params, logical_axes = transformer.abstract(ctx.base.cfg)
+        adapters = lora.init_adapters(plan, policy_key, ctx.base.params)
+        adapters = jax.device_put(adapters, tree_shardings(
+            lora.adapter_axes(plan, logical_axes), lora.abstract_adapters(plan, abstract_params),
+            mesh, rules))
+        policy = adapters
         frozen = {"base": lora.freeze(plan, ctx.base.params)}
 
-        def params_of(trainable, frozen):
-            zeros = jax.tree.map(jnp.zeros_like, trainable["policy"])
-            return (lora.combine(plan, trainable["policy"], frozen["base"]),
-                    lora.combine(plan, zeros, frozen["base"]))
+        def params_of(policy, frozen):
+            return (lora.combine(plan, policy, frozen["base"]),
+                    lora.base_params(plan, frozen["base"]))
+    value = {}
     if algo.init_value is not None:
         value, value_axes = algo.init_value(ctx, value_key)
-        trainable["value"] = jax.device_put(value, tree_shardings(value_axes, value, mesh, rules))
+        value = jax.device_put(value, tree_shardings(value_axes, value, mesh, rules))
+    trainable = {"policy": policy, "value": value}
     state = RLState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                    params=trainable, opt_state=init_opt_state(tx, trainable, mesh),
+                    params=policy, value=value, opt_state=init_opt_state(tx, trainable, mesh),
                     rng=jax.device_put(jax.random.key_data(rng), replicated),
                     kl_coef=jax.device_put(jnp.float32(rc.kl_coef), replicated))
     return state, frozen, params_of
@@ -416,12 +466,17 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     record (eval.json)."""
     rc = RLConfig()
     reward = rc.reward or tasks.default_reward(rc.task)
-    reward_fn = tasks.get_reward(reward)
+    scorer = make_scorer(ctx, reward)
     train_ex = tasks.make_examples(rc.task, "train", rc.num_prompts, seed=ctx.seed)
     eval_ex = tasks.make_examples(rc.task, "heldout", rc.eval_prompts, seed=ctx.seed)
     if not train_ex:
         raise ConfigError(f"task {rc.task!r} has no training prompts; check its gin settings.")
     chat = chat_format(ctx, rc)
+    # The text a reward sees as the prompt: the task's own (Python rewards parse it), or for a
+    # reward model the text the policy was given.
+    rm = reward.startswith("rm:")
+    train_texts = prompt_texts([e.prompt for e in train_ex], chat and rm)
+    eval_texts = prompt_texts([e.prompt for e in eval_ex], chat and rm)
     train_ids = encode_prompts(ctx, [e.prompt for e in train_ex], chat)
     eval_ids = encode_prompts(ctx, [e.prompt for e in eval_ex], chat)
 
@@ -459,8 +514,8 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
             ro = sample_batch(ctx, rc, policy, [train_ids[i] for i in chosen], rollout_key)
             t_rollout = time.perf_counter() - t0
             completions = decode_completions(ctx, ro.responses, chat)
-            scores = tasks.score(reward_fn, [train_ex[i].prompt for i in chosen], completions,
-                                 [train_ex[i].reference for i in chosen])
+            scores = scorer([train_texts[i] for i in chosen], completions,
+                            [train_ex[i].reference for i in chosen])
             host = {"tokens": ro.tokens, "response_mask": ro.response_mask, "scores": scores}
             batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
             batch = steps.prepare(state, frozen, batch)
@@ -499,12 +554,13 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     if int(state.step) > start and int(state.step) not in ctx.manager.all_steps():
         checkpoint.save(ctx.manager, int(state.step), state, order, force=True)
         ctx.manager.wait_until_finished()
-    return evaluate(ctx, rc, algo, state, frozen, params_of, eval_ex, eval_ids, reward_fn, chat)
+    return evaluate(ctx, rc, algo, state, frozen, params_of, eval_ex, eval_texts, eval_ids,
+                    scorer, chat)
 
 
 def evaluate(ctx: RLHFContext, rc: RLConfig, algo: Algorithm, state: RLState, frozen: dict,
-             params_of: Callable, examples: list, prompt_ids: list[list[int]], reward_fn,
-             chat: bool) -> dict:
+             params_of: Callable, examples: list, texts: list[str],
+             prompt_ids: list[list[int]], scorer: Scorer, chat: bool) -> dict:
     """Mean held-out reward of the policy and of the reference, each sampling the held-out
     prompts with the same key and settings, plus the policy's mean sequence KL to the reference
     (k1 and k3) on its own samples."""
@@ -521,9 +577,9 @@ def evaluate(ctx: RLHFContext, rc: RLConfig, algo: Algorithm, state: RLState, fr
             ids = [prompt_ids[j] for j in chunk]
             ids += [ids[-1]] * (rc.batch_size - len(ids))  # fixed shapes: pad the last chunk
             ro = sample_batch(ctx, rc, params, ids, jax.random.fold_in(key, i))
-            texts = decode_completions(ctx, ro.responses[:len(chunk)], chat)
-            rewards.extend(tasks.score(reward_fn, [examples[j].prompt for j in chunk], texts,
-                                       [examples[j].reference for j in chunk]).tolist())
+            completions = decode_completions(ctx, ro.responses[:len(chunk)], chat)
+            rewards.extend(scorer([texts[j] for j in chunk], completions,
+                                  [examples[j].reference for j in chunk]).tolist())
             logp = np.asarray(ref_logp_fn(params, ro.tokens))
             ref_logp = np.asarray(ref_logp_fn(ref, ro.tokens))
             mask = ro.response_mask

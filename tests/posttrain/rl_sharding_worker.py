@@ -67,21 +67,21 @@ def main(mesh_file: str, out_dir: str) -> dict:
     policy = jax.device_put(params, shardings)
     frozen = {"reference": jax.device_put(params, shardings)}
     state = RLState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                    params={"policy": policy},
-                    opt_state=init_opt_state(tx, {"policy": policy}, mesh),
+                    params=policy, value={},
+                    opt_state=init_opt_state(tx, {"policy": policy, "value": {}}, mesh),
                     rng=jax.device_put(jax.random.key_data(jax.random.key(0)), replicated),
                     kl_coef=jax.device_put(jnp.float32(RC.kl_coef), replicated))
     batch = synthetic_batch()
     steps = make_steps(grpo.make_algorithm(graphdef, RC), tx,
                        jax.tree.map(lambda x: x.sharding, state),
                        jax.tree.map(lambda x: x.sharding, frozen), batch, mesh, rules,
-                       lambda trainable, frozen: (trainable["policy"], frozen["reference"]))
+                       lambda policy, frozen: (policy, frozen["reference"]))
     prepared = steps.prepare(state, frozen, batch)
     losses = []
     for idx in ([0, 2, 4, 6], [1, 3, 5, 7], [0, 1, 2, 3]):
         state, metrics = steps.update(state, frozen, prepared, jnp.asarray(idx, jnp.int32))
         losses.append(float(metrics["loss"]))
-    kernel = state.params["policy"]["layer_0"]["mlp"]["wi"]["kernel"]
+    kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]
     flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params)])
     name = mesh_file.rsplit("/", 1)[-1].removesuffix(".gin")
     np.save(os.path.join(out_dir, f"{name}.npy"), flat)

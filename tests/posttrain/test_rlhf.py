@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from llm.runs import load_run
 from llm.train.metrics import read_metrics
 from tests.conftest import run_experiment
 
@@ -58,6 +59,8 @@ def test_grpo_writes_the_run_directory(grpo_run):
     for png in ("rlhf.png", "kl.png", "reward.png"):
         assert os.path.getsize(os.path.join(grpo_run, "plots", png)) > 0
     assert os.listdir(os.path.join(grpo_run, "tb"))
+    run = load_run(grpo_run)  # evaluation and serving open the aligned policy like any run
+    assert run.step == 4 and run.cfg.d_model == 64
 
 
 def test_sigkill_resume_is_bit_for_bit(grpo_run, tiny_run, tmp_path):
