@@ -40,7 +40,8 @@ from llm.model.config import ModelConfig
 from llm.parallel.rules import Rules, tree_shardings
 
 # Objectives whose runs are decoder-only models (`llm.data.objectives`).
-DECODER_OBJECTIVES = ("next_token", "prefix_lm", "sft")  # "sft": experiments/sft.py
+DECODER_OBJECTIVES = ("next_token", "prefix_lm", "sft",  # "sft": experiments/sft.py
+                      "rlhf")  # "rlhf": experiments/rlhf.py (DPO, PPO, GRPO)
 
 
 @dataclasses.dataclass(frozen=True)
