@@ -49,6 +49,7 @@ def finetune(graphdef, params: dict, transform: Callable[[dict], dict], *, data_
 
     schedule = optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the caller's
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     step = jax.jit(lambda s, b: train_step(s, b, loss_fn=loss_fn, tx=tx, schedule=schedule),
                    donate_argnums=0)

@@ -85,3 +85,21 @@ def test_sparsity_outside_unit_interval_is_one_line_error(model, sparsity):
     with pytest.raises(ConfigError) as e:
         prune.compute_masks(params, axes, "magnitude", sparsity)
     assert "[0, 1)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recovery_finetune_keeps_mask_and_lowers_loss(tiny_data):
+    from llm.compress import finetune
+
+    cfg = ModelConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                      vocab_size=512)
+    graphdef, params = transformer.init(cfg, jax.random.key(0))
+    _, _, axes = transformer.abstract(cfg)
+    masks = prune.compute_masks(params, axes, "magnitude", 0.5)
+    tuned, losses = finetune.finetune(graphdef, prune.apply_masks(params, masks),
+                                      finetune.mask_transform(masks), data_dir=tiny_data,
+                                      steps=6, seq_len=32, batch_size=4, learning_rate=1e-2)
+    flat_before, flat_after = _flat(params), _flat(tuned)
+    for key, mask in masks.items():
+        assert np.all(flat_after[key][~mask] == 0), key
+        assert np.any(flat_after[key][mask] != flat_before[key][mask]), key  # it did train
+    assert losses[-1] < losses[0]
