@@ -134,13 +134,16 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
              finetune_steps: int = 0, finetune_lr: float = 3e-4, finetune_batch_size: int = 8,
              eval_batch_size: int = 8,
              eval_batches: int | None = None, prefill_len: int = 256, decode_tokens: int = 64,
-             speed_repeats: int = 3, gptq_damp: float = 0.01, seed: int = 0) -> dict:
+             speed_repeats: int = 3, gptq_damp: float = 0.01, seed: int = 0,
+             tag: str | None = None) -> dict:
     """Compress the run at `run_dir` with `method` and write the report (module docstring).
 
     group_size: int4/NF4 rows per scale (must divide every contraction dim). embedding_method:
     the embedding table's quantization if it should differ (e.g. "int8" under int4).
     calibration_*: rows of the training split for GPTQ / Wanda / 2:4. eval_batches: None
-    scores the whole validation split. Returns the report record.
+    scores the whole validation split. tag: appended to the output directory name (to keep
+    variants of one method apart, e.g. tag="emb8" with embedding_method="int8"). Returns the
+    report record.
     """
     if method.endswith("+ft") and method[:-3] in prune.METHODS:
         method = method[:-3]
@@ -158,7 +161,7 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     quant = method.split("-")[-1] if method.split("-")[-1] in QUANT else None
     if quant:  # check the group size against every weight before any work
         Q.check_params(abstract_params, axes, quant, group_size, embedding_method)
-    name = method_name(method, finetune_steps)
+    name = method_name(method, finetune_steps) + (f"-{tag}" if tag else "")
     out_root = os.path.join(os.path.abspath(out_dir or run_dir), "compress")
     out = os.path.join(out_root, name)
     os.makedirs(out, exist_ok=True)
