@@ -352,7 +352,10 @@ def task_pairs(graphdef, params, cfg, tokenizer, examples, reward: str | Callabl
                                prompt_format=prompt_format)
     rewards = [tasks.score(reward, [e.prompt] * len(c), c, [e.reference] * len(c)).tolist()
                for e, c in zip(examples, comps)]
-    pairs = rank_into_pairs([format_prompt(e.prompt, prompt_format) for e in examples], comps,
+    # A chat turn ends with "\n" and then EOS (or the next role tag): the training row of a
+    # response is the text the policy produced, turn end included.
+    texts = [[c + "\n" for c in cs] for cs in comps] if prompt_format == "chat" else comps
+    pairs = rank_into_pairs([format_prompt(e.prompt, prompt_format) for e in examples], texts,
                             rewards, [e.id for e in examples])
     stats = {"mean_sample_reward": float(np.mean(rewards)), "prompts": len(examples),
              "pairs": len(pairs)}
