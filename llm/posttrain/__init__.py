@@ -11,4 +11,6 @@ Modules:
   init        -- start a run from another run directory's weights (SFT, domain
                  continued pretraining); vocabulary/shape checks and vocabulary
                  extension (new embedding/output rows).
+  task_score  -- greedy generation on a task family's held-out split, scored by its
+                 reward (chat template or raw prompt).
 """
