@@ -39,8 +39,11 @@ def clean_gin():
 
 
 def test_student_vocabulary_mismatch_is_one_line(tiny_run, tmp_path, capsys, clean_gin):
-    code = distill.main(distill_args(tiny_run, str(tmp_path / "run"),
-                                     "--gin_param=ModelConfig.vocab_size=256"))
+    # Through the debug config (so it is also checked to parse), teacher and run_dir replaced.
+    code = distill.main(["--gin_file=gin_configs/debug/distill_tiny.gin",
+                         f"--gin_param=distill.teacher_run='{tiny_run}'",
+                         f"--gin_param=distill.run_dir='{tmp_path / 'run'}'",
+                         "--gin_param=ModelConfig.vocab_size=256"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("distill: error: ") and "Traceback" not in err
