@@ -43,7 +43,7 @@ def plot(distilled: list[str], scratch: list[str], out: str, title: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for runs, color, label in ((distilled, "tab:blue", "distilled"),
                                (scratch, "tab:orange", "from scratch")):
-        for i, run in enumerate(runs):
+        for run in runs:
             steps, bpb = zip(*curve(run))
             ax.plot(steps, bpb, "o-", color=color, ms=3, lw=1.2, alpha=0.9,
                     label=f"{label} ({os.path.basename(os.path.normpath(run))})")

@@ -27,7 +27,8 @@ def distill_args(teacher: str, run_dir: str, *extra: str) -> list[str]:
     return ["--gin_file=gin_configs/debug/tiny.gin", *STUDENT,
             f"--gin_param=distill.teacher_run='{teacher}'",
             f"--gin_param=distill.run_dir='{run_dir}'", "--gin_param=TrainConfig.steps=6",
-            "--gin_param=checkpoint_manager.save_every=3", "--gin_param=make_dataset.shuffle_window=8",
+            "--gin_param=checkpoint_manager.save_every=3",
+            "--gin_param=make_dataset.shuffle_window=8",
             "--gin_param=peak_flops.per_device=1e11", *extra]
 
 
