@@ -15,8 +15,9 @@
    mesh, rules, checkpoints and exact resume as pretraining; LoRA applies through gin
    `LoraConfig.*`). The optimizer starts fresh, or from the base's state
    (`sft.init_optimizer="restored"`, same optimizer and vocabulary only);
-4. validation loss on response tokens; with `sft.tasks`, the greedy task score of the held-out
-   split before (the base, with and without the chat template) and after fine-tuning.
+4. validation loss on response tokens, of the base (eval.json "base") and after fine-tuning;
+   with `sft.tasks`, the greedy task score of the held-out split before (the base, with and
+   without the chat template) and after fine-tuning.
 
 The run directory is a normal one (manifest.json, config.gin, checkpoints/, metrics.jsonl, tb/,
 plots/loss.png, eval.json, tokenizer.model): `load_run`, `experiments.evaluate` and the server
@@ -37,6 +38,7 @@ from llm.config import ConfigError
 from llm.data.objectives import Objective
 from llm.data.sources import DataError
 from llm.data.tokenizer import load_tokenizer
+from llm.eval.perplexity import accumulate
 from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.mesh import make_mesh
@@ -178,6 +180,19 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
         def init_opt_state(fresh):
             return init.restore_opt_state(init_from, base.step, fresh)
 
+    def summarize_eval(sums: dict) -> dict:
+        n = max(sums["tokens"], 1.0)
+        return {"loss": sums["nll"] / n, "accuracy": sums["correct"] / n,
+                "tokens": sums["tokens"],
+                "bits_per_response_byte": sums["nll"] / 0.6931471805599453 /
+                max(val_stats.response_bytes, 1)}
+
+    base_eval = None
+    if base is not None and jax.process_count() == 1:  # the base's loss on the same responses
+        base_eval = summarize_eval(accumulate(jax.jit(decoder_loss(graphdef)), base.init(None),
+                                              val_ds, lambda b: b))
+        print(f"sft: base validation loss on response tokens {base_eval['loss']:.4f}")
+
     def max_tokens(task: str) -> int:
         return score_max_new_tokens or SCORE_TOKENS.get(task, SCORE_TOKENS[None])
 
@@ -195,13 +210,6 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
                   f"{scores_before[name]['chat']:.3f}, raw prompt {scores_before[name]['raw']:.3f}")
         del params0
 
-    def summarize_eval(sums: dict) -> dict:
-        n = max(sums["tokens"], 1.0)
-        return {"loss": sums["nll"] / n, "accuracy": sums["correct"] / n,
-                "tokens": sums["tokens"],
-                "bits_per_response_byte": sums["nll"] / 0.6931471805599453 /
-                max(val_stats.response_bytes, 1)}
-
     data_record = {"data_dir": os.path.abspath(run_dir), "tokenizer": "tokenizer.model",
                    "vocab_size": cfg.vocab_size, "added_tokens": new_ids,
                    "train_data": os.path.abspath(train_data),
@@ -216,6 +224,8 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
     if run.status == "preempted":
         return {"status": run.status, "step": int(run.state.step)}
     result = dict(run.eval)
+    if base_eval is not None:
+        result["base"] = base_eval
     if held and score_examples and jax.process_count() == 1:
         params = run.params
         result["task_score"] = {}
