@@ -263,6 +263,7 @@ def test_domain_pretraining_starts_from_the_run_weights(tiny_data, tiny_run, tmp
                                _read(run_dir, "eval.json")["bits_per_byte"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sft_step_on_8_devices_matches_1_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": REPO}
