@@ -7,7 +7,7 @@ chosen/rejected are whole texts)::
     {"prompt": ">>> 12 + 30\\n", "chosen": "42\\n", "rejected": "4\\n"}
 
 Any other keys (rewards, reviewer, item id) are kept in `Pair.meta`. The human-review export
-(`python -m tools.review pairs`) and `python -m tools.make_pairs` both write this format; the
+(`python -m tools.review pairs`) and `TaskPairs.build` (<run_dir>/pairs/) write this format; the
 reward model (`experiments.reward`) and DPO (`experiments.rlhf`, algorithm "dpo") read it.
 
 A pair becomes two token rows of `seq_len` tokens, laid out as in pretraining:
@@ -55,8 +55,9 @@ def read_pairs(path: str) -> list[Pair]:
     """The pairs of a JSONL file. DataError (one line, naming file:line) for a missing file, a
     line that is not a JSON object, a missing or non-string `chosen` / `rejected` / `prompt`."""
     if not os.path.isfile(path):
-        raise DataError(f"preference file {path!r} does not exist; write one with "
-                        "`python -m tools.make_pairs` or `python -m tools.review pairs`.")
+        raise DataError(f"preference file {path!r} does not exist; export human ratings with "
+                        "`python -m tools.review pairs`, or leave the setting empty to sample "
+                        "pairs from the base run (TaskPairs.*).")
     pairs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

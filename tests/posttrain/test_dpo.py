@@ -15,7 +15,6 @@ from llm.train.metrics import read_metrics
 from tests.conftest import run_experiment
 from tests.posttrain.test_reward import code_pairs, write_pairs
 
-
 pytestmark = pytest.mark.slow  # one more tiny experiment in a subprocess
 
 
