@@ -16,11 +16,14 @@ the same logical-axis rules as in pretraining, and so are a and b (the rank axis
     frozen = freeze(plan, base_params)           # the base (QLoRA: quantized kernels)
     params = combine(plan, adapters, frozen)     # -> transformer.apply(graphdef, params, ...)
 
-Rebuilding W' costs rank * |W| multiply-adds per step, against tokens * rank * (fan_in + fan_out)
-for the activation-side form x.a.b; for a training batch of thousands of tokens the weight form
-is the cheaper one, and it makes merged and unmerged outputs identical by construction (the same
-arithmetic produces W'). Dropout (LoRA's dropout on the adapter input) is applied to the input
-features of `a`: one Bernoulli mask over the fan-in per step and adapter, scaled by 1/(1-p). It
+Rebuilding W' costs rank * |W| multiply-adds per step and makes merged and unmerged outputs
+identical by construction (the same arithmetic produces W'). The backward pass still forms the
+full weight gradient x^T dy of each adapted kernel before contracting it to a and b, so a step
+costs about as much compute as full fine-tuning; what LoRA saves here is memory (trainable
+parameters, optimizer state, and with QLoRA the base).
+
+Dropout (LoRA's dropout on the adapter input) is applied to the input features of `a`: one
+Bernoulli mask over the fan-in per step and adapter, scaled by 1/(1-p). It
 regularises the same path as PEFT's per-token input dropout but shares the mask across the
 step's tokens; see docs/post_training.md.
 
