@@ -224,7 +224,8 @@ def init_adapters(plan: LoraPlan, rng: jax.Array, base: dict | None = None) -> d
     """a ~ N(0, 1/fan_in) (so a.x has unit scale), b = 0: the adapted model starts exactly at
     the base model. The `train_also` parameters start at their values in `base` (needed when
     the plan has any)."""
-    items = [(p, _get(base, p)) for p in plan.full]
+    # copies: a train step donates the trainable state, and the frozen base keeps its own arrays
+    items = [(p, jnp.copy(_get(base, p))) for p in plan.full]
     for i, t in enumerate(plan.targets):
         fan_in = math.prod(t.in_shape)
         a = jax.random.normal(jax.random.fold_in(rng, i), (*t.in_shape, plan.cfg.rank),

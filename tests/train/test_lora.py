@@ -206,6 +206,8 @@ def test_qlora_forward_equals_lora_on_the_dequantized_base(model, method, group)
     qlora = _apply(graphdef, lora.combine(plan, adapters, frozen), ids)
     reference = _apply(graphdef, lora.combine(plain, adapters, dequantized), ids)
     np.testing.assert_allclose(np.asarray(qlora), np.asarray(reference), rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                 lora.base_params(plan, frozen), dequantized)  # the reference policy
     unquantized = _apply(graphdef, lora.combine(plain, adapters, params), ids)
     assert float(jnp.max(jnp.abs(qlora - unquantized))) > 1e-5  # quantization is really on
 
@@ -214,7 +216,9 @@ def test_train_also_trains_a_parameter_in_full(model):
     graphdef, abstract_params, axes, params = model
     plan = _plan(model, targets="attn/q/kernel", train_also="lm_head/kernel")
     trainable = lora.init_adapters(plan, jax.random.key(0), params)
-    assert trainable["lm_head"]["kernel"] is params["lm_head"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(trainable["lm_head"]["kernel"]),
+                                  np.asarray(params["lm_head"]["kernel"]))
+    assert trainable["lm_head"]["kernel"] is not params["lm_head"]["kernel"]  # donation-safe
     changed = {**trainable, "lm_head": {"kernel": trainable["lm_head"]["kernel"] + 1.0}}
     out = lora.combine(plan, changed, params)
     np.testing.assert_array_equal(np.asarray(out["lm_head"]["kernel"]),
