@@ -134,6 +134,11 @@ def distill(teacher_run: str = "", run_dir: str = "runs/distill", data_dir: str 
                        vocab_source, data_dir, info.vocab_size, info.tokenizer_path)
     if mode == "offline" and not 1 <= top_k <= vocab:
         raise ConfigError(f"distill.top_k={top_k} must be in [1, vocabulary size {vocab}].")
+    if mode == "offline" and loss_cfg.divergence == "reverse_kl" and top_k < vocab:
+        raise ConfigError(f"DistillLoss.divergence='reverse_kl' needs the teacher's whole "
+                          f"distribution (it is 0 outside its top {top_k} tokens, so KL(q||p) is "
+                          "infinite); use forward_kl or jsd with distill.mode='offline', or "
+                          "distill.mode='online'.")
     cfg = dataclasses.replace(ModelConfig(), vocab_size=vocab)
     cfg.check_seq_len(tc.seq_len)
 

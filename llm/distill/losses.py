@@ -4,9 +4,15 @@ distributions, at a temperature, mixed with the hard-label next-token loss.
     loss per target token = alpha * CE(student, target)
                             + (1 - alpha) * temperature^2 * D(teacher_T || student_T)
 
-p = softmax(teacher_logits / T) and q = softmax(student_logits / T) over the vocabulary (online) or
-over the teacher's top-k tokens, both renormalised over those k (offline; k = vocabulary size is
-exactly the online loss). The T^2 factor (Hinton et al. 2015) keeps the divergence's gradient on
+p = softmax(teacher_logits / T) and q = softmax(student_logits / T) over the vocabulary (online).
+Offline, only the teacher's top-k logits are known: p is renormalised over those k tokens (0
+elsewhere) and q stays the student's full softmax, so the divergence is exact for that truncated
+teacher -- forward KL sums over the k tokens, JSD adds the closed form of the tokens outside them
+((1 - beta) log(1 / (1 - beta)) times the student's mass there), and reverse KL, infinite when p
+is 0 where q is not, is refused for k < vocabulary size. k = vocabulary size is exactly the online
+loss. (Renormalising q over the k tokens too was tried and fails: the student then learns only
+the odds among the teacher's top-k and nothing keeps its mass off the other tokens; see
+docs/compression.md.) The T^2 factor (Hinton et al. 2015) keeps the divergence's gradient on
 the scale of the hard-label gradient as T changes. Divergences (`DistillLoss.divergence`):
 
   forward_kl   KL(p || q) = sum p (log p - log q)       mode-covering (the classic KD loss)
@@ -99,15 +105,16 @@ def soft_targets(student_logits: jax.Array, teacher_logits: jax.Array | None = N
 
     Online: teacher_logits [batch, seq, vocab] -> both over the vocabulary.
     Offline: topk_values / topk_indices [batch, seq, k] (the teacher's k largest logits and their
-    token ids) -> both renormalised over those k tokens (the student's logits gathered there).
+    token ids) -> the teacher renormalised over those k tokens, and the student's full-vocabulary
+    log-probs gathered at them (not renormalised: they sum to log(1 - its mass elsewhere)).
     """
-    s = student_logits.astype(jnp.float32) / temperature
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     if teacher_logits is not None:
         t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
-        return jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+        return jax.nn.log_softmax(t, axis=-1), s
     t = jax.lax.stop_gradient(topk_values.astype(jnp.float32)) / temperature
     s = jnp.take_along_axis(s, topk_indices.astype(jnp.int32), axis=-1)
-    return jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+    return jax.nn.log_softmax(t, axis=-1), s
 
 
 def distill_sums(student_logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
@@ -136,6 +143,16 @@ def distill_sums(student_logits: jax.Array, targets: jax.Array, loss_mask: jax.A
         t_logp, s_logp = soft_targets(student_logits, teacher_logits, topk_values=topk_values,
                                       topk_indices=topk_indices, temperature=config.temperature)
         d = divergence(t_logp, s_logp, config.divergence, config.beta)
+        if topk_values is not None and topk_values.shape[-1] < student_logits.shape[-1]:
+            if config.divergence == "reverse_kl":
+                raise ConfigError(
+                    f"DistillLoss.divergence='reverse_kl' with the teacher's top "
+                    f"{topk_values.shape[-1]} of {student_logits.shape[-1]} tokens is infinite "
+                    "(the teacher is 0 outside them); use forward_kl or jsd offline, or "
+                    "distill.mode='online'.")
+            if config.divergence == "jsd":  # the tokens outside the top-k, where p = 0
+                rest = jnp.clip(1.0 - jnp.sum(jnp.exp(s_logp), axis=-1), 0.0, 1.0)
+                d = d - (1.0 - config.beta) * math.log1p(-config.beta) * rest
         sums["divergence"] = jnp.sum(d * mask)
     else:
         sums["divergence"] = jnp.zeros((), jnp.float32)

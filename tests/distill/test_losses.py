@@ -135,17 +135,28 @@ def test_offline_topk_equals_online_at_full_vocabulary(kind):
     np.testing.assert_allclose(jax.grad(offline)(s), jax.grad(online)(s), atol=1e-6)
 
 
-def test_offline_topk_renormalises_over_the_k_tokens():
-    """k = 2 of 4: both distributions are the softmax over the teacher's two best tokens."""
+def test_offline_topk_truncates_the_teacher_not_the_student():
+    """k = 2 of 4: the teacher is its softmax over its two best tokens (0 elsewhere), the student
+    its full softmax; forward KL and JSD written out over all 4 tokens."""
     t = jnp.array([[[3.0, 0.0, 1.0, -2.0]]])
     s = jnp.array([[[0.5, 2.0, -1.0, 0.0]]])
     values, indices = jax.lax.top_k(t, 2)  # tokens 0 and 2
-    p = np.exp([3.0, 1.0]) / np.exp([3.0, 1.0]).sum()
-    q = np.exp([0.5, -1.0]) / np.exp([0.5, -1.0]).sum()
-    want = float(np.sum(p * np.log(p / q)))
-    got = distill_sums(s, jnp.array([[0]]), jnp.ones((1, 1)), DistillLoss(),
-                       topk_values=values, topk_indices=indices)["divergence"]
-    assert float(got) == pytest.approx(want, abs=1e-6)
+    p = np.zeros(4)
+    p[[0, 2]] = np.exp([3.0, 1.0]) / np.exp([3.0, 1.0]).sum()
+    q = np.exp([0.5, 2.0, -1.0, 0.0]) / np.exp([0.5, 2.0, -1.0, 0.0]).sum()
+    beta = 0.3
+    m = beta * p + (1 - beta) * q
+    want = {"forward_kl": sum(p[i] * math.log(p[i] / q[i]) for i in (0, 2)),
+            "jsd": (beta * sum(p[i] * math.log(p[i] / m[i]) for i in (0, 2))
+                    + (1 - beta) * sum(q[i] * math.log(q[i] / m[i]) for i in range(4)))}
+    for kind, value in want.items():
+        got = distill_sums(s, jnp.array([[0]]), jnp.ones((1, 1)),
+                           DistillLoss(divergence=kind, beta=beta), topk_values=values,
+                           topk_indices=indices)["divergence"]
+        assert float(got) == pytest.approx(value, abs=1e-6), kind
+    with pytest.raises(ConfigError, match="reverse_kl"):
+        distill_sums(s, jnp.array([[0]]), jnp.ones((1, 1)), DistillLoss(divergence="reverse_kl"),
+                     topk_values=values, topk_indices=indices)
 
 
 @pytest.mark.parametrize("kwargs, names", [
