@@ -201,7 +201,7 @@ def pretrain_mlm(run_dir: str = "runs/mlm", data_dir: str = "data/embedded",
                                      shuffle=False, num_streams=1)))
         row = {k: v[0] for k, v in row.items()}
         demo = demo_bert if objective.model == "encoder" else demo_span
-        params = jax.device_get(run.state.params)
+        params = jax.device_get(run.params)
         print("pretrain_mlm: demo\n" + "-" * 60 + "\n" +
               demo(tok, vocab, graphdef, params, row, demo_tokens) + "\n" + "-" * 60)
     return result

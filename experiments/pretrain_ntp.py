@@ -27,12 +27,16 @@ import sys
 import gin
 import jax
 
+from llm.compress.qat import qat
 from llm.config import ConfigError
 from llm.data import objectives
 from llm.data.tokenizer import load_tokenizer
 from llm.eval.perplexity import summarize
 from llm.model import transformer
 from llm.model.config import ModelConfig
+from llm.parallel.mesh import make_mesh
+from llm.parallel.rules import axis_rules
+from llm.posttrain import init
 from llm.serve.sampler import generate
 from llm.train import experiment
 from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
@@ -44,11 +48,18 @@ __all__ = ["main", "prepare_on_one_process", "pretrain"]
 
 @gin.configurable
 def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
-             sample_prompt: str = "def fibonacci(n):\n", sample_tokens: int = 96) -> dict:
+             sample_prompt: str = "def fibonacci(n):\n", sample_tokens: int = 96,
+             init_from: str | None = None, init_optimizer: str = "fresh") -> dict:
     """Train, evaluate and sample. Returns the final eval record (also written to eval.json).
 
     The objective is `get_objective.name`: "next_token" (default) or "prefix_lm" (bidirectional
     attention over a random prefix of every document, loss on the rest).
+
+    Continued pretraining (e.g. on a domain corpus, gin_configs/experiments/domain_*.gin):
+    init_from: a run directory whose latest params the run starts from (its model config is
+      adopted; `data_dir` must use its tokenizer). Replay of the original data is a train-time
+      mixture (`make_dataset.mixture` with `make_dataset.mixture_datasets`).
+    init_optimizer: "fresh" (new optimizer state) or "restored" (the base run's, same optimizer).
     """
     tc, cfg = TrainConfig(), ModelConfig()  # settings are checked before any data work
     cfg.check_seq_len(tc.seq_len)
@@ -60,14 +71,31 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
         raise ConfigError(f"Objective {objective.name!r} trains an {objective.model} model; run "
                           "it with `python -m experiments.pretrain_mlm` (pretrain_ntp takes "
                           "next_token or prefix_lm).")
+    if init_optimizer not in ("fresh", "restored"):
+        raise ConfigError(f"pretrain.init_optimizer={init_optimizer!r} must be 'fresh' or "
+                          "'restored'.")
     info = prepare_on_one_process(data_dir)
+    base = None
+    if init_from is not None:
+        base = init.load_base(init_from, make_mesh(), axis_rules())
+        init.check_vocabulary(init_from, base.tokenizer_path, data_dir, info.tokenizer_path)
+        cfg = init.adopt_model_config(base.cfg, init_from)
+        cfg.check_seq_len(tc.seq_len)
+    elif init_optimizer == "restored":
+        raise ConfigError("pretrain.init_optimizer='restored' needs pretrain.init_from.")
     cfg = dataclasses.replace(cfg, vocab_size=info.vocab_size)
     graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
     model = ModelSpec(graphdef, abstract_params, logical_axes,
-                      init=lambda k: transformer.init(cfg, k)[1],
-                      loss_fn=decoder_loss(graphdef, tc.z_loss, tc.loss_chunk),
-                      num_params=cfg.num_params(),
-                      flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len)
+                      init=base.init if base else (lambda k: transformer.init(cfg, k)[1]),
+                      loss_fn=qat(decoder_loss(graphdef, tc.z_loss, tc.loss_chunk),
+                                  abstract_params, logical_axes), num_params=cfg.num_params(),
+                      flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len,
+                      base_run=base.run_dir if base else None,
+                      base_step=base.step if base else None)
+    init_opt_state = None
+    if init_optimizer == "restored":
+        def init_opt_state(fresh):
+            return init.restore_opt_state(init_from, base.step, fresh)
 
     validation = info.splits["validation"]
 
@@ -79,7 +107,10 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
 
     run = train_and_evaluate(name="pretrain", run_dir=run_dir, data_dir=data_dir, info=info,
                              tc=tc, model=model, objective=objective,
-                             summarize_eval=summarize_eval)
+                             summarize_eval=summarize_eval, init_opt_state=init_opt_state,
+                             manifest_extra={"init_from": {
+                                 "run_dir": base.run_dir, "step": base.step,
+                                 "optimizer": init_optimizer}} if base else None)
     if run.status == "preempted":
         return {"status": run.status, "step": int(run.state.step)}
     result = run.eval
@@ -90,7 +121,7 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
               f"{result['unigram_bits_per_byte']:.4f})")
     if sample_prompt and jax.process_count() == 1:
         tok = load_tokenizer(info.tokenizer_path)
-        new = generate(graphdef, run.state.params, cfg, [tok.encode(sample_prompt)],
+        new = generate(graphdef, run.params, cfg, [tok.encode(sample_prompt)],
                        max_new_tokens=sample_tokens)[0]
         print("pretrain: sample\n" + "-" * 60 + "\n" + sample_prompt + tok.decode(new) +
               "\n" + "-" * 60)

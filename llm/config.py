@@ -33,6 +33,7 @@ CONFIGURABLE_MODULES = (
     "llm.data.sources", "llm.data.objectives", "llm.data.tokenizer", "llm.data.pipeline",
     "llm.data.prepare", "llm.model.config", "llm.parallel.mesh", "llm.parallel.rules",
     "llm.train.optimizer", "llm.train.checkpoint", "llm.train.loop", "llm.train.metrics",
+    "llm.train.lora",
     "llm.serve.sampler",
 )
 

@@ -12,6 +12,11 @@ way `experiments.pretrain_ntp` built it. Only the parameters are read from the c
 optimizer state), directly into the shardings the logical-axis rules give them on `mesh`.
 
 Evaluation, serving, fine-tuning and review all open runs through this one function.
+
+A LoRA run (manifest.json has a "lora" entry, `llm.train.lora`) checkpoints only its adapters;
+`load_run` loads the base it names (a run directory and step, or the seed it was initialised
+from), applies the adapters and returns the merged parameters, so nothing downstream needs to
+know about LoRA.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from llm.model.config import ModelConfig
 from llm.parallel.rules import Rules, tree_shardings
 
 # Objectives whose runs are decoder-only models (`llm.data.objectives`).
-DECODER_OBJECTIVES = ("next_token", "prefix_lm")
+DECODER_OBJECTIVES = ("next_token", "prefix_lm", "sft",  # "sft": experiments/sft.py
+                      "rlhf")  # "rlhf": experiments/rlhf.py (DPO, PPO, GRPO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +203,44 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
             rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in
                           gin_bindings(f.read()).get("axis_rules", {}).get("rules", ()))
     shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
-    params = _restore_params(run_dir, step, abstract_params, shardings)
+    if manifest.get("lora"):
+        params = _lora_params(run_dir, step, manifest["lora"], cfg, mesh, rules, shardings)
+    else:
+        params = _restore_params(run_dir, step, abstract_params, shardings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, graphdef=graphdef, params=params,
                      tokenizer=load_tokenizer(tokenizer_path), step=int(step),
                      manifest=manifest, seq_len=seq_len)
+
+
+def _lora_params(run_dir: str, step: int, record: dict, cfg: ModelConfig, mesh: Mesh,
+                 rules: Rules, shardings: dict) -> dict:
+    """The merged parameters of an adapter-only LoRA run: its base (with the vocabulary rows SFT
+    appended, if any; QLoRA: quantized as in training) plus its checkpointed adapters."""
+    from llm.train import lora
+
+    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
+    plan = lora.plan_from_record(record, graphdef, abstract_params, logical_axes)
+    if record.get("base_run"):
+        base_run = load_run(record["base_run"], record.get("base_step"), mesh, rules)
+        base = base_run.params
+        extra = cfg.vocab_size - base_run.cfg.vocab_size
+        if extra > 0:
+            from llm.posttrain.init import extend_params
+
+            base = extend_params(base, extra)
+        if jax.tree.map(lambda x: x.shape, base) != jax.tree.map(lambda x: x.shape,
+                                                                 abstract_params):
+            raise DataError(f"the LoRA base {record['base_run']!r} of run {run_dir!r} does not "
+                            "have the run's model shape; it was changed after the run.")
+        base = jax.device_put(base, shardings)
+    else:  # the base was initialised from a seed, as `create_train_state` does
+        key, _ = jax.random.split(jax.random.key(int(record["base_seed"])))
+        base = jax.jit(lambda k: transformer.init(cfg, k)[1], out_shardings=shardings)(key)
+    trainable = lora.abstract_adapters(plan, abstract_params)
+    adapters = _restore_params(run_dir, step, trainable, tree_shardings(
+        lora.adapter_axes(plan, logical_axes), trainable, mesh, rules))
+    return jax.jit(lambda a, b: lora.combine(plan, a, lora.freeze(plan, b)),
+                   out_shardings=shardings)(adapters, base)
 
 
 def _restore_params(run_dir: str, step: int, abstract_params: dict, shardings: dict) -> dict:

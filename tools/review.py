@@ -9,7 +9,8 @@
     # 3. Bradley-Terry strengths with bootstrap CIs, win-rate matrix: JSON + markdown + PNG
     python -m tools.review report --db review/ratings.sqlite --out review/report
     # 4. decisive ratings as chosen/rejected JSONL (reward-model / DPO training data)
-    python -m tools.review pairs --db review/ratings.sqlite --out review/pairs.jsonl
+    python -m tools.review pairs --db review/ratings.sqlite --out review/pairs.jsonl \
+        [--aggregate majority --min_votes 2]      # then: experiments.reward / DPO train_pairs
 
 A system is `NAME=RUN_DIR[@key=value,...]` with keys step (checkpoint; default the latest),
 temperature (default 0.8), top_k (default 40; 0 = off) and seed (default 0). With more than two
@@ -301,9 +302,9 @@ def write_report(db_path: str, out: str, bootstrap: int, prior: float, seed: int
     return rep
 
 
-def write_pairs(db_path: str, out: str) -> int:
+def write_pairs(db_path: str, out: str, aggregate: str = "none", min_votes: int = 1) -> int:
     with review.opened(db_path) as conn:
-        pairs = review.preference_pairs(conn)
+        pairs = review.preference_pairs(conn, aggregate, min_votes)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for p in pairs:
@@ -335,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior", type=float, default=0.1,
                    help="virtual comparisons per pair of systems (keeps the MLE finite)")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("pairs", help="decisive ratings as chosen/rejected JSONL")
+    p = sub.add_parser("pairs", help="decisive ratings as chosen/rejected JSONL (reward model, "
+                       "DPO)")
     p.add_argument("--db", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--aggregate", choices=review.AGGREGATES, default="none",
+                   help="none: a pair per rating; majority: a pair per item by majority vote")
+    p.add_argument("--min_votes", type=int, default=1,
+                   help="with --aggregate majority: decisive votes an item needs")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -352,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError("--bootstrap must be >= 1 and --prior >= 0.")
             write_report(args.db, args.out, args.bootstrap, args.prior, args.seed)
         else:
-            write_pairs(args.db, args.out)
+            if args.min_votes < 1:
+                raise DataError(f"--min_votes {args.min_votes} must be >= 1.")
+            write_pairs(args.db, args.out, args.aggregate, args.min_votes)
     except (DataError, ValueError) as e:
         print(f"review {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -401,6 +401,8 @@ def _train_sentencepiece_settings() -> dict:
     params = inspect.signature(tokenizer.train_sentencepiece).parameters.values()
     out = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
     out.update(gin.get_bindings(tokenizer.train_sentencepiece))
+    if not out.get("user_defined_symbols"):  # the default: fingerprints from before it existed
+        out.pop("user_defined_symbols", None)
     return out
 
 

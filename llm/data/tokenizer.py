@@ -72,7 +72,8 @@ def training_sentences(texts: Iterable[str], max_chars: int, chunk_chars: int,
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 8192, *,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
                         max_training_chars: int | None = None, chunk_chars: int = 2000,
-                        seed: int = 0, num_threads: int = 1) -> str:
+                        seed: int = 0, num_threads: int = 1,
+                        user_defined_symbols: Sequence[str] = ()) -> str:
     """Trains a SentencePiece model on `texts` and writes it to `model_path`; returns the path.
 
     vocab_size: pieces in the model (pad, eos, unk and the 256 byte pieces included; seqio
@@ -82,6 +83,10 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
       ~8 s on one core, a 512-piece one in ~1.5 s (small vocabularies train much slower on
       large samples and gain nothing from them: 3M characters take 26 s for 512 pieces).
     num_threads: 1 keeps training bit-for-bit deterministic for a fixed input and seed.
+    user_defined_symbols: strings reserved as single pieces of type USER_DEFINED, never split
+      and never merged with their neighbours -- e.g. the chat role tags
+      (`llm.serve.chat_template.ROLE_TAGS`, set by gin_configs/data/chat_tokens.gin). Off by
+      default: turning it on changes the vocabulary, so it is part of the data fingerprint.
     """
     if max_training_chars is None:
         max_training_chars = min(3_000_000, 500 * vocab_size)
@@ -95,7 +100,9 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=character_coverage,
-            num_threads=num_threads, minloglevel=2, **SPM_OPTIONS)
+            num_threads=num_threads, minloglevel=2,
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols
+               else {}), **SPM_OPTIONS)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed with vocab_size={vocab_size}: "
                         f"{str(e).splitlines()[0]} The vocabulary must fit the corpus: at least "

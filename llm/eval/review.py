@@ -309,20 +309,47 @@ def plot(rep: dict, path: str) -> str:
     return path
 
 
-def preference_pairs(conn: sqlite3.Connection) -> list[dict]:
-    """Decisive ratings as chosen/rejected pairs (reward-model / DPO format); ties and skips are
-    left out."""
-    out = []
+AGGREGATES = ("none", "majority")
+
+
+def preference_pairs(conn: sqlite3.Connection, aggregate: str = "none",
+                     min_votes: int = 1) -> list[dict]:
+    """Decisive ratings as chosen/rejected pairs (`llm.posttrain.pairs` format: the reward model
+    and DPO read it); ties and skips are left out.
+
+    aggregate "none": one pair per decisive rating (reviewers who disagree give opposite pairs,
+    which Bradley-Terry and DPO treat as soft labels). "majority": one pair per item whose
+    decisive votes (at least `min_votes`) favour one system strictly; items with a split vote
+    are left out. Each pair records its votes.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r} is not one of {AGGREGATES}.")
+    out, votes = [], {}
     for r in conn.execute(
             "SELECT r.*, i.prompt, i.system_a, i.output_a, i.system_b, i.output_b FROM ratings r "
             "JOIN items i ON i.id = r.item_id WHERE r.winner IS NOT NULL "
             "ORDER BY i.position, r.reviewer"):
         outputs = {r["system_a"]: r["output_a"], r["system_b"]: r["output_b"]}
         loser = r["right_system"] if r["winner"] == r["left_system"] else r["left_system"]
-        out.append({"prompt": r["prompt"], "chosen": outputs[r["winner"]],
-                    "rejected": outputs[loser], "chosen_system": r["winner"],
-                    "rejected_system": loser, "item_id": r["item_id"],
-                    "reviewer": r["reviewer"]})
+        pair = {"prompt": r["prompt"], "chosen": outputs[r["winner"]],
+                "rejected": outputs[loser], "chosen_system": r["winner"],
+                "rejected_system": loser, "item_id": r["item_id"], "reviewer": r["reviewer"]}
+        if aggregate == "none":
+            out.append(pair)
+        else:
+            votes.setdefault(r["item_id"], []).append(pair)
+    for item_pairs in votes.values():  # in item order (dicts keep insertion order)
+        count = {}
+        for p in item_pairs:
+            count[p["chosen_system"]] = count.get(p["chosen_system"], 0) + 1
+        ranked = sorted(count.items(), key=lambda kv: -kv[1])
+        if len(item_pairs) < min_votes or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+            continue
+        best = next(p for p in item_pairs if p["chosen_system"] == ranked[0][0])
+        out.append({**{k: v for k, v in best.items() if k != "reviewer"},
+                    "votes": {s: count.get(s, 0) for s in (best["chosen_system"],
+                                                            best["rejected_system"])},
+                    "reviewers": sorted(p["reviewer"] for p in item_pairs)})
     return out
 
 

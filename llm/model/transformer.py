@@ -81,15 +81,19 @@ class Decoder(nnx.Module):
 
     def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, caches: list[KVCache] | None = None,
-                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None
-                 ) -> jax.Array:
+                 cache_lengths: jax.Array | None = None, prefix: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
         """inputs, positions, segment_ids: [batch, seq] int32. positions default to 0..seq-1;
         segment_ids None means one document per row. With `caches` (one per layer) the call is an
         incremental decode step (see `Attention`). prefix [batch, seq]: prefix-LM attention
-        (positions marked 1 see each other bidirectionally; see `attention.attend`)."""
-        return self.logits(self.features(inputs, positions=positions, segment_ids=segment_ids,
-                                         caches=caches, cache_lengths=cache_lengths,
-                                         prefix=prefix))
+        (positions marked 1 see each other bidirectionally; see `attention.attend`).
+        return_hidden: return the final-norm hidden states [batch, seq, embed] (`features`)
+        instead of the logits (for scalar heads: reward model, value head)."""
+        x = self.features(inputs, positions=positions, segment_ids=segment_ids, caches=caches,
+                          cache_lengths=cache_lengths, prefix=prefix)
+        if return_hidden:
+            return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return self.logits(x)
 
     def features(self, inputs: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, caches: list[KVCache] | None = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,8 +35,8 @@ from llm.data.shards import DatasetInfo, load_dataset_info
 from llm.data.sources import DataError
 from llm.eval.perplexity import accumulate
 from llm.parallel.mesh import initialize_distributed, make_mesh, mesh_shape
-from llm.parallel.rules import axis_rules, logical_to_spec
-from llm.train import checkpoint
+from llm.parallel.rules import axis_rules, logical_to_spec, tree_shardings
+from llm.train import checkpoint, lora
 from llm.train.loop import NonFiniteLoss, TrainConfig, to_global, train_loop
 from llm.train.loss import LossFn
 from llm.train.manifest import write_manifest
@@ -92,6 +93,8 @@ class ModelSpec:
     loss_fn: (params, batch) -> sums, see `llm.train.loss`.
     num_params: parameter count (manifest, console).
     flops_per_row: training FLOPs of one batch row (MFU).
+    base_run / base_step: the run directory and checkpoint step `init` loads its parameters from
+      (None: initialised from the seed); recorded for adapter-only (LoRA) runs.
     """
 
     graphdef: nnx.GraphDef
@@ -101,16 +104,21 @@ class ModelSpec:
     loss_fn: LossFn
     num_params: int
     flops_per_row: float
+    base_run: str | None = None
+    base_step: int | None = None
 
 
 @dataclasses.dataclass
 class RunResult:
     """status: "completed" or "preempted" (SIGTERM: checkpointed, eval skipped).
-    eval: the final validation record (also in eval.json), None when preempted."""
+    eval: the final validation record (also in eval.json), None when preempted.
+    params: the model's full parameters (with LoRA: the base with the adapters applied, while
+    state.params holds the adapters only)."""
 
     status: str
     state: TrainState
     eval: dict | None
+    params: dict
 
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh, rules) -> None:
@@ -134,48 +142,73 @@ def check_batch_fits_mesh(tc: TrainConfig, mesh, rules) -> None:
 
 def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetInfo,
                        tc: TrainConfig, model: ModelSpec, objective: Objective,
-                       summarize_eval: Callable[[dict[str, float]], dict]) -> RunResult:
+                       summarize_eval: Callable[[dict[str, float]], dict],
+                       datasets: tuple | None = None, data_record: dict | None = None,
+                       init_opt_state: Callable | None = None,
+                       manifest_extra: dict | None = None) -> RunResult:
     """Train `model` on `objective` rows of `data_dir` into `run_dir`, resuming if it holds a
     checkpoint, then evaluate on the whole validation split.
 
     name: the experiment's name, prefixed to console lines.
     summarize_eval: summed eval-step outputs (nll, tokens, correct, ...) -> the eval record
       (used for intermediate passes and the final one, which gets `step` added).
+    datasets: (train, validation) grain datasets to use instead of `make_dataset` on
+      `data_dir` (SFT's chat rows); train is infinite and checkpointable, validation one finite
+      pass. data_record: the manifest's data record in their place (needs vocab_size and
+      tokenizer for `load_run`).
+    init_opt_state: fresh optimizer state -> the one to start from (a base run's, restored by
+      `llm.posttrain.init.restore_opt_state`); not called when the run resumes.
+    manifest_extra: more manifest.json keys (e.g. the base run an SFT run started from).
     """
     mesh, rules = make_mesh(), axis_rules()
     check_batch_fits_mesh(tc, mesh, rules)
     tx, schedule = make_optimizer(total_steps=tc.steps)
-    state, shardings = create_train_state(model.init, model.abstract_params, model.logical_axes,
-                                          tx, mesh, rules, seed=tc.seed)
-    train_step = jit_train_step(shardings, mesh, rules, loss_fn=model.loss_fn, tx=tx,
-                                schedule=schedule, accum_steps=tc.accum_steps)
-    eval_step = jit_eval_step(shardings.params, mesh, rules, model.loss_fn)
+    plan = lora.make_plan(model.graphdef, model.abstract_params, model.logical_axes)
+    if plan is None:
+        state, shardings = create_train_state(model.init, model.abstract_params,
+                                              model.logical_axes, tx, mesh, rules, seed=tc.seed)
+        train_step = jit_train_step(shardings, mesh, rules, loss_fn=model.loss_fn, tx=tx,
+                                    schedule=schedule, accum_steps=tc.accum_steps)
+        param_shardings, full_params = shardings.params, lambda state: state.params
+    else:  # LoRA: the state holds the adapters; the frozen base is an argument of the step
+        state, shardings, frozen, train_step, param_shardings, full_params = _lora_setup(
+            plan, model, tc, tx, schedule, mesh, rules)
+    eval_step = jit_eval_step(param_shardings, mesh, rules, model.loss_fn)
     batch_shard = batch_sharding(mesh, rules)
 
-    data_iter = iter(make_dataset(data_dir, "train", seq_len=tc.seq_len,
+    if datasets is not None:
+        data_iter, validation = iter(datasets[0]), datasets[1]
+    else:
+        data_iter = iter(make_dataset(data_dir, "train", seq_len=tc.seq_len,
+                                      global_batch_size=tc.global_batch_size, seed=tc.seed,
+                                      objective=objective))
+        # One finite, unshuffled pass; built once (building counts its batches, a full read),
+        # then iterated afresh by every evaluation.
+        validation = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
                                   global_batch_size=tc.global_batch_size, seed=tc.seed,
-                                  objective=objective))
-    # One finite, unshuffled pass; built once (building counts its batches, a full read), then
-    # iterated afresh by every evaluation.
-    validation = make_dataset(data_dir, "validation", seq_len=tc.seq_len,
-                              global_batch_size=tc.global_batch_size, seed=tc.seed,
-                              objective=objective, shuffle=False, num_epochs=1)
+                                  objective=objective, shuffle=False, num_epochs=1)
     manager = checkpoint.checkpoint_manager(str(run_path(run_dir) / "checkpoints"))
     restored = checkpoint.restore_latest(manager, state, data_iter)
     if restored is not None:
         state = restored
         print(f"{name}: resumed from step {int(state.step)} of {tc.steps}")
+    elif init_opt_state is not None:
+        state = state.replace(opt_state=init_opt_state(state.opt_state))
 
     def evaluate(state: TrainState, max_batches: int | None) -> dict:
-        sums = accumulate(eval_step, state.params, validation,
+        sums = accumulate(eval_step, full_params(state), validation,
                           lambda b: to_global(b, batch_shard), max_batches)
         return summarize_eval(sums)
 
     write_manifest(run_dir, mesh_shape=mesh_shape(mesh), seed=tc.seed,
-                   data={"data_dir": os.path.abspath(data_dir), **info.to_json()},
-                   extra={"objective": objective.name,
+                   data=data_record if data_record is not None else
+                   {"data_dir": os.path.abspath(data_dir), **info.to_json()},
+                   extra={"objective": objective.name, **(manifest_extra or {}),
                           "model": {"params": model.num_params,
-                                    "flops_per_token": model.flops_per_row / tc.seq_len}})
+                                    "flops_per_token": model.flops_per_row / tc.seq_len},
+                          **({} if plan is None else {"lora": lora.manifest_record(
+                              plan, model.abstract_params, model.base_run, model.base_step,
+                              tc.seed if model.base_run is None else None)})})
     writer = MetricsWriter(run_dir)
     data_metrics = None
     if hasattr(data_iter, "mixture_proportions"):
@@ -200,7 +233,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     if status == "preempted":
         print(f"{name}: stopped by signal at step {int(state.step)}; checkpoint written.")
         writer.close()
-        return RunResult(status, state, None)
+        return RunResult(status, state, None, full_params(state))
 
     result = {**evaluate(state, None), "step": int(state.step)}
     writer.write(int(state.step), result, prefix="eval")
@@ -208,7 +241,41 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     if jax.process_index() == 0:
         (run_path(run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
         plot_loss(run_dir)
-    return RunResult(status, state, result)
+    return RunResult(status, state, result, full_params(state))
+
+
+def _lora_setup(plan: lora.LoraPlan, model: ModelSpec, tc: TrainConfig, tx, schedule, mesh,
+                rules):
+    """The LoRA form of the state and step (`llm.train.lora`): (state over the adapters only,
+    its shardings, the frozen base (QLoRA: quantized), the jitted step, the full parameters'
+    shardings, state -> full parameters)."""
+    base_shardings = tree_shardings(model.logical_axes, model.abstract_params, mesh, rules)
+    param_key, _ = jax.random.split(jax.random.key(tc.seed))  # as create_train_state's
+    base = (jax.device_put(model.init(param_key), base_shardings)
+            if getattr(model.init, "loads_params", False) else
+            jax.jit(model.init, out_shardings=base_shardings)(param_key))
+    frozen = jax.jit(functools.partial(lora.freeze, plan))(base)
+
+    init_trainable = functools.partial(
+        lambda base, key: lora.init_adapters(plan, jax.random.fold_in(key, 1), base), base)
+    init_trainable.loads_params = True  # holds base arrays: placed, not jitted
+    state, shardings = create_train_state(
+        init_trainable, lora.abstract_adapters(plan, model.abstract_params),
+        lora.adapter_axes(plan, model.logical_axes), tx, mesh, rules, seed=tc.seed)
+    del base
+    step = jit_train_step(shardings, mesh, rules,
+                          frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
+                          loss_fn=lora.adapted_loss(plan, model.loss_fn, tc.seed), tx=tx,
+                          schedule=schedule, accum_steps=tc.accum_steps)
+    combine = jax.jit(functools.partial(lora.combine, plan), out_shardings=base_shardings)
+    names = ", ".join(t.name for t in plan.targets[:3]) + (", ..." if len(plan.targets) > 3
+                                                           else "")
+    trainable = lora.num_trainable(plan, model.abstract_params)
+    print(f"lora: {len(plan.targets)} adapted kernels ({names}), rank {plan.cfg.rank}, "
+          f"{trainable / 1e6:.3f}M trainable of {model.num_params / 1e6:.2f}M"
+          f"{'' if plan.cfg.quant is None else f', base {plan.cfg.quant}'}")
+    return (state, shardings, frozen, lambda s, b: step(s, b, frozen), base_shardings,
+            lambda s: combine(s.params, frozen))
 
 
 def report_error(name: str, error: BaseException) -> int:

@@ -40,13 +40,18 @@ def create_train_state(init_params: Callable[[jax.Array], dict], abstract_params
                        rules: Rules, seed: int) -> tuple[TrainState, TrainState]:
     """Initialise a sharded TrainState. Returns (state, shardings with the same structure).
 
-    init_params: rng -> params dict. abstract_params / logical_axes: the same dict structure
-    holding ShapeDtypeStructs and logical axis-name tuples.
+    init_params: rng -> params dict, jitted into the shardings; one marked
+      `init_params.loads_params = True` returns existing arrays (`llm.posttrain.init.load_base`),
+      which are placed instead. abstract_params / logical_axes: the same dict structure holding
+      ShapeDtypeStructs and logical axis-name tuples.
     """
     param_shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_key, _ = jax.random.split(jax.random.key(seed))  # the split keeps seed -> params
-    params = jax.jit(init_params, out_shardings=param_shardings)(param_key)
+    if getattr(init_params, "loads_params", False):  # e.g. a base run's weights: place them
+        params = jax.device_put(init_params(param_key), param_shardings)
+    else:
+        params = jax.jit(init_params, out_shardings=param_shardings)(param_key)
     # Moments take the sharding XLA propagates from their parameter; scalars (step counts) that
     # depend on no input are replicated.
     compiled = jax.jit(tx.init).lower(params).compile()

@@ -22,17 +22,22 @@ from llm.train.loss import Batch, LossFn
 from llm.train.state import TrainState
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
+def train_step(state: TrainState, batch: Batch, frozen: dict | None = None, *,
+               loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on `batch`, split into `accum_steps` sequential micro-batches.
 
     The gradient is d(sum of token losses)/d(params) / (number of target tokens), identical for
     any accum_steps and any mesh (up to float reduction order).
+
+    frozen: parameters that are an input of the loss but not trained (the LoRA base, see
+    `llm.train.lora`); then `loss_fn(params, batch, frozen, step)` is called instead of
+    `loss_fn(params, batch)`.
     """
+    extra = () if frozen is None else (frozen, state.step)
 
     def objective(params, micro_batch):
-        sums = loss_fn(params, micro_batch)
+        sums = loss_fn(params, micro_batch, *extra)
         return sums["nll"] + sums["z_loss"], sums
 
     grad_fn = jax.grad(objective, has_aux=True)
@@ -61,6 +66,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
         "learning_rate": schedule(state.step),
         "tokens": sums["tokens"],
     }
+    # Parts a loss reports per target token (e.g. distillation's "per_token/divergence").
+    metrics.update({k.removeprefix("per_token/"): v / tokens for k, v in sums.items()
+                    if k.startswith("per_token/")})
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -78,16 +86,21 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return named_sharding(BATCH_AXES, mesh, rules)
 
 
-def jit_train_step(state_shardings: TrainState, mesh: Mesh, rules: Rules, **step_kwargs):
-    """train_step jitted with explicit shardings; the old state is donated."""
+def jit_train_step(state_shardings: TrainState, mesh: Mesh, rules: Rules,
+                   frozen_shardings: dict | None = None, **step_kwargs):
+    """train_step jitted with explicit shardings; the old state is donated. With
+    `frozen_shardings` the jitted function is (state, batch, frozen) (see `train_step`)."""
     fn = functools.partial(train_step, **step_kwargs)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def traced(state, batch):
+    def traced(state, batch, *frozen):
         with activation_sharding(mesh, rules):
-            return fn(state, batch)
+            return fn(state, batch, *frozen)
 
-    return jax.jit(traced, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
+    in_shardings = (state_shardings, batch_sharding(mesh, rules))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(traced, in_shardings=in_shardings,
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 

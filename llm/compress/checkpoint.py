@@ -1,0 +1,94 @@
+"""Compressed checkpoints: <dir>/params (orbax) + <dir>/compress.json.
+
+A quantized model stores, per quantized weight, its packed integer codes (int8, or uint8 with
+two int4/NF4 codes per byte) and float32 scales (`quantize.to_storage`); every other parameter
+is stored as it is. A pruned model stores its float params with the pruned weights zeroed.
+compress.json records the method, the source run and step, and per quantized weight the
+method, shape, contraction dims and group size that `quantize.from_storage` needs.
+
+    save_compressed(path, params, method="int4", source_run=..., step=...)
+    run = load_compressed_run(path, method="int4")   # a LoadedRun: sampler, evaluator, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+from llm.compress import quantize as Q
+from llm.config import ConfigError
+from llm.data.sources import DataError
+from llm.model import transformer
+from llm.runs import LoadedRun, load_run
+
+RECORD = "compress.json"
+
+
+def save_compressed(path: str, params: dict, *, method: str, source_run: str, step: int,
+                    extra: dict | None = None) -> int:
+    """Write params (QArray leaves allowed) to `path` (replacing it). Returns the bytes on disk."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    arrays, meta = Q.to_storage(params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "params"), arrays)
+    record = {"method": method, "source_run": os.path.abspath(source_run), "step": int(step),
+              "quantized": meta, **(extra or {})}
+    with open(os.path.join(path, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    return directory_bytes(os.path.join(path, "params"))
+
+
+def directory_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def read_record(path: str) -> dict:
+    record_path = os.path.join(path, RECORD)
+    if not os.path.isfile(record_path):
+        raise DataError(f"{path!r} is not a compressed checkpoint ({RECORD} missing); pass a "
+                        "directory experiments.compress wrote (<run>/compress/<method>/"
+                        "checkpoint).")
+    with open(record_path) as f:
+        return json.load(f)
+
+
+def load_compressed(path: str, abstract_params: dict, method: str | None = None
+                    ) -> tuple[dict, dict]:
+    """(params with QArray leaves where quantized, the record). Raises ConfigError when `method`
+    is given and differs from the stored one."""
+    record = read_record(path)
+    if method is not None and method != record["method"]:
+        raise ConfigError(f"the compressed checkpoint {path!r} was written with method "
+                          f"{record['method']!r}, not {method!r}; load it with "
+                          f"method={record['method']!r}.")
+    target = Q.storage_target(abstract_params, record["quantized"])
+    with ocp.StandardCheckpointer() as ckpt:
+        try:
+            arrays = ckpt.restore(os.path.join(os.path.abspath(path), "params"), target)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise DataError(f"compressed checkpoint {path!r} does not match its model "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).") from None
+    return Q.from_storage(arrays, record["quantized"]), record
+
+
+def load_compressed_run(path: str, method: str | None = None) -> LoadedRun:
+    """The source run's config and tokenizer with the compressed params: use it wherever a
+    LoadedRun goes (`llm.serve.sampler.generate`, `llm.eval.lm.LanguageModel`)."""
+    record = read_record(path)
+    source = load_run(record["source_run"], step=record["step"])
+    _, abstract_params, _ = transformer.abstract(source.cfg)
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                   abstract_params)
+    params, _ = load_compressed(path, abstract_params, method)
+    return dataclasses.replace(source, params=params)
