@@ -135,6 +135,23 @@ def test_compiled_programs_are_the_buckets(run):
     assert engine.compiled_shapes() <= engine.max_compiled_shapes()
 
 
+def test_prefill_rows_cap(run):
+    """prefill_rows below the slot count: a burst of 4 prompts with at most 3 rows per call takes
+    two calls ([4, ...] is never built), and their greedy tokens equal one-row-per-call's."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [run.tokenizer.encode(p) for p in PROMPTS[:4]]
+    capped, single = _engine(run, prefill_rows=3), _engine(run, prefill_rows=1)
+    assert capped.config.row_buckets() == (1, 2, 3)
+    got = [r.output for r in capped.generate(prompts, params)]
+    assert [len(p) + 1 <= 16 for p in prompts] == [True, True, False, True]
+    k = -(-(len(prompts[2]) + 1) // 16)  # chunks of the long prompt (BOS included)
+    # Capped: [P0, P1, P2 first chunk], then P2's k - 1 later chunks one by one (a later chunk
+    # and a first chunk never share a call), then P3.
+    assert capped.stats["prefill_calls"] == 1 + (k - 1) + 1
+    assert got == [r.output for r in single.generate(prompts, params)]
+    assert single.stats["prefill_calls"] == 3 + (k - 1) + 1
+
+
 def test_prefill_while_decoding_stays_within_one_chunk(run):
     """While a slot decodes, one step prefills at most chunk_size padded tokens: with 8-token
     buckets and 16-token chunks, two of three waiting short prompts per step, in one call."""
