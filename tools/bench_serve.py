@@ -118,7 +118,10 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        asyncio.run(_load(url, "bench", max(clients), 1, 4))  # compile prefill + decode
+        # Warm-up at every concurrency level: compiles the prefill (rows, chunk) and decode
+        # buckets that level's arrival pattern meets, so no compile lands in a measured run.
+        for n in clients:
+            asyncio.run(_load(url, "bench", n, 2, max_tokens))
         return [asyncio.run(_load(url, "bench", n, requests, max_tokens)) for n in clients]
     finally:
         proc.terminate()
@@ -126,7 +129,7 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
 
 
 def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int,
-                 decode_steps: int | None = None) -> list[dict]:
+                 decode_steps: int | None = None, prefill_rows: int | None = None) -> list[dict]:
     from llm.runs import load_run
     from llm.serve.engine import BOS_ID, Engine, EngineConfig, SamplingParams
     from llm.serve.sampler import generate
@@ -137,6 +140,8 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
     out = []
     for batch in batches:
         extra = {} if decode_steps is None else {"decode_steps": decode_steps}
+        if prefill_rows is not None:
+            extra["prefill_rows"] = prefill_rows
         engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
             slots=batch, max_context=max(context, run.seq_len), chunk_size=32, **extra))
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode_steps", type=int, default=None,
                         help="EngineConfig.decode_steps for the engine part (default: its default)")
+    parser.add_argument("--prefill_rows", type=int, default=None,
+                        help="EngineConfig.prefill_rows for the engine part (1 = one prompt per "
+                             "prefill call, the behaviour before batched prefill)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
     parser.add_argument("--peers", default="transformers,llamacpp",
@@ -296,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     server = ([] if args.skip_server else
               bench_server(args.run_dir, clients, args.requests, args.max_tokens))
     engine = [] if args.skip_engine else bench_engine(
-        args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps)
+        args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps,
+        args.prefill_rows)
     peers = [p for p in args.peers.split(",") if p]
     batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
                          peers, args.peer_threads)

@@ -579,11 +579,12 @@ class Engine:
         c = self.config
         batch, longest = [], 0
         for req in self.prefilling:
+            if len(batch) == c.row_buckets()[-1]:
+                break
             valid = min(c.chunk_size, len(req.tokens) - req.prefilled)
             rows = next(b for b in c.row_buckets() if b >= len(batch) + 1)
             size = next(b for b in c.chunk_buckets() if b >= max(longest, valid))
-            if batch and (len(batch) == c.row_buckets()[-1] or
-                          (req.prefilled == 0) != (batch[0].prefilled == 0) or
+            if batch and ((req.prefilled == 0) != (batch[0].prefilled == 0) or
                           (not burst and rows * size > c.chunk_size)):
                 break
             batch.append(req)

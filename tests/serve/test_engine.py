@@ -135,6 +135,24 @@ def test_compiled_programs_are_the_buckets(run):
     assert engine.compiled_shapes() <= engine.max_compiled_shapes()
 
 
+def test_prefill_rows_cap(run):
+    """prefill_rows below the slot count: a burst of 4 prompts with at most 3 rows per call is
+    split as counted by hand ([4, ...] is never built), and the greedy tokens equal the plain
+    sampler's."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [run.tokenizer.encode(p) for p in PROMPTS[:4]]
+    capped = _engine(run, prefill_rows=3)
+    assert capped.config.row_buckets() == (1, 2, 3)
+    got = [r.output for r in capped.generate(prompts, params)]
+    assert [len(p) + 1 <= 16 for p in prompts] == [True, True, False, True]
+    k = -(-(len(prompts[2]) + 1) // 16)  # chunks of the long prompt (BOS included)
+    # [P0, P1, P2 first chunk], then P2's k - 1 later chunks one by one (a later chunk and a
+    # first chunk never share a call), then P3.
+    assert capped.stats["prefill_calls"] == 1 + (k - 1) + 1
+    assert got == generate(run.graphdef, run.params, run.cfg, [[BOS_ID, *p] for p in prompts],
+                           max_new_tokens=4, temperature=0.0, top_k=0, eos_id=-1)
+
+
 def test_prefill_while_decoding_stays_within_one_chunk(run):
     """While a slot decodes, one step prefills at most chunk_size padded tokens: with 8-token
     buckets and 16-token chunks, two of three waiting short prompts per step, in one call."""
