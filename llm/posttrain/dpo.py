@@ -305,21 +305,26 @@ def train(ctx: RLHFContext) -> dict:
 
 def task_reward(ctx: RLHFContext, source: pairs_lib.TaskPairs, policy: dict, samples: int
                 ) -> dict:
-    """Mean task reward on the held-out prompts of the policy and of the reference (the base),
-    each sampled with the same key and settings as the pairs."""
+    """Mean task reward on the held-out prompts of the policy and of the reference (the base):
+    `samples` completions each with the same key and settings as the pairs (reward_policy,
+    reward_reference), and one greedy completion each (reward_greedy_policy / _reference)."""
     examples = source.examples("heldout")
     out = {"task": source.task, "reward": source.reward_name}
-    for name, params in (("policy", policy), ("reference", ctx.base.params)):
-        score = pairs_lib.mean_task_reward(
-            ctx.base.graphdef, params, ctx.base.cfg, ctx.base.tokenizer, examples,
-            source.reward_name, samples=samples, max_new_tokens=source.max_new_tokens,
-            temperature=source.temperature, top_p=source.top_p, seed=10_000 + source.seed,
-            batch_size=source.batch_size, max_prompt_len=source.max_prompt_len,
-            prompt_format=source.prompt_format)
-        out[f"reward_{name}"], out[f"reward_{name}_stderr"] = (score["mean_reward"],
-                                                              score["stderr"])
-    out["reward_gain"] = out["reward_policy"] - out["reward_reference"]
+    for prefix, temperature, n in (("reward", source.temperature, samples),
+                                   ("reward_greedy", 0.0, 1)):
+        for name, params in (("policy", policy), ("reference", ctx.base.params)):
+            score = pairs_lib.mean_task_reward(
+                ctx.base.graphdef, params, ctx.base.cfg, ctx.base.tokenizer, examples,
+                source.reward_name, samples=n, max_new_tokens=source.max_new_tokens,
+                temperature=temperature, top_p=source.top_p, seed=10_000 + source.seed,
+                batch_size=source.batch_size, max_prompt_len=source.max_prompt_len,
+                prompt_format=source.prompt_format)
+            out[f"{prefix}_{name}"] = score["mean_reward"]
+            out[f"{prefix}_{name}_stderr"] = score["stderr"]
+        out[f"{prefix}_gain"] = out[f"{prefix}_policy"] - out[f"{prefix}_reference"]
     print(f"dpo: held-out mean task reward {out['reward_policy']:.4f} (reference "
           f"{out['reward_reference']:.4f}, gain {out['reward_gain']:+.4f}) over "
-          f"{len(examples)} prompts x {samples} samples")
+          f"{len(examples)} prompts x {samples} samples at temperature {source.temperature}; "
+          f"greedy {out['reward_greedy_policy']:.4f} (reference "
+          f"{out['reward_greedy_reference']:.4f}, gain {out['reward_greedy_gain']:+.4f})")
     return out

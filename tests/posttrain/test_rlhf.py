@@ -14,6 +14,7 @@ from llm.train.metrics import read_metrics
 from tests.conftest import run_experiment
 
 TIMING = ("rollout_s", "step_time_s", "rollout_tokens_per_s")
+LOADED = 1800  # seconds: compiling on a shared 2-core machine at load 30 takes minutes
 
 
 def read_json(path: str) -> dict:
@@ -41,7 +42,7 @@ def params_at(run_dir: str, step: int) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def grpo_run(tiny_run, tmp_path_factory) -> str:
     run_dir = str(tmp_path_factory.mktemp("grpo"))
-    run_experiment("experiments.rlhf", rl_args("grpo_tiny", tiny_run, run_dir))
+    run_experiment("experiments.rlhf", rl_args("grpo_tiny", tiny_run, run_dir), timeout=LOADED)
     return run_dir
 
 
@@ -67,10 +68,11 @@ def test_sigkill_resume_is_bit_for_bit(grpo_run, tiny_run, tmp_path):
     run_dir = str(tmp_path / "killed")
     kill = "--gin_param=RLConfig.fault_injection='sigkill_after_save:2'"
     proc = run_experiment("experiments.rlhf", rl_args("grpo_tiny", tiny_run, run_dir, kill),
-                          check=False)
+                          check=False, timeout=LOADED)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not os.path.exists(os.path.join(run_dir, "eval.json"))
-    proc = run_experiment("experiments.rlhf", rl_args("grpo_tiny", tiny_run, run_dir))
+    proc = run_experiment("experiments.rlhf", rl_args("grpo_tiny", tiny_run, run_dir),
+                          timeout=LOADED)
     assert "resumed from step 2" in proc.stdout
     strip = [{k: v for k, v in r.items() if k not in TIMING}
              for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
@@ -86,7 +88,7 @@ def test_sigkill_resume_is_bit_for_bit(grpo_run, tiny_run, tmp_path):
 def test_ppo_runs_with_a_value_head(tiny_run, tmp_path):
     run_dir = str(tmp_path / "ppo")
     run_experiment("experiments.rlhf", rl_args("ppo_tiny", tiny_run, run_dir,
-                                               "--gin_param=RLConfig.steps=2"))
+                                               "--gin_param=RLConfig.steps=2"), timeout=LOADED)
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["value_loss"]) and np.isfinite(r["kl"]) for r in records)
@@ -97,7 +99,8 @@ def test_ppo_runs_with_a_value_head(tiny_run, tmp_path):
 def test_failing_reward_function_is_one_line(fn, says, tiny_run, tmp_path):
     proc = run_experiment("experiments.rlhf", rl_args(
         "grpo_tiny", tiny_run, str(tmp_path / fn),
-        f"--gin_param=RLConfig.reward='tests.posttrain.bad_rewards:{fn}'"), check=False)
+        f"--gin_param=RLConfig.reward='tests.posttrain.bad_rewards:{fn}'"), check=False,
+        timeout=LOADED)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and proc.stderr.strip().splitlines()[-1] == lines[0], proc.stderr

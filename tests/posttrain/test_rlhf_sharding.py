@@ -18,7 +18,8 @@ def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rl_sharding"))
     proc = run_experiment("tests.posttrain.rl_sharding_worker",
                           [out, "single", *[f"gin_configs/mesh/{m}.gin" for m in MESHES]],
-                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                          timeout=1800)  # minutes of compiling on a loaded shared machine
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res = {k.removeprefix("gin_configs/mesh/").removesuffix(".gin"): v for k, v in res.items()}
     return res, {k: np.load(os.path.join(out, f"{k}.npy")) for k in res}

@@ -286,6 +286,7 @@ def test_regex_matching_nothing_through_the_cli(tiny_data, tmp_path):
     assert "layer_0/attn/k/kernel" in lines[0]
 
 
+@pytest.mark.slow
 def test_qlora_sharded_matches_single_device():
     """QLoRA steps on 8 fake devices (FSDP x TP rules: the adapters shard like their kernels)
     give the single-device losses and adapters within 1e-5."""
