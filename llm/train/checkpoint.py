@@ -57,17 +57,25 @@ class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
     def save(self, directory: epath.Path, item=None, args=None) -> None:
         item = item or args.item
         index, count = process_index_and_count()
-        (directory / f"process_{index}-of-{count}.json").write_text(
-            json.dumps(item.get_state(), indent=4))
+        state = item.get_state()  # a dict (grain datasets), or JSON bytes (grain's DataLoader)
+        text = state.decode() if isinstance(state, bytes) else json.dumps(state, indent=4)
+        (directory / f"process_{index}-of-{count}.json").write_text(text)
 
     def restore(self, directory: epath.Path, item=None, args=None):
         item = item or args.item
         index, count = process_index_and_count()
         own = directory / f"process_{index}-of-{count}.json"
+        opaque = isinstance(item.get_state(), bytes)
         if own.exists():
-            item.set_state(json.loads(own.read_text()))
+            text = own.read_text()
+            item.set_state(text.encode() if opaque else json.loads(text))
             item.start_prefetch()
             return item
+        if opaque:
+            raise ConfigError(f"the data position in {directory} was saved by another number of "
+                              f"processes than this run's {count}, and this iterator "
+                              f"({type(item).__name__}) cannot be re-cut; resume on the same "
+                              "number of processes.")
         saved = {int(m.group(1)): int(m.group(2)) for f in directory.iterdir()
                  if (m := _PROCESS_FILE.fullmatch(f.name))}
         counts = set(saved.values())
