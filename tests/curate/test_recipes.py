@@ -1,6 +1,7 @@
 """Every recipe in gin_configs/data parses, builds its steps, and (on tiny input) runs."""
 
 import glob
+import pathlib
 import json
 
 import gin
@@ -11,7 +12,8 @@ from llm.data.curate.run import curate
 from tests.curate.corpus import web_corpus
 
 # Curation recipes: the data configs that configure `curate` (chat_tokens.gin sets the tokenizer).
-RECIPES = sorted(f for f in glob.glob("gin_configs/data/*.gin") if "curate." in open(f).read())
+RECIPES = sorted(f for f in glob.glob("gin_configs/data/*.gin") 
+           if "curate." in pathlib.Path(f).read_text())
 
 
 @pytest.fixture(autouse=True)
