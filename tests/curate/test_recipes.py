@@ -1,8 +1,8 @@
 """Every recipe in gin_configs/data parses, builds its steps, and (on tiny input) runs."""
 
 import glob
-import pathlib
 import json
+import pathlib
 
 import gin
 import pytest
@@ -12,7 +12,7 @@ from llm.data.curate.run import curate
 from tests.curate.corpus import web_corpus
 
 # Curation recipes: the data configs that configure `curate` (chat_tokens.gin sets the tokenizer).
-RECIPES = sorted(f for f in glob.glob("gin_configs/data/*.gin") 
+RECIPES = sorted(f for f in glob.glob("gin_configs/data/*.gin")
            if "curate." in pathlib.Path(f).read_text())
 
 
