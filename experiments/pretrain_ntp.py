@@ -27,21 +27,18 @@ import sys
 import gin
 import jax
 
-from llm.compress.qat import qat
 from llm.config import ConfigError
 from llm.data import objectives
 from llm.data.tokenizer import load_tokenizer
 from llm.eval.perplexity import summarize
-from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.mesh import make_mesh
 from llm.parallel.rules import axis_rules
 from llm.posttrain import init
 from llm.serve.sampler import generate
 from llm.train import experiment
-from llm.train.experiment import ModelSpec, prepare_on_one_process, train_and_evaluate
+from llm.train.experiment import prepare_on_one_process, train_and_evaluate
 from llm.train.loop import TrainConfig
-from llm.train.loss import decoder_loss
 
 __all__ = ["main", "prepare_on_one_process", "pretrain"]
 
@@ -84,18 +81,8 @@ def pretrain(run_dir: str = "runs/ntp", data_dir: str = "data/embedded",
     elif init_optimizer == "restored":
         raise ConfigError("pretrain.init_optimizer='restored' needs pretrain.init_from.")
     cfg = dataclasses.replace(cfg, vocab_size=info.vocab_size)
-    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
-    model = ModelSpec(graphdef, abstract_params, logical_axes,
-                      init=base.init if base else (lambda k: transformer.init(cfg, k)[1]),
-                      loss_fn=qat(decoder_loss(graphdef, tc.z_loss, tc.loss_chunk),
-                                  abstract_params, logical_axes), num_params=cfg.num_params(),
-                      flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len,
-                      base_run=base.run_dir if base else None,
-                      base_step=base.step if base else None)
-    init_opt_state = None
-    if init_optimizer == "restored":
-        def init_opt_state(fresh):
-            return init.restore_opt_state(init_from, base.step, fresh)
+    model, init_opt_state = init.decoder_spec(cfg, tc, base, init_optimizer)
+    graphdef = model.graphdef
 
     validation = info.splits["validation"]
 

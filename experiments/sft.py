@@ -39,7 +39,6 @@ from llm.data.objectives import Objective
 from llm.data.sources import DataError
 from llm.data.tokenizer import load_tokenizer
 from llm.eval.perplexity import accumulate
-from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.mesh import make_mesh
 from llm.parallel.rules import axis_rules
@@ -48,7 +47,7 @@ from llm.posttrain import tasks as task_families
 from llm.posttrain.task_score import task_score
 from llm.serve.chat_template import ROLE_TAGS
 from llm.train import experiment
-from llm.train.experiment import ModelSpec, train_and_evaluate
+from llm.train.experiment import train_and_evaluate
 from llm.train.loop import TrainConfig
 from llm.train.loss import decoder_loss
 
@@ -168,17 +167,8 @@ def sft(run_dir: str = "runs/sft", init_from: str | None = None, tokenizer: str 
               f"{st.response_tokens} response tokens, {st.truncated} cut at "
               f"seq_len={tc.seq_len}")
 
-    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
-    model = ModelSpec(graphdef, abstract_params, logical_axes,
-                      init=base.init if base else (lambda k: transformer.init(cfg, k)[1]),
-                      loss_fn=decoder_loss(graphdef, tc.z_loss), num_params=cfg.num_params(),
-                      flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len,
-                      base_run=base.run_dir if base else None,
-                      base_step=base.step if base else None)
-    init_opt_state = None
-    if init_optimizer == "restored":
-        def init_opt_state(fresh):
-            return init.restore_opt_state(init_from, base.step, fresh)
+    model, init_opt_state = init.decoder_spec(cfg, tc, base, init_optimizer)
+    graphdef = model.graphdef
 
     def summarize_eval(sums: dict) -> dict:
         n = max(sums["tokens"], 1.0)

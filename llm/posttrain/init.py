@@ -33,12 +33,17 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from llm.compress.qat import qat
 from llm.config import ConfigError
 from llm.data.sources import DataError
 from llm.data.tokenizer import load_tokenizer
+from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.rules import Rules
 from llm.runs import checkpoint_steps, load_run, read_run_config
+from llm.train.experiment import ModelSpec
+from llm.train.loop import TrainConfig
+from llm.train.loss import decoder_loss
 
 # ModelConfig fields that do not change the parameters: free to differ from the base run's.
 COMPUTE_FIELDS = ("attention_impl", "remat", "dtype")
@@ -193,3 +198,24 @@ def restore_opt_state(run_dir: str, step: int, opt_state):
     finally:
         manager.close()
     return restored["state"]["opt_state"]
+
+
+def decoder_spec(cfg: ModelConfig, tc: TrainConfig, base: Base | None,
+                 init_optimizer: str = "fresh") -> tuple[ModelSpec, Callable | None]:
+    """(the decoder's `ModelSpec` for `train_and_evaluate`, its optimizer-state initialiser or
+    None): parameters from `base` (or freshly initialised), the next-token loss over the batch's
+    `loss_mask` (chunked by `TrainConfig.loss_chunk`, fake-quantized when gin sets `qat.method`),
+    and with `init_optimizer="restored"` the base run's optimizer state."""
+    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
+    spec = ModelSpec(graphdef, abstract_params, logical_axes,
+                     init=base.init if base else (lambda k: transformer.init(cfg, k)[1]),
+                     loss_fn=qat(decoder_loss(graphdef, tc.z_loss, tc.loss_chunk),
+                                 abstract_params, logical_axes),
+                     num_params=cfg.num_params(),
+                     flops_per_row=cfg.flops_per_token(tc.seq_len) * tc.seq_len,
+                     base_run=base.run_dir if base else None,
+                     base_step=base.step if base else None)
+    if init_optimizer != "restored":
+        return spec, None
+    return spec, lambda fresh: restore_opt_state(base.run_dir, base.step, fresh)
+
