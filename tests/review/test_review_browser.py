@@ -61,6 +61,7 @@ def browser():
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(10)  # elements the page's script adds may lag on a loaded machine
     yield driver
     driver.quit()
 
