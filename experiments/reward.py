@@ -175,7 +175,7 @@ def reward(run_dir: str = "runs/reward", base_run: str = "runs/quickstart",
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         data = base.manifest["data"]  # the tokenizer travels with the reward model
-        shutil.copyfile(runs._tokenizer_path(base.run_dir, data),
+        shutil.copyfile(runs.tokenizer_path(base.run_dir, data),
                         os.path.join(run_dir, os.path.basename(data["tokenizer"])))
     record = {"base_run": base.run_dir, "base_step": base.step, "seq_len": tc.seq_len,
               "model_config": dataclasses.asdict(cfg),

@@ -155,11 +155,11 @@ def read_run_config(run_dir: str) -> tuple[dict, ModelConfig, int, str]:
                         "written by a pretraining run.")
     cfg = _model_config(bindings, int(data["vocab_size"]), gin_path)
     seq_len = int(bindings.get("TrainConfig", {}).get("seq_len", 1024))
-    tokenizer_path = _tokenizer_path(run_dir, data)
-    return manifest, cfg, seq_len, tokenizer_path
+    tok_path = tokenizer_path(run_dir, data)
+    return manifest, cfg, seq_len, tok_path
 
 
-def _tokenizer_path(run_dir: str, data: dict) -> str:
+def tokenizer_path(run_dir: str, data: dict) -> str:
     """The tokenizer the run trained with: a copy in the run directory if there is one, else the
     one in the data directory the manifest names."""
     local = os.path.join(run_dir, os.path.basename(data["tokenizer"]))
@@ -206,7 +206,7 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
     if manifest.get("lora"):
         params = _lora_params(run_dir, step, manifest["lora"], cfg, mesh, rules, shardings)
     else:
-        params = _restore_params(run_dir, step, abstract_params, shardings)
+        params = restore_params(run_dir, step, abstract_params, shardings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, graphdef=graphdef, params=params,
                      tokenizer=load_tokenizer(tokenizer_path), step=int(step),
                      manifest=manifest, seq_len=seq_len)
@@ -237,28 +237,37 @@ def _lora_params(run_dir: str, step: int, record: dict, cfg: ModelConfig, mesh: 
         key, _ = jax.random.split(jax.random.key(int(record["base_seed"])))
         base = jax.jit(lambda k: transformer.init(cfg, k)[1], out_shardings=shardings)(key)
     trainable = lora.abstract_adapters(plan, abstract_params)
-    adapters = _restore_params(run_dir, step, trainable, tree_shardings(
+    adapters = restore_params(run_dir, step, trainable, tree_shardings(
         lora.adapter_axes(plan, logical_axes), trainable, mesh, rules))
     return jax.jit(lambda a, b: lora.combine(plan, a, lora.freeze(plan, b)),
                    out_shardings=shardings)(adapters, base)
 
 
-def _restore_params(run_dir: str, step: int, abstract_params: dict, shardings: dict) -> dict:
-    """Only `state.params` of a checkpoint, each array straight into its sharding."""
-    directory = os.path.join(run_dir, "checkpoints")
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, shardings)
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+def restore_state_field(run_dir: str, step: int, field: str, target, mismatch) -> object:
+    """Only `state.<field>` of checkpoint `step` (e.g. "params", "opt_state"), each array
+    restored straight into the sharding of the matching leaf of `target` (a pytree of arrays or
+    `jax.ShapeDtypeStruct`s with shardings). A checkpoint whose structure or shapes differ raises
+    `mismatch(first line of orbax's message)`, an exception naming what to change."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          target)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
+                                    item_names=("state", "data"),
                                     options=ocp.CheckpointManagerOptions(create=False))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args},
-            partial_restore=True)))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+            item={field: target}, restore_args={field: restore_args}, partial_restore=True)))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise DataError(f"checkpoint {step} of {run_dir!r} does not match the model in its "
-                        f"config.gin ({type(e).__name__}: {first}).") from None
+        raise mismatch(f"{type(e).__name__}: {first}") from None
     finally:
         manager.close()
-    return restored["state"]["params"]
+    return restored["state"][field]
+
+
+def restore_params(run_dir: str, step: int, abstract_params: dict, shardings: dict) -> dict:
+    """Only `state.params` of a checkpoint, each array straight into its sharding."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+    return restore_state_field(run_dir, step, "params", target, lambda why: DataError(
+        f"checkpoint {step} of {run_dir!r} does not match the model in its config.gin ({why})."))

@@ -264,7 +264,7 @@ def train(ctx: RLHFContext) -> dict:
                                  schedule=schedule, accum_steps=tc.accum_steps)
         param_shardings, full_params = shardings.params, lambda s: s.params
     else:
-        state, shardings, _, step_fn, param_shardings, full_params = experiment._lora_setup(
+        state, shardings, _, step_fn, param_shardings, full_params = experiment.lora_setup(
             plan, model, tc, tx, schedule, ctx.mesh, ctx.rules)
     eval_step = jit_eval_step(param_shardings, ctx.mesh, ctx.rules, model.loss_fn)
     shard = batch_sharding(ctx.mesh, ctx.rules)

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from llm.compress.qat import qat
@@ -40,7 +39,7 @@ from llm.data.tokenizer import load_tokenizer
 from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.rules import Rules
-from llm.runs import checkpoint_steps, load_run, read_run_config
+from llm.runs import checkpoint_steps, load_run, read_run_config, restore_state_field
 from llm.train.experiment import ModelSpec
 from llm.train.loop import TrainConfig
 from llm.train.loss import decoder_loss
@@ -180,24 +179,10 @@ def restore_opt_state(run_dir: str, step: int, opt_state):
     structures or shapes differ (another optimizer, or an extended vocabulary)."""
     if step not in checkpoint_steps(run_dir):
         raise DataError(f"run_dir {run_dir!r} has no checkpoint at step {step}.")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          opt_state)
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), opt_state)
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
-                                    item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"opt_state": target}, restore_args={"opt_state": restore_args},
-            partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ConfigError(f"the optimizer state of {run_dir} step {step} does not fit this run's "
-                          f"optimizer ({first}); set the optimizer to the base run's "
-                          "make_optimizer.* or start the optimizer fresh.") from None
-    finally:
-        manager.close()
-    return restored["state"]["opt_state"]
+    return restore_state_field(run_dir, step, "opt_state", opt_state, lambda why: ConfigError(
+        f"the optimizer state of {run_dir} step {step} does not fit this run's optimizer "
+        f"({why}); set the optimizer to the base run's make_optimizer.* or start the optimizer "
+        "fresh."))
 
 
 def decoder_spec(cfg: ModelConfig, tc: TrainConfig, base: Base | None,

@@ -186,7 +186,7 @@ def load(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
         mesh, rules = Mesh(jax.devices()[:1], ("data",)), ()
     if rules is None:
         raise ConfigError("reward_model.load: pass the axis rules with the mesh.")
-    params = runs._restore_params(run_dir, step, abstract,
+    params = runs.restore_params(run_dir, step, abstract,
                                   tree_shardings(axes, abstract, mesh, rules))
-    tokenizer = load_tokenizer(runs._tokenizer_path(run_dir, data))
+    tokenizer = load_tokenizer(runs.tokenizer_path(run_dir, data))
     return RewardModel(run_dir, cfg, graphdef, params, tokenizer, seq_len, int(step))

@@ -171,7 +171,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
                                     schedule=schedule, accum_steps=tc.accum_steps)
         param_shardings, full_params = shardings.params, lambda state: state.params
     else:  # LoRA: the state holds the adapters; the frozen base is an argument of the step
-        state, shardings, frozen, train_step, param_shardings, full_params = _lora_setup(
+        state, shardings, frozen, train_step, param_shardings, full_params = lora_setup(
             plan, model, tc, tx, schedule, mesh, rules)
     eval_step = jit_eval_step(param_shardings, mesh, rules, model.loss_fn)
     batch_shard = batch_sharding(mesh, rules)
@@ -244,7 +244,7 @@ def train_and_evaluate(*, name: str, run_dir: str, data_dir: str, info: DatasetI
     return RunResult(status, state, result, full_params(state))
 
 
-def _lora_setup(plan: lora.LoraPlan, model: ModelSpec, tc: TrainConfig, tx, schedule, mesh,
+def lora_setup(plan: lora.LoraPlan, model: ModelSpec, tc: TrainConfig, tx, schedule, mesh,
                 rules):
     """The LoRA form of the state and step (`llm.train.lora`): (state over the adapters only,
     its shardings, the frozen base (QLoRA: quantized), the jitted step, the full parameters'
