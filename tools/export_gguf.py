@@ -51,6 +51,10 @@ def gguf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
     if cfg.use_bias:
         raise ConfigError("GGUF export of LLaMA-style models with ModelConfig.use_bias=True is not "
                           "supported (llama.cpp's llama architecture has no MLP biases).")
+    if cfg.rope_scaling != "none":
+        raise ConfigError(f"GGUF export of ModelConfig.rope_scaling={cfg.rope_scaling!r} is not "
+                          "supported (only plain RoPE is written); export with `python -m "
+                          "tools.hf export` instead.")
     hf = to_hf_state(cfg, params)
     out = {"token_embd.weight": hf["model.embed_tokens.weight"],
            "output_norm.weight": hf["model.norm.weight"]}
