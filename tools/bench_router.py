@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         r.raise_for_status()
         return r.json(), time.perf_counter() - t0
 
-    async def policy(threshold: float | None) -> list[dict]:
+    async def policy(threshold: float | None, prompts: list | None = None) -> list[dict]:
         """One pass over the prompts: through a router at `threshold`, or (None) all-remote."""
         if threshold is None:
             client, model = httpx.AsyncClient(base_url=remote_url, timeout=600), "remote"
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             model = "router"
         rows = []
         async with client:
-            for prompt, ref in tqdm(tasks, desc=f"threshold {threshold}", leave=False):
+            for prompt, ref in tqdm(prompts or tasks, desc=f"threshold {threshold}",
+                                    leave=False):
                 out, seconds = await ask(client, "/v1/completions", model, prompt)
                 em, prefix = score(out["choices"][0]["text"], ref)
                 routing = out.get("routing", {"answered_by": "remote", "confidence": None})
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             except httpx.HTTPError:
                 time.sleep(1)
         # Warm-up passes (discarded): compile the remote's and the local engine's programs.
-        asyncio.run(policy(None))
-        asyncio.run(policy(-1e9))
+        asyncio.run(policy(None, tasks[:8]))
+        asyncio.run(policy(-1e9, tasks[:8]))
         local_rows = asyncio.run(policy(-1e9))  # never defers
         confs = np.array([r["confidence"] for r in local_rows])
         thresholds = [float(np.quantile(confs, q)) + 1e-9 for q in (0.2, 0.4, 0.6, 0.8)]
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
         proc.terminate()
         proc.wait(timeout=120)
+    load_end = os.getloadavg()
     summary = []
     for r in results:
         rows = r["rows"]
@@ -180,17 +182,22 @@ def main(argv: list[str] | None = None) -> int:
                         "deferred": float(np.mean([x["deferred"] for x in rows])),
                         "exact_match": float(np.mean([x["exact"] for x in rows])),
                         "prefix_accuracy": float(np.mean([x["prefix"] for x in rows])),
+                        "prefix_accuracy_se": float(np.std([x["prefix"] for x in rows], ddof=1)
+                                                    / np.sqrt(len(rows))),
                         "mean_latency_s": float(np.mean([x["seconds"] for x in rows]))})
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"local": f"{args.local_run} step {run.step}",
                    "remote": f"{args.remote_run} step {args.remote_step or 'latest'}",
-                   "prompts": len(tasks), "load_average": load, "summary": summary,
+                   "prompts": len(tasks), "load_average": load, "load_average_end": load_end,
+                   "summary": summary,
                    "results": results}, f, indent=1)
-    print(f"\n{len(tasks)} held-out next-line prompts; load average at start {load[0]:.1f}")
+    print(f"\n{len(tasks)} held-out next-line prompts; load average {load[0]:.1f} at start, "
+          f"{load_end[0]:.1f} at the end")
     print(f"{'policy':<20} {'deferred':>9} {'exact':>7} {'prefix acc':>11} {'latency s':>10}")
     for s in summary:
         print(f"{s['policy']:<20} {s['deferred']:>9.2f} {s['exact_match']:>7.3f} "
-              f"{s['prefix_accuracy']:>11.3f} {s['mean_latency_s']:>10.3f}")
+              f"{s['prefix_accuracy']:>7.3f}±{s['prefix_accuracy_se']:.3f} "
+              f"{s['mean_latency_s']:>10.3f}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 label=s["policy"])
     ax.set_xlabel("mean latency per request (s)")
     ax.set_ylabel("next-line prefix accuracy")
-    ax.set_title(f"hybrid router, {len(tasks)} held-out prompts (load {load[0]:.0f})")
+    ax.set_title(f"hybrid router, {len(tasks)} held-out prompts (load {load[0]:.0f}-"
+                 f"{load_end[0]:.0f})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "tradeoff.png"), dpi=120)
