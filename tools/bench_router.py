@@ -1,8 +1,8 @@
 """The hybrid router's quality/latency trade-off over a sweep of thresholds, against an all-local
 and an all-remote policy, on held-out next-line completions.
 
-    python -m tools.bench_router --local_run=runs/quickstart --local_step=200 \\
-        --remote_run=runs/quickstart --remote_step=600 --out=runs/router_bench [--prompts=48]
+    python -m tools.bench_router --local_run=runs/quickstart \\
+        --remote_run=runs/compress/larger --out=runs/router_bench [--prompts=96]
 
 The remote is a real second server (`python -m llm.serve.server` over `--remote_run`, a
 subprocess on a loopback port), standing in for the bigger cloud model; the local model runs
@@ -13,9 +13,11 @@ Task (held out, built here, frozen before any threshold is chosen): `--prompts` 
 first Python files of the embedded corpus that the data split put in *validation* (the quickstart
 never trained on them); in each, two code lines of >= 12 characters picked by a seeded RNG. The
 prompt is the <= 400 characters before that line (ending at its line break), the reference is
-the line. Completions are greedy, at most 24 tokens, stopped at a newline. Quality: exact match
-of the line (whitespace-stripped) and the fraction of the reference's characters matched before
-the first difference (prefix accuracy, the smoother of the two).
+the line; prompts are then trimmed from the front (whole lines) to fit the smaller of the two
+models' contexts (`/v1/models` max_model_len) with the answer. Completions are greedy, at
+most 24 tokens, stopped at a newline. Quality: exact match of the line (whitespace-stripped)
+and the fraction of the reference's characters matched before the first difference (prefix
+accuracy, the smoother of the two).
 
 Thresholds: the 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
 logprob, measured in a first all-local pass), so the router defers about 20-80 % of the prompts;
@@ -60,6 +62,15 @@ def held_out_prompts(data_dir: str, n: int, seed: int = 0) -> list[tuple[str, st
             if len(out) == n:
                 return out
     return out
+
+
+def fit_prompt(prompt: str, tokenizer, max_tokens: int) -> str:
+    """`prompt` without as many leading lines (then characters) as it takes to be at most
+    `max_tokens` tokens."""
+    while len(tokenizer.encode(prompt)) > max_tokens:
+        cut = prompt.find("\n")
+        prompt = prompt[cut + 1:] if 0 <= cut < len(prompt) - 1 else prompt[8:]
+    return prompt
 
 
 def score(completion: str, reference: str) -> tuple[float, float]:
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         r.raise_for_status()
         return r.json(), time.perf_counter() - t0
 
-    async def policy(threshold: float | None, prompts: list | None = None) -> list[dict]:
+    async def policy(threshold: float | None) -> list[dict]:
         """One pass over the prompts: through a router at `threshold`, or (None) all-remote."""
         if threshold is None:
             client, model = httpx.AsyncClient(base_url=remote_url, timeout=600), "remote"
@@ -138,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             model = "router"
         rows = []
         async with client:
-            for prompt, ref in tqdm(prompts or tasks, desc=f"threshold {threshold}",
-                                    leave=False):
+            for prompt, ref in tqdm(tasks, desc=f"threshold {threshold}", leave=False):
                 out, seconds = await ask(client, "/v1/completions", model, prompt)
                 em, prefix = score(out["choices"][0]["text"], ref)
                 routing = out.get("routing", {"answered_by": "remote", "confidence": None})
@@ -158,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        # Warm-up passes (discarded): compile the remote's and the local engine's programs.
-        asyncio.run(policy(None, tasks[:8]))
-        asyncio.run(policy(-1e9, tasks[:8]))
+        # Both models must see the same prompt: trim each from the front (whole lines) until
+        # it and the answer fit the smaller context (BOS + prompt + max_tokens).
+        remote_ctx = httpx.get(f"{remote_url}/v1/models").json()["data"][0]["max_model_len"]
+        context = min(remote_ctx, engine.max_context)
+        tasks = [(fit_prompt(prompt, run.tokenizer, context - 2 - body["max_tokens"]), ref)
+                 for prompt, ref in tasks]
+        # Warm-up passes over every prompt (discarded): compile the remote's and the local
+        # engine's programs for every prompt length, so no pass below pays a compile.
+        asyncio.run(policy(None))
+        asyncio.run(policy(-1e9))
         local_rows = asyncio.run(policy(-1e9))  # never defers
         confs = np.array([r["confidence"] for r in local_rows])
         thresholds = [float(np.quantile(confs, q)) + 1e-9 for q in (0.2, 0.4, 0.6, 0.8)]
@@ -188,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"local": f"{args.local_run} step {run.step}",
                    "remote": f"{args.remote_run} step {args.remote_step or 'latest'}",
-                   "prompts": len(tasks), "load_average": load, "load_average_end": load_end,
+                   "prompts": len(tasks), "context": context, "load_average": load,
+                   "load_average_end": load_end,
                    "summary": summary,
                    "results": results}, f, indent=1)
     print(f"\n{len(tasks)} held-out next-line prompts; load average {load[0]:.1f} at start, "

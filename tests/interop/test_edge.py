@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tools.export_edge import PARITY_ATOL, export_edge
+from tools.export_edge import PARITY_ATOL, _tflite_interpreter, export_edge
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,12 +39,10 @@ def test_stablehlo_and_tflite_match_jax(tiny_run, tmp_path):
     # Dynamic-range int8: every weight matrix is int8 (the file is near a quarter of fp32 plus
     # the graph), the logits are close (per-channel int8 weights, activations quantized on the
     # fly), and the first greedy token (fed identical inputs) agrees.
-    import tensorflow as tf
-
     for program in programs:
         fp32, int8 = (meta["bytes"][f"{fmt}/{program}"] for fmt in ("tflite", "tflite_int8"))
         assert int8 < 0.4 * fp32, meta["bytes"]
-        interp = tf.lite.Interpreter(model_path=str(tmp_path / f"{program}_int8.tflite"))
+        interp = _tflite_interpreter(str(tmp_path / f"{program}_int8.tflite"))
         weights = [d for d in interp.get_tensor_details() if len(d["shape"]) == 2
                    and min(d["shape"]) >= run_cfg_dim(tiny_run)]
         assert weights and all(d["dtype"] == np.int8 for d in weights), weights
