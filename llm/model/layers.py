@@ -225,7 +225,7 @@ def rope_frequencies(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array 
         n = jnp.maximum(jnp.max(positions, axis=-1).astype(jnp.float32) + 1, length)  # [b]
         theta = cfg.rope_theta * (factor * n / length - (factor - 1)) ** (d / (d - 2))
         exponent = jnp.arange(0, d, 2, dtype=jnp.float32) / d
-        return theta[:, None] ** -exponent[None, :], 1.0
+        return 1.0 / theta[:, None] ** exponent[None, :], 1.0  # transformers' order of ops
     if kind == "linear":
         return jnp.asarray(base / factor, jnp.float32), 1.0
     length = cfg.rope_original_max_len

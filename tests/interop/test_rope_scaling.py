@@ -25,7 +25,7 @@ from llm.runs import load_run  # noqa: E402
 from llm.serve.sampler import generate  # noqa: E402
 from tests.interop.test_hf import VOCAB, _save, spm_model  # noqa: E402,F401
 
-MAX_POS = 64  # max_position_embeddings; llama3/yarn pretrained at ORIGINAL, extended by 4x
+MAX_POS = 64  # max_position_embeddings; llama3/yarn pretrained at ORIGINAL (factor 4 / 2)
 ORIGINAL = 32
 SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
@@ -33,7 +33,7 @@ SCALINGS = {
     # old-style key "type" (transformers 4.x checkpoints) and the new "rope_type"
     "llama3": {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": ORIGINAL},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+    "yarn": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0,
              "original_max_position_embeddings": ORIGINAL},
 }
 
