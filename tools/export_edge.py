@@ -171,9 +171,43 @@ def _tflite_runner(path: str):
     return run, type(interp).__module__
 
 
+def _teacher_forced(runners: dict, cache0: list, tokenizer, path: str, n: int,
+                    cache_len: int) -> dict:
+    """Every format's decode_step fed the first `n` tokens of the text file `path` (windows of
+    cache_len tokens, each from an empty cache): the fraction of positions whose top-1 next
+    token equals JAX's, and the max |logit - JAX logit|."""
+    from llm.data.sources import DataError
+    from llm.serve.engine import BOS_ID
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = tokenizer.encode(f.read())[:n]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--eval_text={path!r} cannot be read as UTF-8 text ({e}).") from None
+    if not ids:
+        raise DataError(f"--eval_text={path!r} has no tokens.")
+    logits = {}
+    for fmt, programs in runners.items():
+        out = []
+        for begin in range(0, len(ids), cache_len - 1):
+            window, cache = [BOS_ID, *ids[begin:begin + cache_len - 1]], list(cache0)
+            for pos, tok in enumerate(window):
+                res = programs["decode_step"](np.array([tok], np.int32),
+                                             np.array([pos], np.int32), *cache)
+                cache = list(res[1:])
+                out.append(res[0][0])
+        logits[fmt] = np.stack(out)
+    ref = logits["jax"]
+    return {"text": path, "tokens": len(ids), **{
+        fmt: {"top1_agreement_vs_jax": float(np.mean(x.argmax(-1) == ref.argmax(-1))),
+              "max_abs_logit_diff_vs_jax": float(np.abs(x - ref).max())}
+        for fmt, x in logits.items() if fmt != "jax"}}
+
+
 def export_edge(run_dir: str, out_dir: str, *, cache_len: int = 128, step: int | None = None,
                 prompt: str = "def fibonacci(n):\n", new_tokens: int = 16,
-                prefill_len: int = 32, tflite: bool = True) -> dict:
+                prefill_len: int = 32, tflite: bool = True, eval_text: str | None = None,
+                eval_tokens: int = 512) -> dict:
     """Write the exports (see the module docstring) and return edge.json's content."""
     import jax
 
@@ -279,6 +313,9 @@ def export_edge(run_dir: str, out_dir: str, *, cache_len: int = 128, step: int |
                 "greedy_tokens_equal_jax": tokens == ref_tokens,
                 "greedy_tokens_agreeing_before_first_difference": agree}
     meta["max_abs_logit_jax"] = float(np.abs(ref_logits).max())
+    if eval_text is not None:
+        meta["teacher_forced"] = _teacher_forced(runners, cache0, run.tokenizer, eval_text,
+                                                 eval_tokens, cache_len)
     meta["parity_atol"] = PARITY_ATOL
     meta["parity_prompt_tokens"], meta["parity_new_tokens"] = len(ids), new_tokens
     with open(os.path.join(out_dir, "edge.json"), "w") as f:
@@ -297,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new_tokens", type=int, default=16,
                         help="greedy tokens of the parity check")
     parser.add_argument("--no_tflite", action="store_true", help="StableHLO only")
+    parser.add_argument("--eval_text", default=None,
+                        help="a text file: also report teacher-forced top-1 agreement with JAX "
+                             "over its first --eval_tokens tokens")
+    parser.add_argument("--eval_tokens", type=int, default=512)
     args = parser.parse_args(argv)
     from llm.config import ConfigError
     from llm.data.sources import DataError
@@ -304,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = export_edge(args.run_dir, args.out, cache_len=args.cache_len, step=args.step,
                            prefill_len=args.prefill_len, new_tokens=args.new_tokens,
-                           tflite=not args.no_tflite)
+                           tflite=not args.no_tflite, eval_text=args.eval_text,
+                           eval_tokens=args.eval_tokens)
     except (ConfigError, DataError) as e:
         print(f"export_edge: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: meta[k] for k in ("parity", "parity_prefill", "bytes")}, indent=1))
+    print(json.dumps({k: meta[k] for k in ("parity", "parity_prefill", "teacher_forced", "bytes")
+                      if k in meta}, indent=1))
     bad = [f"{key}/{n}" for key in ("parity", "parity_prefill") for n, p in meta[key].items()
            if not n.endswith("int8") and p["max_abs_logit_diff_vs_jax"] > PARITY_ATOL]
     if bad:
