@@ -12,7 +12,9 @@ Written with the `gguf` package (the writer llama.cpp's own converters use):
   * tensors in llama.cpp's names, [out, in] as torch stores them. f32: all F32; f16: matrices
     F16; q8_0: matrices Q8_0 (blocks of 32 with one fp16 scale); norms stay F32 in every type.
   * q and k rows are permuted from our rotate-half RoPE layout to llama.cpp's interleaved pairs
-    (the same permutation as llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`).
+    (the same permutation as llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`);
+  * RoPE scaling: linear and llama3 as the `rope_freqs.weight` factors (`rope_freq_factors`);
+    dynamic NTK and YaRN are refused (ConfigError).
 GPT-2-style runs are not exported (ConfigError); use `tools.hf export` for them.
 """
 
