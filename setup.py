@@ -48,7 +48,9 @@ setup(
         # Hugging Face / GGUF interop (llm/interop, tools/hf.py, tools/export_gguf.py); torch is
         # transformers' backend (CPU wheel), used by the parity tests.
         "interop": ["transformers==5.24.0", "torch==2.13.0", "safetensors==0.8.0",
-                    "tokenizers==0.23.3", "gguf==0.19.0"],
+                    "tokenizers==0.23.3", "gguf==0.19.0",
+                    # LiteRT's interpreter runs tools/export_edge.py's .tflite files
+                    "ai-edge-litert==2.3.0"],
         # llama.cpp itself (tools/llamacpp_worker.py: the GGUF parity test and bench_serve's
         # peer). It compiles llama.cpp from source (~9 min), so CI leaves it out and the test
         # skips; docs/serving.md builds it into a side virtualenv, /tmp/llamacpp-venv.

@@ -1,8 +1,8 @@
 """The hybrid router's quality/latency trade-off over a sweep of thresholds, against an all-local
 and an all-remote policy, on held-out next-line completions.
 
-    python -m tools.bench_router --local_run=runs/quickstart --local_step=200 \\
-        --remote_run=runs/quickstart --remote_step=600 --out=runs/router_bench [--prompts=48]
+    python -m tools.bench_router --local_run=runs/quickstart \\
+        --remote_run=runs/compress/larger --out=runs/router_bench [--prompts=96]
 
 The remote is a real second server (`python -m llm.serve.server` over `--remote_run`, a
 subprocess on a loopback port), standing in for the bigger cloud model; the local model runs
@@ -13,9 +13,11 @@ Task (held out, built here, frozen before any threshold is chosen): `--prompts` 
 first Python files of the embedded corpus that the data split put in *validation* (the quickstart
 never trained on them); in each, two code lines of >= 12 characters picked by a seeded RNG. The
 prompt is the <= 400 characters before that line (ending at its line break), the reference is
-the line. Completions are greedy, at most 24 tokens, stopped at a newline. Quality: exact match
-of the line (whitespace-stripped) and the fraction of the reference's characters matched before
-the first difference (prefix accuracy, the smoother of the two).
+the line; prompts are then trimmed from the front (whole lines) to fit the smaller of the two
+models' contexts (`/v1/models` max_model_len) with the answer. Completions are greedy, at
+most 24 tokens, stopped at a newline. Quality: exact match of the line (whitespace-stripped)
+and the fraction of the reference's characters matched before the first difference (prefix
+accuracy, the smoother of the two).
 
 Thresholds: the 20, 40, 60 and 80 % quantiles of the local answers' confidences (mean token
 logprob, measured in a first all-local pass), so the router defers about 20-80 % of the prompts;
@@ -60,6 +62,15 @@ def held_out_prompts(data_dir: str, n: int, seed: int = 0) -> list[tuple[str, st
             if len(out) == n:
                 return out
     return out
+
+
+def fit_prompt(prompt: str, tokenizer, max_tokens: int) -> str:
+    """`prompt` without as many leading lines (then characters) as it takes to be at most
+    `max_tokens` tokens."""
+    while len(tokenizer.encode(prompt)) > max_tokens:
+        cut = prompt.find("\n")
+        prompt = prompt[cut + 1:] if 0 <= cut < len(prompt) - 1 else prompt[8:]
+    return prompt
 
 
 def score(completion: str, reference: str) -> tuple[float, float]:
@@ -157,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        # Warm-up passes (discarded): compile the remote's and the local engine's programs.
+        # Both models must see the same prompt: trim each from the front (whole lines) until
+        # it and the answer fit the smaller context (BOS + prompt + max_tokens).
+        remote_ctx = httpx.get(f"{remote_url}/v1/models").json()["data"][0]["max_model_len"]
+        context = min(remote_ctx, engine.max_context)
+        tasks = [(fit_prompt(prompt, run.tokenizer, context - 2 - body["max_tokens"]), ref)
+                 for prompt, ref in tasks]
+        # Warm-up passes over every prompt (discarded): compile the remote's and the local
+        # engine's programs for every prompt length, so no pass below pays a compile.
         asyncio.run(policy(None))
         asyncio.run(policy(-1e9))
         local_rows = asyncio.run(policy(-1e9))  # never defers
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
         proc.terminate()
         proc.wait(timeout=120)
+    load_end = os.getloadavg()
     summary = []
     for r in results:
         rows = r["rows"]
@@ -180,17 +199,23 @@ def main(argv: list[str] | None = None) -> int:
                         "deferred": float(np.mean([x["deferred"] for x in rows])),
                         "exact_match": float(np.mean([x["exact"] for x in rows])),
                         "prefix_accuracy": float(np.mean([x["prefix"] for x in rows])),
+                        "prefix_accuracy_se": float(np.std([x["prefix"] for x in rows], ddof=1)
+                                                    / np.sqrt(len(rows))),
                         "mean_latency_s": float(np.mean([x["seconds"] for x in rows]))})
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"local": f"{args.local_run} step {run.step}",
                    "remote": f"{args.remote_run} step {args.remote_step or 'latest'}",
-                   "prompts": len(tasks), "load_average": load, "summary": summary,
+                   "prompts": len(tasks), "context": context, "load_average": load,
+                   "load_average_end": load_end,
+                   "summary": summary,
                    "results": results}, f, indent=1)
-    print(f"\n{len(tasks)} held-out next-line prompts; load average at start {load[0]:.1f}")
+    print(f"\n{len(tasks)} held-out next-line prompts; load average {load[0]:.1f} at start, "
+          f"{load_end[0]:.1f} at the end")
     print(f"{'policy':<20} {'deferred':>9} {'exact':>7} {'prefix acc':>11} {'latency s':>10}")
     for s in summary:
         print(f"{s['policy']:<20} {s['deferred']:>9.2f} {s['exact_match']:>7.3f} "
-              f"{s['prefix_accuracy']:>11.3f} {s['mean_latency_s']:>10.3f}")
+              f"{s['prefix_accuracy']:>7.3f}±{s['prefix_accuracy_se']:.3f} "
+              f"{s['mean_latency_s']:>10.3f}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 label=s["policy"])
     ax.set_xlabel("mean latency per request (s)")
     ax.set_ylabel("next-line prefix accuracy")
-    ax.set_title(f"hybrid router, {len(tasks)} held-out prompts (load {load[0]:.0f})")
+    ax.set_title(f"hybrid router, {len(tasks)} held-out prompts (load {load[0]:.0f}-"
+                 f"{load_end[0]:.0f})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "tradeoff.png"), dpi=120)

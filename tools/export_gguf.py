@@ -12,7 +12,9 @@ Written with the `gguf` package (the writer llama.cpp's own converters use):
   * tensors in llama.cpp's names, [out, in] as torch stores them. f32: all F32; f16: matrices
     F16; q8_0: matrices Q8_0 (blocks of 32 with one fp16 scale); norms stay F32 in every type.
   * q and k rows are permuted from our rotate-half RoPE layout to llama.cpp's interleaved pairs
-    (the same permutation as llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`).
+    (the same permutation as llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`);
+  * RoPE scaling: linear and llama3 as the `rope_freqs.weight` factors (`rope_freq_factors`);
+    dynamic NTK and YaRN are refused (ConfigError).
 GPT-2-style runs are not exported (ConfigError); use `tools.hf export` for them.
 """
 
@@ -40,6 +42,25 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def rope_freq_factors(cfg) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor [head_dim/2] for a scaled RoPE: it rotates dimension pair
+    i by pos * theta^(-2i/d) / factor_i, so factor_i = plain frequency / our scaled frequency
+    (how llama.cpp's own converter writes llama3 scaling). Static scalings without an attention
+    factor only (linear, llama3); ConfigError for the others."""
+    import jax.numpy as jnp
+
+    from llm.model.layers import rope_frequencies
+
+    if cfg.rope_scaling not in ("linear", "llama3"):
+        raise ConfigError(f"GGUF export of ModelConfig.rope_scaling={cfg.rope_scaling!r} is not "
+                          "supported (linear and llama3 are, as llama.cpp's rope_freqs factors);"
+                          " export with `python -m tools.hf export` instead.")
+    inv_freq, _ = rope_frequencies(cfg, jnp.zeros((1, 1), jnp.int32))
+    d = cfg.dim_per_head
+    plain = cfg.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    return (plain / np.asarray(inv_freq, np.float64)).astype(np.float32)
+
+
 def gguf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
     """llama.cpp tensor names -> fp32 arrays ([out, in]) of a LLaMA-style model."""
     from llm.interop.hf import architecture, to_hf_state
@@ -54,6 +75,8 @@ def gguf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
     hf = to_hf_state(cfg, params)
     out = {"token_embd.weight": hf["model.embed_tokens.weight"],
            "output_norm.weight": hf["model.norm.weight"]}
+    if cfg.rope_scaling != "none":
+        out["rope_freqs.weight"] = rope_freq_factors(cfg)
     if not cfg.tie_embeddings:
         out["output.weight"] = hf["lm_head.weight"]
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",

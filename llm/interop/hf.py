@@ -21,6 +21,12 @@ Layout notes (what needed care):
     is exactly HF LLaMA's `rotate_half` convention, so q/k need NO permutation here (the
     permutation in HF's convert_llama_weights_to_hf.py maps Meta's interleaved pairs to halves;
     llama.cpp's GGUF wants the interleaved form back).
+  * RoPE scaling: `rope_parameters` (transformers >= 5) or the legacy `rope_scaling` with
+    "type" or "rope_type" maps to ModelConfig.rope_scaling / rope_factor / rope_* (linear,
+    dynamic, llama3, yarn; layers.rope_frequencies has the formulas); llama3/yarn without
+    original_max_position_embeddings take max_position_embeddings, as transformers does; YaRN's
+    mscale/mscale_all_dim become rope_attention_factor. Export writes rope_parameters and the
+    legacy rope_scaling + rope_theta. longrope, partial rotary and per-layer RoPE are errors.
   * LLaMA `gate_proj` is our `mlp.wg` (through SiLU), `up_proj` our `mlp.wi`.
   * GELU: our MLP uses the tanh approximation, which is GPT-2's "gelu_new".
   * A LLaMA checkpoint with attention biases but no MLP biases (or the reverse) imports with
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -81,17 +88,92 @@ def hf_config(cfg: ModelConfig) -> dict:
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden_dim,
                 "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
                 "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
-                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "max_position_embeddings": (cfg.rope_original_max_len or cfg.max_seq_len)
+                if cfg.rope_scaling == "dynamic" else cfg.max_seq_len,
+                "rms_norm_eps": cfg.norm_eps,
                 "hidden_act": "silu", "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
-                "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                **common}
+                **_rope_config(cfg), **common}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.d_model,
             "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.hidden_dim,
             "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
             "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+
+
+# HF rope parameter name -> ModelConfig field, per rope_type (besides rope_theta and factor).
+_ROPE_FIELDS = {
+    "linear": {},
+    "dynamic": {},
+    "llama3": {"original_max_position_embeddings": "rope_original_max_len",
+               "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor"},
+    "yarn": {"original_max_position_embeddings": "rope_original_max_len",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow",
+             "attention_factor": "rope_attention_factor", "truncate": "rope_truncate"},
+}
+
+
+def _rope_config(cfg: ModelConfig) -> dict:
+    """config.json's RoPE fields: `rope_parameters` (transformers >= 5) and, when scaled, the
+    legacy `rope_scaling` + `rope_theta` that transformers 4.x reads."""
+    theta = cfg.rope_theta
+    if cfg.rope_scaling == "none":
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default",
+                                                         "rope_theta": theta}}
+    params = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
+    for name, field in _ROPE_FIELDS[cfg.rope_scaling].items():
+        if getattr(cfg, field) is not None:
+            params[name] = getattr(cfg, field)
+    return {"rope_theta": theta, "rope_parameters": {**params, "rope_theta": theta},
+            "rope_scaling": {**params, "type": cfg.rope_scaling}}
+
+
+def _rope_settings(config: dict, path: str) -> dict:
+    """ModelConfig's rope_* settings from a LLaMA config.json: `rope_parameters`
+    (transformers >= 5) or the legacy `rope_scaling` ("type" or "rope_type") + `rope_theta`.
+    ConfigError naming a rope type or setting the model does not implement."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError(f"{path}: per-layer-type rope_parameters ({', '.join(rope)}) are not "
+                          "supported; LLaMA import needs one RoPE for every layer.")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind not in _ROPE_FIELDS:
+        raise ConfigError(f"{path}: RoPE scaling type {kind!r} is not supported; import supports "
+                          f"{', '.join(_ROPE_FIELDS)} (ModelConfig.rope_scaling).")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{path}: partial_rotary_factor={partial} is not supported (RoPE "
+                          "rotates the whole head here).")
+    out = {"rope_theta": theta, "rope_scaling": kind}
+    max_len = config.get("max_position_embeddings")
+    if kind in ("llama3", "yarn"):  # transformers' defaults for a missing original length
+        original = config.get("original_max_position_embeddings") or \
+            rope.get("original_max_position_embeddings") or max_len
+        rope = {**rope, "original_max_position_embeddings": original}
+    factor = rope.get("factor")
+    if factor is None and kind == "yarn" and max_len:
+        factor = max_len / rope["original_max_position_embeddings"]
+    if factor is None:
+        raise ConfigError(f"{path}: rope_scaling of type {kind!r} has no 'factor'; add it.")
+    out["rope_factor"] = float(factor)
+    for name, field in _ROPE_FIELDS[kind].items():
+        if rope.get(name) is not None:
+            value = rope[name]
+            out[field] = (int(value) if field == "rope_original_max_len" else
+                          bool(value) if field == "rope_truncate" else float(value))
+    if kind == "yarn" and rope.get("attention_factor") is None and \
+            rope.get("mscale") and rope.get("mscale_all_dim"):
+        def mscale(scale: float, m: float) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        out["rope_attention_factor"] = (mscale(factor, rope["mscale"]) /
+                                        mscale(factor, rope["mscale_all_dim"]))
+    if kind == "dynamic" and max_len:
+        out["rope_original_max_len"] = int(max_len)
+    return out
 
 
 def _field(config: dict, name: str, path: str):
@@ -111,12 +193,7 @@ def model_config_from_hf(config: dict, path: str = "config.json") -> ModelConfig
     vocab = int(_field(config, "vocab_size", path))
     tie = bool(config.get("tie_word_embeddings", True))
     if arch == "LlamaForCausalLM":
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"{path}: RoPE scaling {rope_type!r} is not supported (ModelConfig "
-                              "has plain RoPE only); use a checkpoint without rope_scaling.")
-        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        rope_settings = _rope_settings(config, path)
         if config.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{path}: hidden_act={config['hidden_act']!r} is not supported "
                               "for LLaMA (only 'silu').")
@@ -129,7 +206,7 @@ def model_config_from_hf(config: dict, path: str = "config.json") -> ModelConfig
             mlp_dim=int(_field(config, "intermediate_size", path)),
             max_seq_len=int(config.get("max_position_embeddings", 2048)), norm="rmsnorm",
             norm_eps=float(config.get("rms_norm_eps", 1e-6)), position="rope",
-            rope_theta=float(theta), activation="swiglu",
+            activation="swiglu", **rope_settings,
             use_bias=bool(config.get("attention_bias") or config.get("mlp_bias")),
             tie_embeddings=tie)
     act = config.get("activation_function", "gelu_new")

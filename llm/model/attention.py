@@ -21,7 +21,7 @@ from llm.config import ConfigError
 from llm.kernels.blocked import blocked_attention
 from llm.kernels.reference import attention_mask, mha_reference
 from llm.model.config import ModelConfig
-from llm.model.layers import Dense, rope
+from llm.model.layers import Dense, rope, rope_frequencies
 from llm.parallel.rules import active_spec, constrain
 
 # Logical names of the attention activations: Q_AXES for q and the output, KV_AXES for k and v
@@ -182,8 +182,9 @@ class Attention(nnx.Module):
         k = constrain(self.k(x), KV_AXES)
         v = constrain(self.v(x), KV_AXES)
         if self.cfg.position == "rope":
-            q = rope(q, positions, self.cfg.rope_theta)
-            k = rope(k, positions, self.cfg.rope_theta)
+            inv_freq, scale = rope_frequencies(self.cfg, positions)
+            q = rope(q, positions, self.cfg.rope_theta, inv_freq=inv_freq, scale=scale)
+            k = rope(k, positions, self.cfg.rope_theta, inv_freq=inv_freq, scale=scale)
         if cache is None:
             out = attend(q, k, v, segment_ids=segment_ids, causal=self.causal,
                          impl=self.cfg.attention_impl, prefix=prefix)

@@ -15,6 +15,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "pallas", "cudnn")
 REMAT = ("none", "block")
 DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")  # HF rope_type names
 
 
 @gin.configurable
@@ -41,6 +42,17 @@ class ModelConfig:
     norm_eps: float = 1e-6
     position: str = "rope"
     rope_theta: float = 10000.0
+    # RoPE context extension (HF `rope_scaling` / `rope_parameters`; formulas in
+    # layers.rope_frequencies). The rope_* settings below apply only to the types named.
+    rope_scaling: str = "none"  # "none" | "linear" | "dynamic" | "llama3" | "yarn"
+    rope_factor: float = 1.0  # linear, dynamic, llama3, yarn
+    rope_original_max_len: int | None = None  # llama3, yarn (required); dynamic (None: max_seq_len)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float | None = None  # yarn; None: 0.1 * ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     activation: str = "swiglu"
     use_bias: bool = False
     tie_embeddings: bool = True
@@ -53,7 +65,8 @@ class ModelConfig:
     def __post_init__(self):
         for field, allowed in (("norm", NORMS), ("position", POSITIONS),
                                ("activation", ACTIVATIONS), ("attention_impl", ATTENTION_IMPLS),
-                               ("remat", REMAT), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                               ("remat", REMAT), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                               ("rope_scaling", ROPE_SCALINGS)):
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of "
                                   f"{', '.join(map(repr, allowed))}; set ModelConfig.{field} to "
@@ -73,6 +86,23 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head dimension, got {self.dim_per_head} "
                               f"(ModelConfig.d_model={self.d_model} / num_heads="
                               f"{self.num_heads}); set ModelConfig.head_dim to an even number.")
+
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                raise ConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r} needs "
+                                  f"position='rope' (got {self.position!r}); set rope_scaling="
+                                  "'none'.")
+            if not self.rope_factor > 0:
+                raise ConfigError(f"ModelConfig.rope_factor={self.rope_factor} must be > 0.")
+            if self.rope_scaling in ("llama3", "yarn") and not self.rope_original_max_len:
+                raise ConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r} needs "
+                                  "ModelConfig.rope_original_max_len (the pretraining context, "
+                                  "HF original_max_position_embeddings); set it.")
+            if self.rope_scaling == "llama3" and \
+                    self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ConfigError(f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor}"
+                                  " must be > ModelConfig.rope_low_freq_factor="
+                                  f"{self.rope_low_freq_factor}.")
 
     def check_seq_len(self, seq_len: int, binding: str = "TrainConfig.seq_len") -> None:
         """Raise ConfigError if rows of `seq_len` tokens do not fit the position table (learned

@@ -167,18 +167,93 @@ class MLP(nnx.Module):
         return self.wo(h)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, *,
+         inv_freq: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
     """Rotary position embedding (rotate-half form).
 
     x: [batch, seq, heads, head_dim]; positions: [batch, seq] int. Computed in fp32.
+    inv_freq: the rotation frequencies, [head_dim/2] or per row [batch, head_dim/2]; None is
+    plain RoPE, theta^(-2i/head_dim). scale multiplies cos and sin (YaRN's attention factor).
+    `rope_frequencies` gives both for a config's `rope_scaling`.
     """
     half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if inv_freq is None:
+        freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    else:
+        freq = inv_freq.astype(jnp.float32)
+        if freq.ndim == 2:
+            freq = freq[:, None, None, :]  # [b, 1, 1, half]
     angle = positions.astype(jnp.float32)[..., None, None] * freq  # [b, s, 1, half]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
+    if scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array | None, float]:
+    """(inv_freq, scale) for `rope` under `cfg.rope_scaling`, with the formulas of Hugging Face
+    transformers' `modeling_rope_utils` (d = head_dim, f = theta^(-2i/d), i < d/2):
+
+      none    f (returns None: `rope`'s own expression, bitwise as before)
+      linear  f / factor (position interpolation)
+      llama3  f where the wavelength 2pi/f < L/high_freq_factor; f/factor where it is
+              > L/low_freq_factor; between, (1-s) f/factor + s f with
+              s = (L/wavelength - low) / (high - low); L = rope_original_max_len
+      yarn    f_interp (1 - e) + f e, f_interp = f/factor, e = 1 - ramp(low, high) over i,
+              [low, high] the dimensions that turn beta_fast / beta_slow times in L (floored /
+              ceiled when rope_truncate); scale = rope_attention_factor or 0.1 ln(factor) + 1
+      dynamic NTK: theta' = theta * (factor * n / L - (factor - 1))^(d/(d-2)) with
+              n = max(max position of the row + 1, L), L = rope_original_max_len or max_seq_len;
+              per row ([batch, d/2]): rows never change each other's frequencies. transformers
+              takes n over the whole batch and keeps the largest n seen until it drops below L;
+              the two agree on unpadded rows of one length and on token-by-token decoding.
+
+    positions: [batch, seq] int -> inv_freq [d/2] (or [batch, d/2] for dynamic), fp32.
+    """
+    import numpy as np
+
+    kind = cfg.rope_scaling
+    if kind == "none":
+        return None, 1.0
+    d = cfg.dim_per_head
+    base = np.float64(cfg.rope_theta) ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    factor = cfg.rope_factor
+    if kind == "dynamic":
+        length = cfg.rope_original_max_len or cfg.max_seq_len
+        n = jnp.maximum(jnp.max(positions, axis=-1).astype(jnp.float32) + 1, length)  # [b]
+        theta = cfg.rope_theta * (factor * n / length - (factor - 1)) ** (d / (d - 2))
+        exponent = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+        return 1.0 / theta[:, None] ** exponent[None, :], 1.0  # transformers' order of ops
+    if kind == "linear":
+        return jnp.asarray(base / factor, jnp.float32), 1.0
+    length = cfg.rope_original_max_len
+    if kind == "llama3":
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / base
+        freq = np.where(wavelen > length / low, base / factor, base)
+        smooth = (length / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * freq / factor + smooth * freq
+        medium = (wavelen >= length / high) & (wavelen <= length / low)
+        return jnp.asarray(np.where(medium, smoothed, freq), jnp.float32), 1.0
+    # yarn
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    freq = base / factor * (1 - extrapolation) + base * extrapolation
+    scale = cfg.rope_attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return jnp.asarray(freq, jnp.float32), float(scale)
 
 
 def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:

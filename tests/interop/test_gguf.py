@@ -184,3 +184,57 @@ def test_llama_cpp_greedy_equals_ours(tiny_run, gguf_files):
         if qtype == "f32":
             assert theirs == ours
     assert agree["q8_0"] >= 48, agree  # of 96 positions
+
+
+def test_gguf_rope_scaling_llama3(tiny_run, tmp_path):
+    """A llama3-scaled RoPE goes into GGUF as llama.cpp's `rope_freqs` factors: equal to
+    transformers' own llama3 frequencies (an independent reference), and, where llama.cpp is
+    installed, its greedy tokens past the original context equal ours."""
+    import shutil
+
+    from llm.config import ConfigError
+    from llm.model.config import ModelConfig
+    from tools.export_gguf import rope_freq_factors
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run_dir)
+    with open(os.path.join(run_dir, "config.gin"), "a") as f:
+        f.write("\nModelConfig.rope_scaling = 'llama3'\nModelConfig.rope_factor = 4.0\n"
+                "ModelConfig.rope_original_max_len = 16\n")
+    run = load_run(run_dir)
+    cfg = run.cfg
+    assert cfg.rope_scaling == "llama3"
+    path = export_gguf(run_dir, str(tmp_path / "m.gguf"), "f32")
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    factors = tensors["rope_freqs.weight"].reshape(-1)
+    assert factors.shape == (cfg.dim_per_head // 2,) and factors.max() > 1.5
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(
+        hidden_size=cfg.d_model, num_attention_heads=cfg.num_heads, head_dim=cfg.dim_per_head,
+        max_position_embeddings=64, rope_theta=cfg.rope_theta,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, None)
+    plain = cfg.rope_theta ** (-np.arange(0, cfg.dim_per_head, 2) / cfg.dim_per_head)
+    np.testing.assert_allclose(factors, plain / theirs.numpy(), rtol=1e-5)
+    with pytest.raises(ConfigError, match="rope_scaling='yarn' is not supported"):
+        rope_freq_factors(ModelConfig(rope_scaling="yarn", rope_factor=2.0,
+                                      rope_original_max_len=16))
+
+    from llm.serve.engine import BOS_ID
+    from llm.serve.sampler import generate
+    from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+
+    python = llama_cpp_python()
+    if python is None:
+        pytest.skip("llama-cpp-python is not installed (optional extra 'llamacpp')")
+    prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
+    ours = generate(run.graphdef, run.params, cfg, [prompt], max_new_tokens=32,
+                    temperature=0.0, top_k=0, eos_id=-1)[0]
+    worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
+    try:
+        assert worker.generate(prompt, 32)[0] == ours  # positions up to 40 > 16
+    finally:
+        worker.close()
