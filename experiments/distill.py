@@ -123,9 +123,6 @@ def distill(teacher_run: str = "", run_dir: str = "runs/distill", data_dir: str 
     if op_cfg.fraction and mode != "online":
         raise ConfigError(f"OnPolicy.fraction={op_cfg.fraction} needs distill.mode='online' (the "
                           "teacher scores the student's samples as they are drawn).")
-    if op_cfg.fraction and jax.process_count() > 1:
-        raise ConfigError("OnPolicy.fraction > 0 runs on one process (the sampler reads the "
-                          "whole model); set OnPolicy.fraction=0 for multi-process runs.")
     teacher_manifest, teacher_cfg, _, teacher_tokenizer = read_run_config(teacher_run)
     data_dir = data_dir or teacher_manifest["data"].get("data_dir", "")
     info = load_dataset_info(data_dir)
@@ -178,14 +175,16 @@ def distill(teacher_run: str = "", run_dir: str = "runs/distill", data_dir: str 
 
     def step_fn(state, batch):
         if op_cfg.fraction:
+            # Every process gathers the whole global batch and the student's parameters, samples
+            # all rows (the same program on the same inputs) and keeps the rows it owns, so the
+            # samples do not depend on the process count (on_policy.sample_global_batch).
             step = int(state.step)
-            host = jax.device_get(batch)
             if on_policy.is_on_policy(op_cfg, tc.seed, step):
-                host = on_policy.sample_batch(host, graphdef=graphdef, params=state.params,
-                                              cfg=cfg, config=op_cfg, seed=tc.seed, step=step)
+                batch = on_policy.sample_global_batch(batch, batch_shard, graphdef=graphdef,
+                                                      params=state.params, cfg=cfg,
+                                                      config=op_cfg, seed=tc.seed, step=step)
             else:
-                host = on_policy.with_hard_mask(host)
-            batch = to_global(host, batch_shard)
+                batch = {**batch, "hard_mask": batch["loss_mask"]}
         if mode == "online":
             return jitted(state, batch, teacher.params)
         return jitted(state, batch)

@@ -9,7 +9,9 @@ sampled tokens only (`loss_mask`); the hard-label term is off there (`hard_mask`
 are the student's own tokens). The teacher scores the samples inside the jitted step, as online.
 
 Which steps are on-policy and the sampling key both derive from (seed, step), so a resumed run
-draws the same samples.
+draws the same samples. On several processes each one gathers the global batch and the student,
+samples every row and keeps its own rows (`sample_global_batch`), so the samples are the ones a
+single process draws.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 import gin
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm.config import ConfigError
 from llm.data.objectives import EOS_ID, shift_right
@@ -100,6 +104,28 @@ def sample_batch(batch: dict[str, np.ndarray], *, graphdef, params: dict, cfg, c
     return sampled_rows(prompts, samples, seq_len, max_new)
 
 
-def with_hard_mask(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A data batch with `hard_mask` = loss_mask (so data and sample steps share one layout)."""
-    return {**batch, "hard_mask": batch["loss_mask"]}
+def host_copy(tree):
+    """A whole (global) pytree of jax.Arrays as numpy on this host: device_get on one process;
+    on several, an all-gather (`multihost_utils.process_allgather`) to a full replica."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sample_global_batch(batch: dict[str, jax.Array], sharding: jax.sharding.Sharding, *,
+                        graphdef, params: dict, cfg, config: OnPolicy, seed: int,
+                        step: int) -> dict[str, jax.Array]:
+    """`sample_batch` on a global batch (any number of processes) -> global arrays laid out by
+    `sharding`.
+
+    batch: global arrays [global_batch, seq]; params: the student's (global, any sharding).
+    Every process gathers the whole batch and the whole student to host memory, samples every
+    row with the same key (the same jitted sampler on the same inputs: the same tokens as one
+    process would draw) and places only the rows its devices hold. The sampling work is repeated
+    on each process and each holds a full replica of the student while it samples; that is the
+    price of row results that do not depend on the process count.
+    """
+    full = sample_batch(host_copy(batch), graphdef=graphdef, params=host_copy(params), cfg=cfg,
+                        config=config, seed=seed, step=step)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in full.items()}

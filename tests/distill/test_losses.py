@@ -169,3 +169,73 @@ def test_bad_settings_are_one_line_config_errors(kwargs, names):
     with pytest.raises(ConfigError) as e:
         DistillLoss(**kwargs)
     assert names in str(e.value).splitlines()[0]
+
+
+def _grad_nll(s, t, cfg, mask):
+    targets = jnp.zeros(s.shape[:2], jnp.int32)
+    return np.asarray(jax.grad(lambda s: distill_sums(s, targets, jnp.asarray(mask), cfg,
+                                                      teacher_logits=t)["nll"])(s))
+
+
+def test_forward_kl_gradient_is_hintons_formula():
+    """d/dz [T^2 KL(p_T || q_T)] = T (q_T - p_T) per position (Hinton et al. 2015, eq. 2 times
+    the T^2 factor); masked positions get no gradient."""
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(1, 3, 7)) * 2
+    t = rng.normal(size=(1, 3, 7)) * 2
+    mask = np.array([[1.0, 0.0, 1.0]], np.float32)
+    T = 2.5
+    got = _grad_nll(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                    DistillLoss(divergence="forward_kl", temperature=T), mask)
+    for j in range(3):
+        want = T * (_softmax(s[0, j] / T) - _softmax(t[0, j] / T)) * mask[0, j]
+        np.testing.assert_allclose(got[0, j], want, atol=2e-6)
+
+
+def test_reverse_kl_gradient_by_hand():
+    """d/dz [T^2 KL(q_T || p_T)] = T q_i (log q_i - log p_i - KL(q_T || p_T)), q = softmax(z/T)."""
+    rng = np.random.default_rng(4)
+    s, t = rng.normal(size=(1, 2, 5)) * 2, rng.normal(size=(1, 2, 5)) * 2
+    T = 1.5
+    got = _grad_nll(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                    DistillLoss(divergence="reverse_kl", temperature=T), np.ones((1, 2)))
+    for j in range(2):
+        q, p = _softmax(s[0, j] / T), _softmax(t[0, j] / T)
+        kl_qp = float(np.sum(q * np.log(q / p)))
+        np.testing.assert_allclose(got[0, j], T * q * (np.log(q / p) - kl_qp), atol=2e-6)
+
+
+def test_jsd_gradient_matches_float64_finite_differences():
+    """The generalized JSD's gradient (beta 0.3, T 2) against central differences of the JSD
+    written in float64 numpy."""
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=6) * 2, rng.normal(size=6) * 2
+    T, beta = 2.0, 0.3
+
+    def jsd(z):
+        p, q = _softmax(t / T), _softmax(z / T)
+        m = beta * p + (1 - beta) * q
+        return T * T * (beta * np.sum(p * np.log(p / m)) + (1 - beta) * np.sum(q * np.log(q / m)))
+
+    eps = 1e-5
+    want = np.array([(jsd(s + eps * e) - jsd(s - eps * e)) / (2 * eps) for e in np.eye(6)])
+    got = _grad_nll(jnp.asarray(s[None, None], jnp.float32),
+                    jnp.asarray(t[None, None], jnp.float32),
+                    DistillLoss(divergence="jsd", temperature=T, beta=beta), np.ones((1, 1)))
+    np.testing.assert_allclose(got[0, 0], want, atol=1e-5)
+
+
+def test_t_squared_keeps_the_gradient_scale_at_high_temperature():
+    """Hinton et al.'s high-temperature limit: for zero-mean logits, the T^2-scaled forward-KL
+    gradient tends to (z - v) / N (N = vocabulary size), whatever T; without T^2 it would
+    shrink as 1 / T^2."""
+    rng = np.random.default_rng(6)
+    n = 8
+    s, t = rng.normal(size=n), rng.normal(size=n)
+    s, t = s - s.mean(), t - t.mean()
+    want = (s - t) / n
+    for T in (200.0, 1000.0):  # the limit's error is O(1 / T): 2.6% of the largest at T = 50
+        got = _grad_nll(jnp.asarray(s[None, None], jnp.float32),
+                        jnp.asarray(t[None, None], jnp.float32),
+                        DistillLoss(divergence="forward_kl", temperature=T), np.ones((1, 1)))
+        np.testing.assert_allclose(got[0, 0], want, atol=0.01 * np.abs(want).max())

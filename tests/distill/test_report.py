@@ -39,3 +39,39 @@ def test_unequal_pairing_is_an_error(tmp_path, capsys):
     assert distill_report.main(["--distilled", kd, "--scratch", f"{kd},{kd}",
                                 "--out", str(tmp_path / "x")]) == 2
     assert "same number of runs" in capsys.readouterr().err
+
+
+def fake_arm(path, curve, loss, mode="online", fraction=0.0, teacher=1.5):
+    run = fake_run(path, curve, teacher)
+    record = {"mode": mode, "loss": {"divergence": "forward_kl", "temperature": 1.0,
+                                     "alpha": 0.0, "beta": 0.5, **loss},
+              "on_policy": {"fraction": fraction}, **({"top_k": 32} if mode == "offline" else {})}
+    with open(os.path.join(run, "manifest.json"), "w") as f:
+        json.dump({"distill": record}, f)
+    return run
+
+
+def test_arms_are_grouped_labelled_and_paired_by_seed(tmp_path, capsys):
+    for seed, (sc, kd, gkd) in enumerate([(2.5, 2.2, 2.1), (2.7, 2.3, 2.3)]):
+        fake_arm(tmp_path / f"scratch_seed{seed}", [(50, 3.0), (100, sc)], {"alpha": 1.0})
+        fake_arm(tmp_path / f"fkl_hard_seed{seed}", [(50, 2.9), (100, kd)], {"alpha": 0.5})
+        if seed == 0:
+            fake_arm(tmp_path / f"gkd_seed{seed}", [(50, 2.8), (100, gkd)],
+                     {"divergence": "jsd"}, fraction=0.5)
+    os.makedirs(tmp_path / "unfinished_seed0")  # no eval.json: left out
+    out = str(tmp_path / "report" / "arms")
+    assert distill_report.main(["--arms_dir", str(tmp_path), "--out", out]) == 0
+    with open(out + ".json") as f:
+        rows = {r["arm"]: r for r in json.load(f)["arms"]}
+    assert set(rows) == {"scratch", "fkl_hard", "gkd"}
+    assert rows["fkl_hard"]["delta_vs_baseline"] == pytest.approx([-0.3, -0.4])
+    assert rows["fkl_hard"]["mean_delta"] == pytest.approx(-0.35)
+    assert rows["gkd"]["delta_vs_baseline"] == pytest.approx([-0.4])
+    assert rows["fkl_hard"]["label"] == "forward KL + 0.5 x hard labels"
+    assert rows["gkd"]["label"] == "JSD (beta 0.5), on-policy 0.5 (GKD)"
+    assert os.path.getsize(out + ".png") > 1000
+    table = capsys.readouterr().out
+    assert "| forward KL + 0.5 x hard labels | 2 | 2.2000 / 2.3000 | 2.2500 | -0.3500 |" in table
+    assert distill_report.main(["--arms_dir", str(tmp_path), "--baseline", "nope",
+                                "--out", out]) == 2
+    assert "nope" in capsys.readouterr().err
