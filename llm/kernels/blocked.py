@@ -13,8 +13,15 @@ masked half. This computes the same function block by block:
     q_len] for the backward;
   * the backward (`jax.custom_vjp`) walks the same pairs and recomputes each block's
     probabilities from q, k and lse -- FlashAttention-2's backward -- accumulating dq, dk, dv in
-    fp32. Nothing of size q_len x kv_len is ever live: memory is linear in the sequence length
-    (one block of scores [batch, kv_heads, groups, block_q, block_k] at a time).
+    fp32, with the block transposed (key-major p^T, ds^T), so dv = p^T dO and dk = ds^T q need
+    no per-block transpose;
+  * q, k, v are put in a heads-major layout once (q [batch, kv_heads, groups, q_len, head_dim],
+    the softmax scale folded into q), so each block is a contiguous run of rows and each einsum
+    one batched GEMM; before this, slicing blocks out of [batch, seq, heads, head_dim] cost a
+    transposing copy per operand per pair (~25% of the attention's time at seq 2048).
+
+Nothing of size q_len x kv_len is ever live: memory is linear in the sequence length (one block
+of scores [batch, kv_heads, groups, block_q, block_k] at a time).
 
 What is masked comes from `llm.kernels.reference.attention_mask` (causal with a query offset,
 segment ids), applied per block, so there is one definition of the mask. Semantics equal
