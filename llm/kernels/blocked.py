@@ -13,8 +13,15 @@ masked half. This computes the same function block by block:
     q_len] for the backward;
   * the backward (`jax.custom_vjp`) walks the same pairs and recomputes each block's
     probabilities from q, k and lse -- FlashAttention-2's backward -- accumulating dq, dk, dv in
-    fp32. Nothing of size q_len x kv_len is ever live: memory is linear in the sequence length
-    (one block of scores [batch, kv_heads, groups, block_q, block_k] at a time).
+    fp32, with the block transposed (key-major p^T, ds^T), so dv = p^T dO and dk = ds^T q need
+    no per-block transpose;
+  * q, k, v are put in a heads-major layout once (q [batch, kv_heads, groups, q_len, head_dim],
+    the softmax scale folded into q), so each block is a contiguous run of rows and each einsum
+    one batched GEMM; before this, slicing blocks out of [batch, seq, heads, head_dim] cost a
+    transposing copy per operand per pair (~25% of the attention's time at seq 2048).
+
+Nothing of size q_len x kv_len is ever live: memory is linear in the sequence length (one block
+of scores [batch, kv_heads, groups, block_q, block_k] at a time).
 
 What is masked comes from `llm.kernels.reference.attention_mask` (causal with a query offset,
 segment ids), applied per block, so there is one definition of the mask. Semantics equal
@@ -85,20 +92,15 @@ def _block_mask(i, j, *, block_q: int, block_k: int, causal: bool, q_seg, kv_seg
     return mask[:, :, None]  # broadcast over (kv_heads, groups)
 
 
-def _blocks(x, idx, size):
-    return jax.lax.dynamic_slice_in_dim(x, idx * size, size, 1)
+def _rows(x, idx, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, idx * size, size, axis)
 
 
-def _scores(qb, kb, scale):
-    """qb [b, bq, kvh, g, d], kb [b, bk, kvh, d] -> fp32 [b, kvh, g, bq, bk]."""
-    return jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
-
-
-def _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, *, causal, scale, block_q, block_k,
-             check):
-    """Padded inputs; q [b, Sq, kvh, g, d]. Returns out [b, Sq, kvh, g, d] (q.dtype), lse."""
-    b, sq, kvh, g, d = q.shape
-    qi, kj = block_schedule(sq // block_q, k.shape[1] // block_k, block_q, block_k,
+def _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, *, causal, block_q, block_k, check):
+    """Padded inputs, heads-major: q [b, kvh, g, Sq, d] (already scaled), k/v [b, kvh, Skv, d].
+    Returns out like q (q.dtype) and lse [b, kvh, g, Sq]."""
+    sq = q.shape[3]
+    qi, kj = block_schedule(sq // block_q, k.shape[2] // block_k, block_q, block_k,
                             causal_skip=causal and prefix_q is None)
     mask_fn = functools.partial(_block_mask, block_q=block_q, block_k=block_k, causal=causal,
                                 q_seg=q_seg, kv_seg=kv_seg, prefix_q=prefix_q, prefix_k=prefix_k)
@@ -109,19 +111,19 @@ def _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, *, causal, scale, block
 
         def compute(carry):
             acc, m, l = carry
-            s = jnp.where(mask, _scores(_blocks(q, i, block_q), _blocks(k, j, block_k), scale),
-                          MASK_VALUE)
-            m_old = jax.lax.dynamic_slice_in_dim(m, i * block_q, block_q, 3)
-            l_old = jax.lax.dynamic_slice_in_dim(l, i * block_q, block_q, 3)
+            # scores [b, kvh, g, bq, bk]: contiguous row blocks, one batched GEMM
+            s = jnp.einsum("bkgqd,bksd->bkgqs", _rows(q, i, block_q, 3),
+                           _rows(k, j, block_k, 2), preferred_element_type=jnp.float32)
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_old = _rows(m, i, block_q, 3)
             m_new = jnp.maximum(m_old, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m_old - m_new)
-            l_new = alpha * l_old + p.sum(-1)
-            pv = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), _blocks(v, j, block_k),
+            l_new = alpha * _rows(l, i, block_q, 3) + p.sum(-1)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), _rows(v, j, block_k, 2),
                             preferred_element_type=jnp.float32)
-            a_old = _blocks(acc, i, block_q)
-            a_new = a_old * jnp.moveaxis(alpha, 3, 1)[..., None] + pv
-            acc = jax.lax.dynamic_update_slice_in_dim(acc, a_new, i * block_q, 1)
+            a_new = _rows(acc, i, block_q, 3) * alpha[..., None] + pv
+            acc = jax.lax.dynamic_update_slice_in_dim(acc, a_new, i * block_q, 3)
             m = jax.lax.dynamic_update_slice_in_dim(m, m_new, i * block_q, 3)
             l = jax.lax.dynamic_update_slice_in_dim(l, l_new, i * block_q, 3)
             return acc, m, l
@@ -132,52 +134,56 @@ def _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, *, causal, scale, block
             carry = compute(carry)
         return carry, None
 
-    init = (jnp.zeros((b, sq, kvh, g, d), jnp.float32),
-            jnp.full((b, kvh, g, sq), MASK_VALUE, jnp.float32),
-            jnp.zeros((b, kvh, g, sq), jnp.float32))
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:4], MASK_VALUE, jnp.float32),
+            jnp.zeros(q.shape[:4], jnp.float32))
     (acc, m, l), _ = jax.lax.scan(step, init, (qi, kj))
     l_safe = jnp.where(l == 0.0, 1.0, l)  # rows with no allowed key: output 0
-    out = acc / jnp.moveaxis(l_safe, 3, 1)[..., None]
+    out = acc / l_safe[..., None]
     lse = m + jnp.log(l_safe)
     return out.astype(q.dtype), lse
 
 
-def _backward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse, dout, *, causal, scale,
-              block_q, block_k, check):
-    """FlashAttention-2 backward over the same schedule: recompute p per block from lse."""
-    sq = q.shape[1]
-    qi, kj = block_schedule(sq // block_q, k.shape[1] // block_k, block_q, block_k,
+def _backward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse, dout, *, causal, block_q,
+              block_k, check):
+    """FlashAttention-2 backward over the same schedule: recompute p per block from lse.
+
+    Key-major blocks (p^T, ds^T [b, kvh, bk, g, bq]) so that dv = p^T dO, dk = ds^T q and
+    dq^T = k^T ds^T are GEMMs on their operands' own layouts: no block is transposed.
+    q is the scaled q of the forward; returns dq with respect to it."""
+    sq = q.shape[3]
+    qi, kj = block_schedule(sq // block_q, k.shape[2] // block_k, block_q, block_k,
                             causal_skip=causal and prefix_q is None)
     mask_fn = functools.partial(_block_mask, block_q=block_q, block_k=block_k, causal=causal,
                                 q_seg=q_seg, kv_seg=kv_seg, prefix_q=prefix_q, prefix_k=prefix_k)
     # D_i = rowsum(dO_i * O_i) [b, kvh, g, Sq]
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("bkgqd,bkgqd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    kt = k.transpose(0, 1, 3, 2)  # [b, kvh, d, Skv], for dq^T = k^T ds^T
 
     def step(carry, ij):
         i, j = ij
         mask = mask_fn(i, j)
 
         def compute(carry):
-            dq, dk, dv = carry
-            qb, kb, vb = _blocks(q, i, block_q), _blocks(k, j, block_k), _blocks(v, j, block_k)
-            dob = _blocks(dout, i, block_q)
-            lse_b = jax.lax.dynamic_slice_in_dim(lse, i * block_q, block_q, 3)
-            delta_b = jax.lax.dynamic_slice_in_dim(delta, i * block_q, block_q, 3)
-            s = _scores(qb, kb, scale)
-            p = jnp.where(mask, jnp.exp(s - lse_b[..., None]), 0.0)
-            dv_b = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(v.dtype), dob,
+            dqt, dk, dv = carry
+            qb, dob = _rows(q, i, block_q, 3), _rows(dout, i, block_q, 3)
+            kb, vb = _rows(k, j, block_k, 2), _rows(v, j, block_k, 2)
+            st = jnp.einsum("bksd,bkgqd->bksgq", kb, qb, preferred_element_type=jnp.float32)
+            keep = jnp.moveaxis(mask, -1, 2)  # [., 1, bk, 1, bq]
+            pt = jnp.where(keep, jnp.exp(st - _rows(lse, i, block_q, 3)[:, :, None]), 0.0)
+            dv_b = jnp.einsum("bksgq,bkgqd->bksd", pt.astype(v.dtype), dob,
                               preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb, preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta_b[..., None]) * scale).astype(q.dtype)
-            dq_b = jnp.einsum("bkgqs,bskd->bqkgd", ds, kb, preferred_element_type=jnp.float32)
-            dk_b = jnp.einsum("bkgqs,bqkgd->bskd", ds, qb, preferred_element_type=jnp.float32)
-            dq = jax.lax.dynamic_update_slice_in_dim(dq, _blocks(dq, i, block_q) + dq_b,
-                                                     i * block_q, 1)
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, _blocks(dk, j, block_k) + dk_b,
-                                                     j * block_k, 1)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, _blocks(dv, j, block_k) + dv_b,
-                                                     j * block_k, 1)
-            return dq, dk, dv
+            dpt = jnp.einsum("bksd,bkgqd->bksgq", vb, dob, preferred_element_type=jnp.float32)
+            dst = (pt * (dpt - _rows(delta, i, block_q, 3)[:, :, None])).astype(q.dtype)
+            dk_b = jnp.einsum("bksgq,bkgqd->bksd", dst, qb, preferred_element_type=jnp.float32)
+            dqt_b = jnp.einsum("bkds,bksgq->bkgdq", _rows(kt, j, block_k, 3), dst,
+                               preferred_element_type=jnp.float32)
+            dqt = jax.lax.dynamic_update_slice_in_dim(dqt, _rows(dqt, i, block_q, 4) + dqt_b,
+                                                      i * block_q, 4)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, _rows(dk, j, block_k, 2) + dk_b,
+                                                     j * block_k, 2)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, _rows(dv, j, block_k, 2) + dv_b,
+                                                     j * block_k, 2)
+            return dqt, dk, dv
 
         if check:
             carry = jax.lax.cond(mask.any(), compute, lambda c: c, carry)
@@ -185,31 +191,30 @@ def _backward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse, dout, *, cau
             carry = compute(carry)
         return carry, None
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+    b, kvh, g, _, d = q.shape
+    init = (jnp.zeros((b, kvh, g, d, sq), jnp.float32), jnp.zeros(k.shape, jnp.float32),
             jnp.zeros(v.shape, jnp.float32))
-    (dq, dk, dv), _ = jax.lax.scan(step, init, (qi, kj))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    (dqt, dk, dv), _ = jax.lax.scan(step, init, (qi, kj))
+    return (dqt.transpose(0, 1, 2, 4, 3).astype(q.dtype), dk.astype(k.dtype),
+            dv.astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _attention(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal, scale, block_q, block_k,
-               check):
-    return _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal=causal, scale=scale,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _attention(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal, block_q, block_k, check):
+    return _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal=causal,
                     block_q=block_q, block_k=block_k, check=check)[0]
 
 
-def _attention_fwd(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal, scale, block_q, block_k,
-                   check):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal=causal, scale=scale,
+def _attention_fwd(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal, block_q, block_k, check):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, causal=causal,
                         block_q=block_q, block_k=block_k, check=check)
     return out, (q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse)
 
 
-def _attention_bwd(causal, scale, block_q, block_k, check, res, dout):
+def _attention_bwd(causal, block_q, block_k, check, res, dout):
     q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse = res
     dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, prefix_q, prefix_k, out, lse, dout,
-                           causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-                           check=check)
+                           causal=causal, block_q=block_q, block_k=block_k, check=check)
     return dq, dk, dv, None, None, None, None
 
 
@@ -253,7 +258,12 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if prefix is not None:
         prefix_q = _pad(prefix.astype(bool), sq, False)
         prefix_k = _pad(prefix.astype(bool), skv, False)
-    qg = _pad(q, sq).reshape(b, sq, kv_heads, heads // kv_heads, head_dim)
-    out = _attention(qg, _pad(k, skv), _pad(v, skv), q_segment_ids, kv_segment_ids, prefix_q,
-                     prefix_k, causal, scale, block_q, block_k, check)
-    return out.reshape(b, sq, heads, head_dim)[:, :q_len]
+    # Heads-major layout once, so every block is a contiguous run of rows and each einsum one
+    # batched GEMM: q [b, kv_heads, groups, Sq, d] (scale folded in), k/v [b, kv_heads, Skv, d].
+    qt = (_pad(q, sq) * jnp.asarray(scale, q.dtype)).reshape(
+        b, sq, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    kt = _pad(k, skv).transpose(0, 2, 1, 3)
+    vt = _pad(v, skv).transpose(0, 2, 1, 3)
+    out = _attention(qt, kt, vt, q_segment_ids, kv_segment_ids, prefix_q, prefix_k, causal,
+                     block_q, block_k, check)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, heads, head_dim)[:, :q_len]
