@@ -212,23 +212,14 @@ def reference_logps(graphdef, params: dict, rows: dict[str, np.ndarray], batch_s
 
 # ------------------------------------------------------------------------------ the training
 
-def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of a proportion successes / n."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
-
-
 def summarize(sums: dict[str, float]) -> dict:
     """Eval sums -> per-pair means: loss, implicit-reward accuracy (ties 1/2) with its 95%
     Wilson interval (`accuracy_lo`, `accuracy_hi`), rewards, margin."""
     pairs = max(sums["tokens"], 1.0)
     out = {"loss": sums["nll"] / pairs, "accuracy": sums["correct"] / pairs,
            "pairs": int(sums["tokens"])}
-    out["accuracy_lo"], out["accuracy_hi"] = wilson_interval(sums["correct"], sums["tokens"])
+    out["accuracy_lo"], out["accuracy_hi"] = pairs_lib.wilson_interval(sums["correct"],
+                                                                       sums["tokens"])
     out.update({k.removeprefix("per_token/"): v / pairs for k, v in sums.items()
                 if k.startswith("per_token/")})
     return out

@@ -146,6 +146,16 @@ def pad_to_multiple(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.
             for k, v in rows.items()}
 
 
+def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion successes / n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
 def split_heldout(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
     """(train, heldout) by a sha256 of each pair's prompt: every pair of one prompt lands on the
     same side, so held-out prompts are unseen in training."""

@@ -77,10 +77,10 @@ def test_rpo_term_is_the_chosen_mean_token_nll(loss_type):
 
 def test_wilson_interval_textbook_values():
     # 8 of 10: the 95% Wilson score interval is 0.4902 .. 0.9433 (Newcombe 1998, Table I style)
-    lo, hi = dpo.wilson_interval(8, 10)
+    lo, hi = pairs.wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
     # 0 of 10: 0 .. 0.2775 (the "rule of three"-like upper bound)
-    lo, hi = dpo.wilson_interval(0, 10)
+    lo, hi = pairs.wilson_interval(0, 10)
     assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
 
 
