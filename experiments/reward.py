@@ -51,8 +51,12 @@ from llm.train.step import batch_sharding, jit_eval_step, jit_train_step
 
 
 def summarize(sums: dict[str, float]) -> dict:
+    """Eval sums -> per-pair loss, accuracy with its 95% Wilson interval (accuracy_lo /
+    accuracy_hi), mean margin and the pair count."""
     pairs = max(sums["tokens"], 1.0)
+    lo, hi = pairs_lib.wilson_interval(sums["correct"], sums["tokens"])
     return {"loss": sums["nll"] / pairs, "accuracy": sums["correct"] / pairs,
+            "accuracy_lo": lo, "accuracy_hi": hi,
             "mean_margin": sums["margin"] / pairs, "pairs": int(sums["tokens"])}
 
 
@@ -209,7 +213,8 @@ def reward(run_dir: str = "runs/reward", base_run: str = "runs/quickstart",
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
         plot(run_dir, initial, result)
-        print(f"reward: held-out pair accuracy {result['accuracy']:.3f} on {result['pairs']} "
+        print(f"reward: held-out pair accuracy {result['accuracy']:.3f} (95% Wilson interval "
+              f"{result['accuracy_lo']:.3f}-{result['accuracy_hi']:.3f}) on {result['pairs']} "
               f"pairs (at start {initial['accuracy']:.3f}), "
               f"Bradley-Terry loss {result['loss']:.4f}; peak {peak / 1e9:.0f} GFLOP/s "
               f"({peak_source})")

@@ -146,6 +146,16 @@ def pad_to_multiple(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.
             for k, v in rows.items()}
 
 
+def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion successes / n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
 def split_heldout(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
     """(train, heldout) by a sha256 of each pair's prompt: every pair of one prompt lands on the
     same side, so held-out prompts are unseen in training."""
@@ -273,8 +283,6 @@ class TaskPairs:
     seed: int = 0
 
     def __post_init__(self):
-
-
         tasks.default_reward(self.task)  # ConfigError for an unknown task
         if self.reward:
             tasks.get_reward(self.reward)
@@ -295,15 +303,46 @@ class TaskPairs:
 
     @property
     def reward_name(self) -> str:
-
-
         return self.reward or tasks.default_reward(self.task)
 
-    def examples(self, split: str):
+    def examples(self, split: str, round_index: int = 0):
+        """The task examples of a split; round r > 0 of iterative DPO draws the next
+        `train_prompts` train problems (fresh prompts each round, as online DPO)."""
+        if split != "train":
+            return tasks.make_examples(self.task, split, self.heldout_prompts, seed=self.seed)
+        if round_index == 0:
+            return tasks.make_examples(self.task, split, self.train_prompts, seed=self.seed)
+        pool = tasks.make_examples(self.task, split, None, seed=self.seed)
+        start = (round_index * self.train_prompts) % len(pool)
+        return [pool[(start + i) % len(pool)] for i in range(self.train_prompts)]
 
-
-        num = self.train_prompts if split == "train" else self.heldout_prompts
-        return tasks.make_examples(self.task, split, num, seed=self.seed)
+    def build_round(self, graphdef, params, cfg, tokenizer, out_dir: str, round_index: int
+                    ) -> dict:
+        """Round `round_index` (>= 1) of iterative DPO: train pairs from `params` (the policy as
+        the previous round left it) on fresh train prompts, sampled with this config's
+        temperature and `samples`, written to <out_dir>/train.jsonl with stats.json (reused when
+        both exist, so a resumed run trains on the same pairs). Returns the stats."""
+        path, stats_path = (os.path.join(out_dir, n) for n in ("train.jsonl", "stats.json"))
+        if os.path.isfile(path) and os.path.isfile(stats_path):
+            with open(stats_path) as f:
+                return json.load(f)
+        pairs, st = task_pairs(graphdef, params, cfg, tokenizer,
+                               self.examples("train", round_index), self.reward_name,
+                               samples=self.samples, max_new_tokens=self.max_new_tokens,
+                               temperature=self.temperature, top_p=self.top_p,
+                               seed=self.seed * 2 + 1000 * round_index,
+                               batch_size=self.batch_size, max_prompt_len=self.max_prompt_len,
+                               prompt_format=self.prompt_format)
+        if not pairs:
+            raise DataError(f"TaskPairs: in DPO round {round_index} every train prompt's "
+                            f"{self.samples} samples got the same {self.reward_name!r} reward, "
+                            "so there are no pairs; raise TaskPairs.samples or "
+                            "TaskPairs.temperature, or lower DPOConfig.rounds.")
+        write_pairs(pairs, path)
+        stats = {"round": round_index, "train": st}
+        with open(stats_path, "w") as f:
+            json.dump(stats, f, indent=2)
+        return stats
 
     def build(self, graphdef, params, cfg, tokenizer, out_dir: str) -> dict:
         """Write <out_dir>/train.jsonl and heldout.jsonl (reused when both exist, so a resumed
@@ -359,7 +398,9 @@ def task_pairs(graphdef, params, cfg, tokenizer, examples, reward: str | Callabl
     pairs = rank_into_pairs([format_prompt(e.prompt, prompt_format) for e in examples], texts,
                             rewards, [e.id for e in examples])
     stats = {"mean_sample_reward": float(np.mean(rewards)), "prompts": len(examples),
-             "pairs": len(pairs)}
+             "pairs": len(pairs),
+             "mean_reward_gap": float(np.mean([p.meta["chosen_reward"] - p.meta["rejected_reward"]
+                                               for p in pairs])) if pairs else 0.0}
     return pairs, stats
 
 
@@ -368,7 +409,8 @@ def mean_task_reward(graphdef, params, cfg, tokenizer, examples, reward: str | C
                      top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
                      max_prompt_len: int = 256, prompt_format: str = "raw") -> dict:
     """A policy's task score: mean reward (and its standard error over prompts) of `samples`
-    completions per example."""
+    completions per example, and `per_prompt` (np.ndarray [examples]: each prompt's mean, for
+    paired comparisons)."""
     from llm.posttrain import tasks
 
     comps = sample_completions(graphdef, params, cfg, tokenizer, [e.prompt for e in examples],
@@ -382,4 +424,4 @@ def mean_task_reward(graphdef, params, cfg, tokenizer, examples, reward: str | C
     return {"mean_reward": float(per_prompt.mean()),
             "stderr": float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt)))
             if len(per_prompt) > 1 else 0.0,
-            "prompts": len(examples), "samples": samples}
+            "prompts": len(examples), "samples": samples, "per_prompt": per_prompt}

@@ -1,4 +1,5 @@
-"""DPO through experiments.rlhf end to end on the tiny pretrained run, with LoRA adapters (the
+"""DPO through experiments.rlhf end to end on the tiny pretrained run, trained on pairs exported
+from a human-review database (`tools.review pairs`), with LoRA adapters (the
 full-parameter step is the shared train_step, tested in test_dpo_sharding.py): the run directory
 contract, a held-out implicit-reward accuracy that rises from 1/2, and a run directory that
 `load_run` opens (base + adapters)."""
@@ -13,13 +14,13 @@ import pytest
 
 from llm.train.metrics import read_metrics
 from tests.conftest import run_experiment
-from tests.posttrain.test_reward import code_pairs, write_pairs
+from tests.posttrain.test_reward import code_pairs, review_export, write_pairs
 
 pytestmark = pytest.mark.slow  # one more tiny experiment in a subprocess
 
 
 def dpo_args(tiny_run, d, run_dir, *extra):
-    train = write_pairs(str(d / "train.jsonl"), code_pairs(32, seed=0))
+    train = review_export(d, code_pairs(32, seed=0))  # human feedback: tools.review pairs
     heldout = write_pairs(str(d / "heldout.jsonl"), code_pairs(16, seed=1))
     return [
         "--gin_file=gin_configs/debug/dpo_tiny.gin", f"--gin_param=rlhf.base_run='{tiny_run}'",
@@ -47,6 +48,7 @@ def test_dpo_lora_run(dpo_run):
         manifest = json.load(f)
     assert manifest["algorithm"] == "dpo" and manifest["lora"]["trainable_params"] > 0
     assert result["step"] == 8 and result["heldout"]["pairs"] == 16
+    assert result["train_pairs"] == 64  # 32 reviewed items x 2 reviewers' ratings
     assert result["heldout_initial"]["accuracy"] == 0.5  # the policy starts at the reference
     assert result["heldout_initial"]["loss"] == pytest.approx(np.log(2), abs=1e-6)
     assert result["heldout"]["accuracy"] > 0.75 and result["heldout"]["loss"] < np.log(2)

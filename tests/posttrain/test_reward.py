@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import random
 
@@ -110,6 +111,13 @@ def test_reward_run_writes_the_contract_and_learns(reward_run):
     assert result["accuracy"] >= 0.9 > result["initial_accuracy"] + 0.2, result
     assert result["loss"] < result["initial_loss"]
     assert "held-out pair accuracy" in proc.stdout
+    # the 95% Wilson interval of the held-out accuracy, by hand: p +- z sqrt(...) around the
+    # shifted centre (p + z^2 / 2n) / (1 + z^2 / n)
+    n, z, p = 24, 1.959964, result["accuracy"]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert result["accuracy_lo"] == pytest.approx(centre - half, abs=1e-9)
+    assert result["accuracy_hi"] == pytest.approx(centre + half, abs=1e-9)
 
 
 def test_loaded_reward_model_scores_like_training(reward_run):
