@@ -8,6 +8,7 @@ Methods (`METHODS`):
   int8, int4, nf4         weight-only round-to-nearest (int8 per channel, int4/NF4 group-wise)
   gptq-int8, gptq-int4, gptq-nf4   GPTQ on a calibration batch from the training split
   awq-int4, awq-nf4       AWQ (activation-aware scales folded into the norms, clip search)
+  w8a8                    int8 weights and per-token int8 activations: integer matmuls
   qat-int8, qat-int4, qat-nf4      fake-quantized fine-tune (STE), then round-to-nearest
   magnitude, wanda        unstructured pruning at compress.sparsity (per layer)
   2:4                     semi-structured 2-of-4 pruning (Wanda scores)
@@ -51,7 +52,7 @@ from llm.serve.sampler import generate
 from llm.train.loss import decoder_loss
 
 QUANT = ("int8", "int4", "nf4")
-METHODS = (*QUANT, *(f"gptq-{m}" for m in QUANT), "awq-int4", "awq-nf4",
+METHODS = (*QUANT, "w8a8", *(f"gptq-{m}" for m in QUANT), "awq-int4", "awq-nf4",
            *(f"qat-{m}" for m in QUANT), "magnitude", "wanda", "2:4")
 
 
@@ -193,7 +194,8 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     run = load_run(run_dir)
     data_dir = run.manifest.get("data", {}).get("data_dir", "")
     _, abstract_params, axes = transformer.abstract(run.cfg)
-    quant = method.split("-")[-1] if method.split("-")[-1] in QUANT else None
+    quant = ("int8" if method == "w8a8" else
+             method.split("-")[-1] if method.split("-")[-1] in QUANT else None)
     if quant:  # check the group size against every weight before any work
         Q.check_params(abstract_params, axes, quant, group_size, embedding_method)
     name = method_name(method, finetune_steps) + (f"-{tag}" if tag else "")
@@ -238,6 +240,9 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
                             finetune_batch_size=finetune_batch_size)
             compressed = Q.quantize_params(params, axes, method=quant, group_size=group_size,
                                            embedding_method=embedding_method)
+            if method == "w8a8":
+                compressed = Q.int8_activations(compressed)
+                settings["activations"] = "int8 per token"
     else:
         masks = prune.compute_masks(run.params, axes, method, sparsity, grams)
         compressed = prune.apply_masks(run.params, masks)
