@@ -1,10 +1,11 @@
 """Does an integer format make the model faster on this CPU? W8A8 vs fp32 vs int8 weight-only.
 
     python -m tools.bench_w8a8 --run_dir=runs/quickstart [--rows=1,8] [--prefill=256]
-        [--decode=32] [--repeats=5] [--eval_batches=8] [--threads=0] [--out=w8a8.json]
+        [--decode=32] [--repeats=5] [--matmul_repeats=50] [--eval_batches=8] [--threads=0]
+        [--out=w8a8.json]
 
 Two parts, all in one process with every variant timed interleaved (A, B, C, A, B, C, ...),
-best of `repeats`:
+best of `repeats` (`matmul_repeats` for the single matmuls, which take microseconds):
 
 1. Minimal reproduction, one matmul y [T, N] = x [T, K] . W [K, N] at the run's own weight
    shapes: fp32 `jnp.dot`; the bare int8 x int8 -> int32 `lax.dot_general`; and the full W8A8
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--matmul_repeats", type=int, default=50)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     "w8a8": Q.int8_activations(w8)}
         load = [os.getloadavg()[0]]
         mm = bench_matmuls(matmul_shapes(run.params, axes),
-                           [1, *[r * a.prefill for r in rows if r > 1], a.prefill], a.repeats)
+                           [1, a.prefill, *[r * a.prefill for r in rows if r > 1]],
+                           a.matmul_repeats)
         model = bench_model(run, variants, rows, a.prefill, a.decode, a.repeats)
         load.append(os.getloadavg()[0])
         quality = {}
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = len(os.sched_getaffinity(0))
     print(f"\n{run.name} step {run.step}; backend {jax.default_backend()}, {threads} CPUs, "
-          f"best of {a.repeats} interleaved, load average {load[0]:.1f} -> {load[1]:.1f}")
+          f"best of {a.repeats} ({a.matmul_repeats} per matmul) interleaved, load average "
+          f"{load[0]:.1f} -> {load[1]:.1f}")
     print("\n| weight | T | K x N | fp32 us | int8 dot us | W8A8 us | int8 dot x | W8A8 x |")
     print("|---|---|---|---|---|---|---|---|")
     for r in mm:
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"run_dir": run.run_dir, "step": run.step, "threads": threads,
-                       "repeats": a.repeats, "load_average_1m": load, "matmuls": mm,
+                       "repeats": a.repeats, "matmul_repeats": a.matmul_repeats,
+                       "load_average_1m": load, "matmuls": mm,
                        "model": model, "quality": quality,
                        "command": " ".join(["python -m tools.bench_w8a8", *sys.argv[1:]])},
                       f, indent=2)
