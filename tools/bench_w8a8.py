@@ -10,7 +10,8 @@ best of `repeats` (`matmul_repeats` for the single matmuls, which take microseco
 1. Minimal reproduction, one matmul y [T, N] = x [T, K] . W [K, N] at the run's own weight
    shapes: fp32 `jnp.dot`; the bare int8 x int8 -> int32 `lax.dot_general`; and the full W8A8
    product (`QArray.matmul_2d`: per-token activation quantization + int8 dot + rescale), for T
-   = 1 (decode), rows x prefill (prefill).
+   = 1 (decode), rows x prefill (prefill); and how XLA lowered the int8 dot (a native s8 x s8
+   dot, or both operands widened to s32 first, as XLA:CPU does for T = 1).
 2. The decoder: prefill tokens/s (one jitted forward over [rows, prefill]) and decode tokens/s
    (the KV-cache sampler, greedy, `decode` new tokens after a 16-token prompt, rows prompts)
    of fp32, int8 weight-only (dequantize-on-the-fly) and W8A8; plus each variant's validation
@@ -77,7 +78,10 @@ def bench_matmuls(shapes, tokens: list[int], repeats: int) -> list[dict]:
             xi = jnp.asarray(rng.integers(-127, 128, size=(t, k)), jnp.int8)
             best = _best({"fp32": f32, "int8_dot": i8, "w8a8": w8a8},
                          {"fp32": (x, w), "int8_dot": (xi, q.codes), "w8a8": (x, q)}, repeats)
+            hlo = i8.lower(xi, q.codes).compile().as_text()
+            widened = any("convert(" in line and "s32" in line for line in hlo.splitlines())
             rows.append({"weight": name, "T": t, "K": k, "N": n,
+                         "int8_dot_lowering": "widened to s32" if widened else "s8 x s8 dot",
                          **{f"{v}_us": 1e6 * s for v, s in best.items()},
                          "int8_dot_speedup": best["fp32"] / best["int8_dot"],
                          "w8a8_speedup": best["fp32"] / best["w8a8"]})
@@ -153,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{run.name} step {run.step}; backend {jax.default_backend()}, {threads} CPUs, "
           f"best of {a.repeats} ({a.matmul_repeats} per matmul) interleaved, load average "
           f"{load[0]:.1f} -> {load[1]:.1f}")
-    print("\n| weight | T | K x N | fp32 us | int8 dot us | W8A8 us | int8 dot x | W8A8 x |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| weight | T | K x N | fp32 us | int8 dot us | W8A8 us | int8 dot x | W8A8 x | "
+          "XLA int8 dot |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in mm:
         print(f"| {r['weight']} | {r['T']} | {r['K']}x{r['N']} | {r['fp32_us']:.0f} | "
               f"{r['int8_dot_us']:.0f} | {r['w8a8_us']:.0f} | {r['int8_dot_speedup']:.2f} | "
-              f"{r['w8a8_speedup']:.2f} |")
+              f"{r['w8a8_speedup']:.2f} | {r['int8_dot_lowering']} |")
     print("\n| variant | rows | prefill tok/s | x fp32 | decode tok/s | x fp32 | val ppl |")
     print("|---|---|---|---|---|---|---|")
     for r in model:
