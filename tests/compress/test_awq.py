@@ -78,8 +78,8 @@ def test_folded_scales_keep_the_float_model_output():
     assert {g.split("/")[1] for g in scales} == {"qkv", "o", "mlp_in", "mlp_out"}
     folded = awq.fold_scales(params, axes, scales)
     ids = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(2, 16)), jnp.int32)
-    a = transformer.apply(graphdef, params, ids)
-    b = transformer.apply(graphdef, folded, ids)
+    forward = jax.jit(lambda p: transformer.apply(graphdef, p, ids))  # one compile, two calls
+    a, b = forward(params), forward(folded)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
     assert not np.allclose(np.asarray(folded["layer_0"]["attn"]["q"]["kernel"]),
                            np.asarray(params["layer_0"]["attn"]["q"]["kernel"]))
