@@ -7,6 +7,8 @@
 Methods (`METHODS`):
   int8, int4, nf4         weight-only round-to-nearest (int8 per channel, int4/NF4 group-wise)
   gptq-int8, gptq-int4, gptq-nf4   GPTQ on a calibration batch from the training split
+  awq-int4, awq-nf4       AWQ (activation-aware scales folded into the norms, clip search)
+  w8a8                    int8 weights and per-token int8 activations: integer matmuls
   qat-int8, qat-int4, qat-nf4      fake-quantized fine-tune (STE), then round-to-nearest
   magnitude, wanda        unstructured pruning at compress.sparsity (per layer)
   2:4                     semi-structured 2-of-4 pruning (Wanda scores)
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm.compress import calibrate, finetune, gptq, prune
+from llm.compress import awq, calibrate, finetune, gptq, prune
 from llm.compress import quantize as Q
 from llm.compress.checkpoint import directory_bytes, save_compressed
 from llm.config import ConfigError, parse_gin
@@ -50,8 +52,8 @@ from llm.serve.sampler import generate
 from llm.train.loss import decoder_loss
 
 QUANT = ("int8", "int4", "nf4")
-METHODS = (*QUANT, *(f"gptq-{m}" for m in QUANT), *(f"qat-{m}" for m in QUANT),
-           "magnitude", "wanda", "2:4")
+METHODS = (*QUANT, "w8a8", *(f"gptq-{m}" for m in QUANT), "awq-int4", "awq-nf4",
+           *(f"qat-{m}" for m in QUANT), "magnitude", "wanda", "2:4")
 
 
 def method_name(method: str, finetune_steps: int) -> str:
@@ -166,14 +168,16 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
              finetune_steps: int = 0, finetune_lr: float = 3e-4, finetune_batch_size: int = 8,
              eval_batch_size: int = 8,
              eval_batches: int | None = None, prefill_len: int = 256, decode_tokens: int = 64,
-             speed_repeats: int = 3, gptq_damp: float = 0.01, seed: int = 0,
+             speed_repeats: int = 3, gptq_damp: float = 0.01, awq_clip: bool = True,
+             seed: int = 0,
              tag: str | None = None) -> dict:
     """Compress the run at `run_dir` with `method` and write the report (module docstring).
 
     group_size: int4/NF4 rows per scale (must divide every contraction dim). embedding_method:
     the embedding table's quantization if it should differ (e.g. "int8" under int4).
     calibration_*: rows of the training split for GPTQ / Wanda / 2:4. eval_batches: None
-    scores the whole validation split. tag: appended to the output directory name (to keep
+    scores the whole validation split. awq_clip: AWQ's per-group clip search after
+    scaling. tag: appended to the output directory name (to keep
     variants of one method apart, e.g. tag="emb8" with embedding_method="int8"). Returns the
     report record.
     """
@@ -190,7 +194,8 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     run = load_run(run_dir)
     data_dir = run.manifest.get("data", {}).get("data_dir", "")
     _, abstract_params, axes = transformer.abstract(run.cfg)
-    quant = method.split("-")[-1] if method.split("-")[-1] in QUANT else None
+    quant = ("int8" if method == "w8a8" else
+             method.split("-")[-1] if method.split("-")[-1] in QUANT else None)
     if quant:  # check the group size against every weight before any work
         Q.check_params(abstract_params, axes, quant, group_size, embedding_method)
     name = method_name(method, finetune_steps) + (f"-{tag}" if tag else "")
@@ -203,11 +208,11 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
     settings: dict = {"method": method}
     t0 = time.time()
     grams = None
-    if method.startswith("gptq-") or method in ("wanda", "2:4"):
+    if method.startswith(("gptq-", "awq-")) or method in ("wanda", "2:4"):
         batches = calibrate.calibration_batches(
             data_dir, num_batches=calibration_batches, batch_size=calibration_batch_size,
             seq_len=run.seq_len, seed=seed)
-        grams, tokens = calibrate.gram_matrices(run.graphdef, run.params, batches)
+        grams, act_means, tokens = calibrate.input_statistics(run.graphdef, run.params, batches)
         settings.update(calibration_tokens=tokens, calibration_split="train")
     finetune_losses = None
     if quant:
@@ -218,6 +223,11 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
                                           group_size=group_size, damp=gptq_damp,
                                           embedding_method=embedding_method)
             settings["gptq_damp"] = gptq_damp
+        elif method.startswith("awq-"):
+            compressed, alphas = awq.awq_params(run.params, axes, grams, act_means, method=quant,
+                                                group_size=group_size, clip=awq_clip,
+                                                embedding_method=embedding_method)
+            settings.update(awq_clip=awq_clip, awq_alpha=alphas)
         else:
             params = run.params
             if method.startswith("qat-"):
@@ -230,6 +240,9 @@ def compress(run_dir: str, method: str, out_dir: str | None = None, group_size: 
                             finetune_batch_size=finetune_batch_size)
             compressed = Q.quantize_params(params, axes, method=quant, group_size=group_size,
                                            embedding_method=embedding_method)
+            if method == "w8a8":
+                compressed = Q.int8_activations(compressed)
+                settings["activations"] = "int8 per token"
     else:
         masks = prune.compute_masks(run.params, axes, method, sparsity, grams)
         compressed = prune.apply_masks(run.params, masks)

@@ -1,7 +1,8 @@
 """Calibration statistics: the input Gram matrix of every matmul weight, from real training rows.
 
 GPTQ needs H = X^T X of each linear layer's input X [tokens, K]; Wanda needs the per-feature
-input norms ||X[:, k]||_2 = sqrt(diag(H)). Both come from one jitted pass per calibration batch
+input norms ||X[:, k]||_2 = sqrt(diag(H)); AWQ needs H and the mean magnitude mean_t |X[t, k]|.
+All come from one jitted pass per calibration batch
 over the float model, in which every `Dense` (and the tied output layer, `Embed.attend`) also
 accumulates its input's Gram matrix. The model code is not changed: inside the trace the
 merged modules are switched to recording subclasses of `Dense` / `Embed`.
@@ -29,13 +30,16 @@ class _Sink:
 
     def __init__(self):
         self.grams: dict[str, jax.Array] = {}
+        self.abs_sums: dict[str, jax.Array] = {}
         self.mask: jax.Array | None = None
 
     def add(self, key: str, x2: jax.Array) -> None:
         if self.mask is not None:
             x2 = x2 * self.mask.reshape(-1, 1)
         g = jnp.dot(x2.T, x2, preferred_element_type=jnp.float32)
+        a = jnp.sum(jnp.abs(x2), axis=0)
         self.grams[key] = self.grams[key] + g if key in self.grams else g
+        self.abs_sums[key] = self.abs_sums[key] + a if key in self.abs_sums else a
 
 
 class _RecordingDense(Dense):
@@ -71,6 +75,13 @@ def gram_matrices(graphdef: nnx.GraphDef, params: dict, batches: list[dict]
     number of tokens). H = sum over real (non-padding) tokens of x x^T, x the layer's input in
     the contraction-first flattening of `quantize.to_2d`. batches: dicts with inputs,
     positions, segment_ids [batch, seq]. Raises ConfigError when there are no batches/tokens."""
+    grams, _, tokens = input_statistics(graphdef, params, batches)
+    return grams, tokens
+
+
+def input_statistics(graphdef: nnx.GraphDef, params: dict, batches: list[dict]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(grams as in `gram_matrices`, {path: mean over real tokens of |x| [K] float64}, tokens)."""
     if not batches:
         raise ConfigError("the calibration set is empty: calibration_batches must be >= 1 and "
                           "the training split must hold at least one row.")
@@ -82,20 +93,23 @@ def gram_matrices(graphdef: nnx.GraphDef, params: dict, batches: list[dict]
         model = nnx.merge(graphdef, params)
         _instrument(model, sink)
         model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        return sink.grams, jnp.sum(sink.mask)
+        return sink.grams, sink.abs_sums, jnp.sum(sink.mask)
 
     total: dict[str, np.ndarray] = {}
+    abs_total: dict[str, np.ndarray] = {}
     tokens = 0
     for batch in tqdm(batches, desc="calibrate", leave=False):
         batch = {k: jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids")}
-        grams, n = one(params, batch)
+        grams, abs_sums, n = one(params, batch)
         tokens += int(n)
         for k, g in grams.items():
             g = np.asarray(g, np.float64)
             total[k] = total[k] + g if k in total else g
+            a = np.asarray(abs_sums[k], np.float64)
+            abs_total[k] = abs_total[k] + a if k in abs_total else a
     if tokens == 0:
         raise ConfigError("the calibration set is empty: its rows hold no tokens.")
-    return total, tokens
+    return total, {k: a / tokens for k, a in abs_total.items()}, tokens
 
 
 def calibration_batches(data_dir: str, *, num_batches: int, batch_size: int, seq_len: int,

@@ -10,6 +10,11 @@ with include_embedding) is viewed as W2 [K, N] (contraction first, `quantize.to_
     2:4:       in every run of 4 consecutive contraction rows of each column, the 2 lowest
                scores (Wanda's, or |W| without calibration) are zeroed: exactly 50%.
 
+`scope` overrides where scores compete ("layer": the whole matrix; "output": each output channel
+n), for the paper's ablations (magnitude per output, Wanda per layer). `sequential_masks` is the
+paper's sequential variant: block i is calibrated on the inputs of the model whose blocks < i
+are already pruned.
+
 A mask is a bool array of the weight's shape (True = kept); `apply_masks` multiplies.
 """
 
@@ -56,16 +61,26 @@ def wanda_scores(w2: np.ndarray, input_norms: np.ndarray) -> np.ndarray:
     return np.abs(w2) * np.asarray(input_norms)[:, None]
 
 
+def _scoped_mask(scores: np.ndarray, sparsity: float, scope: str) -> np.ndarray:
+    if scope == "layer":
+        return _lowest_mask(scores, round(sparsity * scores.size), axis=None)
+    if scope == "output":
+        return _lowest_mask(scores, round(sparsity * scores.shape[0]), axis=0)
+    raise ConfigError(f"prune scope={scope!r} is not 'layer' or 'output'.")
+
+
 def mask_2d(w2: np.ndarray, method: str, sparsity: float,
-            input_norms: np.ndarray | None = None, n: int = 2, m: int = 4) -> np.ndarray:
-    """Keep-mask [K, N] of W2 [K, N]. input_norms [K] (wanda, and 2:4 when given)."""
+            input_norms: np.ndarray | None = None, n: int = 2, m: int = 4,
+            scope: str | None = None) -> np.ndarray:
+    """Keep-mask [K, N] of W2 [K, N]. input_norms [K] (wanda, and 2:4 when given). scope:
+    None = the method's own ("layer" for magnitude, "output" for wanda)."""
     if method == "magnitude":
-        return _lowest_mask(np.abs(w2), round(sparsity * w2.size), axis=None)
+        return _scoped_mask(np.abs(w2), sparsity, scope or "layer")
     if method == "wanda":
         if input_norms is None:
             raise ConfigError("prune method 'wanda' needs calibration inputs; give "
                               "calibration_batches >= 1.")
-        return _lowest_mask(wanda_scores(w2, input_norms), round(sparsity * w2.shape[0]), axis=0)
+        return _scoped_mask(wanda_scores(w2, input_norms), sparsity, scope or "output")
     if method == "2:4":
         k, cols = w2.shape
         if k % m:
@@ -94,11 +109,13 @@ def prunable(params: dict, logical_axes: dict, include_embedding: bool = False
 
 def compute_masks(params: dict, logical_axes: dict, method: str, sparsity: float = 0.5,
                   grams: dict[str, np.ndarray] | None = None,
-                  include_embedding: bool = False) -> dict[str, np.ndarray]:
+                  include_embedding: bool = False, scope: str | None = None,
+                  only: str | None = None) -> dict[str, np.ndarray]:
     """{path: keep-mask in the weight's shape} for every prunable weight.
 
     grams: `calibrate.gram_matrices` output (wanda; optional for 2:4). Raises ConfigError for a
-    sparsity outside [0, 1) or an unknown method."""
+    sparsity outside [0, 1) or an unknown method. scope: see `mask_2d`. only: a path prefix
+    (e.g. "layer_1/") -- mask just those weights."""
     if method not in METHODS:
         raise ConfigError(f"prune method={method!r} is not one of {', '.join(METHODS)}.")
     sparsity = 0.5 if method == "2:4" else check_sparsity(sparsity)
@@ -106,13 +123,32 @@ def compute_masks(params: dict, logical_axes: dict, method: str, sparsity: float
             for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
     masks = {}
     for key, dims in prunable(params, logical_axes, include_embedding).items():
+        if only is not None and not key.startswith(only):
+            continue
         w = flat[key]
         w2 = np.asarray(Q.to_2d(w, dims), np.float64)
         norms = None
         if grams is not None and key in grams:
             norms = np.sqrt(np.maximum(np.diag(grams[key]), 0.0))
-        keep2 = mask_2d(w2, method, sparsity, norms)
+        keep2 = mask_2d(w2, method, sparsity, norms, scope=scope)
         masks[key] = np.asarray(Q.from_2d(jnp.asarray(keep2), w.shape, dims))
+    return masks
+
+
+def sequential_masks(graphdef, params: dict, logical_axes: dict, method: str,
+                     sparsity: float, batches: list[dict], scope: str | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Masks computed block by block (Wanda's and SparseGPT's reference order): the statistics
+    of block i come from a calibration pass of the model whose blocks 0..i-1 are already
+    pruned. The tied embedding/output matrix is not pruned (as in `compute_masks`)."""
+    from llm.compress import calibrate
+
+    layers = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    masks: dict[str, np.ndarray] = {}
+    for layer in layers:
+        grams, _ = calibrate.gram_matrices(graphdef, apply_masks(params, masks), batches)
+        masks.update(compute_masks(params, logical_axes, method, sparsity, grams, scope=scope,
+                                   only=f"{layer}/"))
     return masks
 
 

@@ -62,6 +62,9 @@ class QArray:
     method: "int8" | "int4" | "nf4". shape: the weight's original shape. contraction: the
     original dims summed over by the matmul (they lead W2). group_size: rows per scale (K for
     int8). dtype: the float dtype `dequantize` returns by default (the weight's own).
+    activations: "float" (weight-only: the matmul runs on the dequantized weight) or "int8"
+    (W8A8, int8 weights only: `matmul_2d` quantizes each token's activations to int8 and runs
+    an int8 x int8 -> int32 dot; `llm.model.layers.Dense` and `Embed.attend` call it).
     """
 
     codes: jax.Array
@@ -71,6 +74,7 @@ class QArray:
     contraction: tuple[int, ...] = flax.struct.field(pytree_node=False)
     group_size: int = flax.struct.field(pytree_node=False)
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    activations: str = flax.struct.field(pytree_node=False, default="float")
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +89,20 @@ class QArray:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    def matmul_2d(self, x2: jax.Array) -> jax.Array:
+        """x2 [T, K] . W2 [K, N] -> float32 [T, N]. W8A8: per-token symmetric activation scales
+        a_t = max_k |x2[t, k]| / 127, codes round(x2 / a_t) in int8, one int8 dot with int32
+        accumulation, then y = acc * a_t * scale_n. Otherwise the dequantized weight's dot."""
+        if self.activations != "int8":
+            return jnp.dot(x2, decode(unpacked_codes(self), self.scale, self.method))
+        x2 = x2.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
+        a = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+        xq = jnp.clip(jnp.round(x2 / a), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        acc = jax.lax.dot_general(xq, self.codes, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return acc.astype(jnp.float32) * a * self.scale
 
     def __getitem__(self, index):
         """`param[...]`, the way every layer reads its weight (`self.kernel[...]`), dequantizes:
@@ -289,6 +307,21 @@ def check_params(abstract_params: dict, logical_axes: dict, method: str, group_s
         check_group_size(m, math.prod(a.shape[d] for d in dims), group_size, "/".join(names))
 
 
+def int8_activations(qparams: dict) -> dict:
+    """W8A8: every int8 QArray of a `quantize_params(..., method="int8")` dict also quantizes
+    its input activations per token (`QArray.matmul_2d`). Raises ConfigError for other codes."""
+
+    def one(q):
+        if not is_qarray(q):
+            return q
+        if q.method != "int8":
+            raise ConfigError(f"W8A8 needs int8 weights, but a weight is {q.method}; quantize "
+                              "with method='int8' first.")
+        return q.replace(activations="int8")
+
+    return jax.tree.map(one, qparams, is_leaf=is_qarray)
+
+
 def dequantize_params(qparams: dict, dtype=None) -> dict:
     """Every QArray leaf back to a float array (call inside the jitted forward)."""
     return jax.tree.map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, qparams,
@@ -363,7 +396,7 @@ def to_storage(qparams: dict) -> tuple[dict, dict]:
             return x
         meta["/".join(_path_names(path))] = {
             "method": x.method, "shape": list(x.shape), "contraction": list(x.contraction),
-            "group_size": x.group_size, "dtype": x.dtype}
+            "group_size": x.group_size, "dtype": x.dtype, "activations": x.activations}
         return {"codes": x.codes, "scale": x.scale}
 
     arrays = jax.tree_util.tree_map_with_path(one, qparams, is_leaf=is_qarray)
@@ -381,7 +414,7 @@ def from_storage(arrays: dict, meta: dict) -> dict:
                 return QArray(codes=jnp.asarray(node["codes"]), scale=jnp.asarray(node["scale"]),
                               method=m["method"], shape=tuple(m["shape"]),
                               contraction=tuple(m["contraction"]), group_size=m["group_size"],
-                              dtype=m["dtype"])
+                              dtype=m["dtype"], activations=m.get("activations", "float"))
             return {k: walk(v, (*prefix, k)) for k, v in node.items()}
         return node
 

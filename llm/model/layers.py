@@ -56,6 +56,13 @@ class Dense(nnx.Module):
         dims (batch, length) and XLA:CPU transposed the cotangent into a copy and ran the dot on
         its slower non-YNN path: ~25% of the MLP's fwd+bwd time (docs/benchmarks.md).
         """
+        raw = self.kernel.get_value()
+        if getattr(raw, "activations", None) == "int8":  # W8A8 weight (llm.compress.quantize)
+            lead, w_in, w_out = x.shape[:x.ndim - self.n_in], raw.shape[:self.n_in], raw.shape[
+                self.n_in:]
+            y = raw.matmul_2d(x.reshape(math.prod(lead), math.prod(w_in))).astype(self.dtype)
+            y = y.reshape(*lead, *w_out)
+            return y if self.bias is None else y + self.bias[...].astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
         lead, w_in = x.shape[:x.ndim - self.n_in], kernel.shape[:self.n_in]
         w_out = kernel.shape[self.n_in:]
@@ -83,6 +90,10 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x [batch, seq, embed] -> fp32 logits [batch, seq, vocab] (see `tied_logits`)."""
         lead = x.shape[:-1]
+        raw = self.embedding.get_value()
+        if getattr(raw, "activations", None) == "int8":  # W8A8 table (llm.compress.quantize)
+            logits = raw.matmul_2d(x.reshape(-1, x.shape[-1]))
+            return logits.reshape(*lead, logits.shape[-1])
         logits = tied_logits(x.astype(self.dtype).reshape(-1, x.shape[-1]),
                              self.embedding[...].astype(self.dtype))
         return logits.reshape(*lead, logits.shape[-1])

@@ -103,3 +103,33 @@ def test_recovery_finetune_keeps_mask_and_lowers_loss(tiny_data):
         assert np.all(flat_after[key][~mask] == 0), key
         assert np.any(flat_after[key][mask] != flat_before[key][mask]), key  # it did train
     assert losses[-1] < losses[0]
+
+
+def test_scope_output_prunes_each_output_channel_equally():
+    w2 = np.random.default_rng(4).normal(size=(16, 6)) * np.array([0.1, 1, 1, 1, 1, 10])
+    per_layer = prune.mask_2d(w2, "magnitude", 0.5)
+    per_output = prune.mask_2d(w2, "magnitude", 0.5, scope="output")
+    assert np.all(per_output.sum(axis=0) == 8)  # 8 of 16 kept in every column
+    assert per_layer[:, 0].sum() < 8 < per_layer[:, 5].sum()  # per layer: small column loses
+    norms = np.ones(16)
+    np.testing.assert_array_equal(prune.mask_2d(w2, "wanda", 0.5, norms, scope="layer"),
+                                  per_layer)  # equal norms: Wanda per layer = magnitude
+
+
+def test_sequential_masks_calibrate_later_blocks_on_the_pruned_model(model):
+    params, axes = model
+    graphdef, _, _ = transformer.abstract(CFG)
+    rng = np.random.default_rng(5)
+    batches = [{"inputs": rng.integers(0, CFG.vocab_size, size=(2, 16)).astype(np.int32),
+                "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+                "segment_ids": np.ones((2, 16), np.int32)}]
+    from llm.compress import calibrate
+
+    grams, _ = calibrate.gram_matrices(graphdef, params, batches)
+    one_shot = prune.compute_masks(params, axes, "wanda", 0.6, grams)
+    seq = prune.sequential_masks(graphdef, params, axes, "wanda", 0.6, batches)
+    assert set(seq) == set(one_shot)
+    for key in seq:  # block 0 sees the same inputs; block 1 sees block 0 pruned
+        if key.startswith("layer_0/"):
+            np.testing.assert_array_equal(seq[key], one_shot[key])
+    assert any(not np.array_equal(seq[k], one_shot[k]) for k in seq if k.startswith("layer_1/"))
