@@ -1,0 +1,20 @@
+"""SFT, DPO and GRPO updates for one mesh in one process: the three sharding workers' `main`
+(tests/posttrain/{sft,dpo,rl}_sharding_worker.py) one after the other, so a test compares a mesh
+against one device with one subprocess per mesh rather than one per algorithm.
+
+usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python -m tests.posttrain.posttrain_sharding_worker <out_dir> <mesh>
+(mesh: a gin file under gin_configs/mesh/ or 'single'). Prints {"sft": ..., "dpo": ...,
+"grpo": ...} as JSON; DPO and GRPO also save their updated params as <out_dir>/{dpo_,}<name>.npy.
+"""
+
+import json
+import sys
+
+from tests.posttrain import dpo_sharding_worker, rl_sharding_worker, sft_sharding_worker
+
+if __name__ == "__main__":
+    out_dir, mesh = sys.argv[1], sys.argv[2]
+    print(json.dumps({"sft": sft_sharding_worker.main(mesh),
+                      "dpo": dpo_sharding_worker.main(mesh, out_dir),
+                      "grpo": rl_sharding_worker.main(mesh, out_dir)}))
