@@ -187,6 +187,19 @@ class Algorithm:
     next_kl_coef: Callable[[float, float], float] = lambda coef, kl: coef
 
 
+def to_host(tree):
+    """device_get that also works on more than one process: arrays that span other processes'
+    devices (split along the batch) are all-gathered first, so every process gets the global
+    values."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
+
+
 def kl_controller(rc: RLConfig) -> Callable[[float, float], float]:
     """Algorithm.next_kl_coef for RLConfig's target_kl / kl_horizon (identity without a target)."""
     return lambda coef, kl: adaptive_kl_coef(coef, kl, rc.target_kl, rc.kl_horizon,
@@ -424,7 +437,7 @@ def update_epochs(steps: Steps, state: RLState, frozen: dict, batch: Batch, key:
             state, metrics = steps.update(state, frozen, batch,
                                           jnp.asarray(order[m * size:(m + 1) * size]))
             collected.append(metrics)
-    collected = jax.device_get(collected)
+    collected = to_host(collected)
     return state, {k: float(np.mean([c[k] for c in collected])) for k in collected[0]}
 
 
@@ -557,7 +570,7 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
             host = {"tokens": ro.tokens, "response_mask": ro.response_mask, "scores": scores}
             batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
             batch = steps.prepare(state, frozen, batch)
-            prepared = jax.device_get({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
+            prepared = to_host({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
             state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
             kl_coef = float(state.kl_coef)
             seq_kl = float(np.mean(prepared["kl"]))
@@ -634,8 +647,8 @@ def evaluate(ctx: RLHFContext, rc: RLConfig, algo: Algorithm, state: RLState, fr
             for k, (scorer, texts) in scorers.items():
                 rewards[k].extend(scorer([texts[j] for j in chunk], completions,
                                          [examples[j].reference for j in chunk]).tolist())
-            logp = np.asarray(ref_logp_fn(params, ro.tokens))
-            ref_logp = np.asarray(ref_logp_fn(ref, ro.tokens))
+            logp = to_host(ref_logp_fn(params, ro.tokens))
+            ref_logp = to_host(ref_logp_fn(ref, ro.tokens))
             mask = ro.response_mask
             log_r = (ref_logp - logp) * mask
             kls.extend((-log_r).sum(1)[:len(chunk)].tolist())
