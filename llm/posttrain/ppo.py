@@ -27,6 +27,7 @@ import dataclasses
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm.config import ConfigError
 from llm.model import transformer
@@ -118,7 +119,7 @@ def init_value(ctx: RLHFContext, key: jax.Array) -> tuple[dict, dict]:
     del key
     d = ctx.base.cfg.d_model
     params = {"backbone": jax.tree.map(jnp.copy, ctx.base.params),
-              "head": {"kernel": jnp.zeros((d,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+              "head": {"kernel": np.zeros((d,), np.float32), "bias": np.zeros((), np.float32)}}
     axes = {"backbone": ctx.logical_axes, "head": {"kernel": ("embed",), "bias": ()}}
     return params, axes
 

@@ -472,7 +472,7 @@ def init_state(ctx: RLHFContext, algo: Algorithm, rc: RLConfig, tx, seed: int
 
         _, abstract_params, logical_axes = transformer.abstract(ctx.base.cfg)
         adapters = lora.init_adapters(plan, policy_key, ctx.base.params)
-        adapters = jax.device_put(adapters, tree_shardings(
+        adapters = jax.device_put(jax.tree.map(np.asarray, adapters), tree_shardings(
             lora.adapter_axes(plan, logical_axes), lora.abstract_adapters(plan, abstract_params),
             mesh, rules))
         policy = adapters
@@ -485,11 +485,13 @@ def init_state(ctx: RLHFContext, algo: Algorithm, rc: RLConfig, tx, seed: int
     if algo.init_value is not None:
         value, value_axes = algo.init_value(ctx, value_key)
         value = jax.device_put(value, tree_shardings(value_axes, value, mesh, rules))
+    # Host values (numpy), not single-device arrays, go to device_put: on more than one
+    # process a global array is only well formed when every process passes the whole value.
     trainable = {"policy": policy, "value": value}
-    state = RLState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    state = RLState(step=jax.device_put(np.int32(0), replicated),
                     params=policy, value=value, opt_state=init_opt_state(tx, trainable, mesh),
-                    rng=jax.device_put(jax.random.key_data(rng), replicated),
-                    kl_coef=jax.device_put(jnp.float32(rc.kl_coef), replicated))
+                    rng=jax.device_put(np.asarray(jax.random.key_data(rng)), replicated),
+                    kl_coef=jax.device_put(np.float32(rc.kl_coef), replicated))
     return state, frozen, params_of
 
 
@@ -577,7 +579,7 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
             next_coef = algo.next_kl_coef(kl_coef, seq_kl)
             state = jax.device_put(  # the same placement every step: no recompilation
                 state.replace(step=state.step + 1, rng=jax.random.key_data(rng),
-                              kl_coef=jnp.asarray(next_coef, jnp.float32)), state_shardings)
+                              kl_coef=np.float32(next_coef)), state_shardings)
             lengths = ro.response_lengths
             dt = time.perf_counter() - t0
             record = {
