@@ -57,14 +57,16 @@ def synthetic_batch(rc: RLConfig = RC) -> dict:
             "response_mask": mask.astype(np.float32), "scores": scores}
 
 
-def main(mesh_file: str, out_dir: str, rc: RLConfig = RC, minibatches=MINIBATCHES) -> dict:
+def main(mesh_file: str, out_dir: str, rc: RLConfig = RC, minibatches=MINIBATCHES,
+         lr: float = 1e-3) -> dict:
     """rc / minibatches: the rollout batch layout and the rows of each update (a mesh that
-    splits the batch 8 ways needs minibatches of a multiple of 8 rows)."""
+    splits the batch 8 ways needs minibatches of a multiple of 8 rows); lr: Adam's step (see
+    below)."""
     mesh, rules = configure(mesh_file)
     # Adam turns near-zero gradients into steps of about the learning rate, so reduction-order
     # noise in a gradient of ~1e-9 moves its parameter by up to lr: keep lr at 1e-3 (not the
     # pretraining worker's 1e-2) to compare updated parameters at 1e-5.
-    gin.parse_config("learning_rate_schedule.peak = 1e-3")
+    gin.parse_config(f"learning_rate_schedule.peak = {lr}")
     graphdef, abstract, axes = transformer.abstract(CFG)
     shardings = tree_shardings(axes, abstract, mesh, rules)
     params = host_params(abstract)
