@@ -81,7 +81,7 @@ class RLConfig:
       (`llm.posttrain.kl.adaptive_kl_coef`): at most a factor 1 +- 0.2 * batch / kl_horizon a step.
     eval_rewards: more rewards (names as `reward`, e.g. the programmatic task reward beside a
       reward model) scored on the same held-out completions; eval.json gets
-      reward_<name>_{policy,reference}.
+      reward_<name>_{policy,reference,gain} (`reward_key`: "rm" for a reward model).
     sample_log_every: every N steps, append each sampled (prompt, completion, reward) of the step
       to <run_dir>/samples.jsonl (0: never).
     fault_injection: testing hook, "sigkill_after_save:N" kills the process with SIGKILL right
