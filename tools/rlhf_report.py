@@ -38,7 +38,10 @@ def summarise(run_dirs: list[str]) -> dict:
                 "step", "eval_prompts")},
              "train_kl_max": max(r["kl"] for r in records),
              "train_reward_first5": statistics.mean(r["reward"] for r in records[:5]),
-             "train_reward_last5": statistics.mean(r["reward"] for r in records[-5:])})
+             "train_reward_last5": statistics.mean(r["reward"] for r in records[-5:]),
+             "train_kl_last10": statistics.mean(r["kl"] for r in records[-10:]),
+             **{k: v for k, v in ev.items() if k.startswith("reward_") and k.count("_") > 1
+                and k not in ("reward_gain",)}})
     out = {}
     for algo, runs in groups.items():
         gains = [r["reward_gain"] for r in runs]
@@ -49,28 +52,54 @@ def summarise(run_dirs: list[str]) -> dict:
                      "reward_reference_mean": statistics.mean(r["reward_reference"] for r in runs),
                      "reward_policy_mean": statistics.mean(r["reward_policy"] for r in runs),
                      "kl_policy_mean": statistics.mean(r["kl_policy"] for r in runs),
-                     "train_kl_max": max(r["train_kl_max"] for r in runs)}
+                     "train_kl_max": max(r["train_kl_max"] for r in runs),
+                     "train_kl_last10_mean": statistics.mean(r["train_kl_last10"] for r in runs)}
+        for key in sorted({k for r in runs for k in r if k.endswith("_gain")} - {"reward_gain"}):
+            values = [r[key] for r in runs if key in r]
+            out[algo][key + "_mean"] = statistics.mean(values)
+            out[algo][key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
 
 
-def plot(run_dirs: list[str], path: str) -> None:
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (the first ones over fewer)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+PANELS = (("reward", "training reward (mean over the step's samples)"),
+          ("kl", "KL(policy || SFT reference), nats/seq (k1)"),
+          ("kl_coef", "KL coefficient"),
+          ("entropy", "policy entropy, nats/token"),
+          ("response_length", "response length, tokens"))
+
+
+def plot(run_dirs: list[str], path: str, smooth: int = 1, target_kl: float | None = None
+         ) -> None:
+    """One panel per PANELS metric, one line per run (trailing mean over `smooth` steps); the
+    KL panel also draws `target_kl` as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6), dpi=100)
     for d in run_dirs:
         records = read_metrics(os.path.join(d, "metrics.jsonl"))
         label = os.path.basename(os.path.normpath(d))
         steps = [r["step"] for r in records]
-        axes[0].plot(steps, [r["reward"] for r in records], lw=1, label=label)
-        axes[1].plot(steps, [r["kl"] for r in records], lw=1, label=label)
-    axes[0].set_title("training reward (mean over the step's samples)")
-    axes[1].set_title("KL(policy || SFT reference), nats per sequence (k1)")
-    for ax in axes:
+        for ax, (key, _) in zip(axes, PANELS):
+            if all(key in r for r in records):
+                ax.plot(steps, _smooth([r[key] for r in records], smooth), lw=1, label=label)
+    for ax, (_, title) in zip(axes, PANELS):
+        ax.set_title(title + (f", mean of {smooth} steps" if smooth > 1 else ""), fontsize=8)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
+    if target_kl is not None:
+        axes[1].axhline(target_kl, color="k", ls="--", lw=1, label=f"target {target_kl:g}")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+")
     p.add_argument("--png", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--smooth", type=int, default=1, help="trailing mean over N steps (plots)")
+    p.add_argument("--target_kl", type=float, default=None, help="dashed line on the KL plot")
     args = p.parse_args(argv)
     summary = summarise(args.runs)
     print("| algorithm | seeds | reference reward | policy reward | gain (mean +- sd, min) | "
@@ -92,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {s['reward_policy_mean']:.3f} | {s['gain_mean']:+.3f} +- {s['gain_sd']:.3f}, "
               f"min {s['gain_min']:+.3f} | {s['kl_policy_mean']:.2f} | {s['train_kl_max']:.2f} |")
     if args.png:
-        plot(args.runs, args.png)
+        plot(args.runs, args.png, args.smooth, args.target_kl)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

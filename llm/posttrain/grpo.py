@@ -12,7 +12,9 @@ KL estimate (k3 by default, as the paper) to the reference, weighted by beta = R
     l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * KL_t,  rho_t = pi/pi_old
 
 averaged per sequence then over sequences ("sequence_mean", the paper), or over all response
-tokens of the minibatch ("token_mean"; gin: grpo_loss_aggregation.mode).
+tokens of the minibatch ("token_mean"; gin: grpo_loss_aggregation.mode). beta is fixed, or adapted
+after every step towards RLConfig.target_kl nats per sequence (Ziegler et al.'s controller, as
+PPO).
 
     python -m experiments.rlhf --gin_file=gin_configs/debug/grpo_tiny.gin
 """
@@ -111,7 +113,8 @@ def make_algorithm(graphdef, rc: RLConfig, aggregation: str = "sequence_mean") -
                          mb["response_mask"], clip_eps=rc.clip_eps, beta=kl_coef,
                          estimator=rc.kl_estimator, aggregation=aggregation)
 
-    return Algorithm(name="grpo", init_value=None, prepare=prepare, loss=loss)
+    return Algorithm(name="grpo", init_value=None, prepare=prepare, loss=loss,
+                     next_kl_coef=rl_loop.kl_controller(rc))
 
 
 def train(ctx: RLHFContext) -> dict:

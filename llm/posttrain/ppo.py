@@ -13,8 +13,9 @@ Per response token t of a sampled sequence (state = the prefix, action = token t
 
 The value model is a decoder (initialised from the base run) with a scalar head
 `value_head.kernel` [embed] (logical axis "embed") + bias, sharded like the policy. The KL
-coefficient is fixed, or adapted after every step towards `PPOConfig.target_kl` (Ziegler et al.):
-kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon.
+coefficient is fixed, or adapted after every step towards `RLConfig.target_kl` (Ziegler et al.;
+`llm.posttrain.kl.adaptive_kl_coef`): kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch /
+RLConfig.kl_horizon.
 
     python -m experiments.rlhf --gin_file=gin_configs/debug/ppo_tiny.gin
 """
@@ -26,6 +27,7 @@ import dataclasses
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm.config import ConfigError
 from llm.model import transformer
@@ -42,8 +44,8 @@ class PPOConfig:
 
     gamma / lam: discount and GAE lambda. value_clip: the value loss's clip range around the
     old values. vf_coef: the value loss's weight. whiten_advantages: standardise advantages over
-    the batch's response tokens. target_kl: None keeps RLConfig.kl_coef fixed; a number adapts
-    it towards that mean sequence KL (nats) over `horizon` samples.
+    the batch's response tokens. (The adaptive KL controller is RLConfig.target_kl, shared
+    with GRPO.)
     """
 
     gamma: float = 1.0
@@ -51,16 +53,11 @@ class PPOConfig:
     value_clip: float = 0.2
     vf_coef: float = 0.1
     whiten_advantages: bool = True
-    target_kl: float | None = None
-    horizon: int = 10_000
 
     def __post_init__(self):
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"PPOConfig.gamma={self.gamma} and PPOConfig.lam={self.lam} must "
                               "be in [0, 1].")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ConfigError(f"PPOConfig.target_kl={self.target_kl} must be > 0 (or None for "
-                              "a fixed RLConfig.kl_coef).")
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
@@ -113,16 +110,6 @@ def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Ar
             masked_mean((l2 > l1).astype(jnp.float32), mask))
 
 
-def next_kl_coef(coef: float, kl: float, target_kl: float | None, horizon: int,
-                 batch: int) -> float:
-    """The adaptive KL controller of Ziegler et al. (2019): coef * (1 + clip(kl / target - 1,
-    -0.2, 0.2) * batch / horizon); the coefficient unchanged when target_kl is None."""
-    if target_kl is None:
-        return coef
-    error = min(max(kl / target_kl - 1.0, -0.2), 0.2)
-    return coef * (1.0 + error * batch / horizon)
-
-
 # ------------------------------------------------------------------------------ value model
 
 
@@ -132,7 +119,7 @@ def init_value(ctx: RLHFContext, key: jax.Array) -> tuple[dict, dict]:
     del key
     d = ctx.base.cfg.d_model
     params = {"backbone": jax.tree.map(jnp.copy, ctx.base.params),
-              "head": {"kernel": jnp.zeros((d,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+              "head": {"kernel": np.zeros((d,), np.float32), "bias": np.zeros((), np.float32)}}
     axes = {"backbone": ctx.logical_axes, "head": {"kernel": ("embed",), "bias": ()}}
     return params, axes
 
@@ -182,8 +169,7 @@ def make_algorithm(graphdef, rc: RLConfig, pc: PPOConfig) -> Algorithm:
             "approx_kl_old": masked_mean(0.5 * jnp.square(logp - mb["old_logp"]), mask)}
 
     return Algorithm(name="ppo", init_value=init_value, prepare=prepare, loss=loss,
-                     next_kl_coef=lambda coef, kl: next_kl_coef(coef, kl, pc.target_kl,
-                                                                pc.horizon, rc.batch_size))
+                     next_kl_coef=rl_loop.kl_controller(rc))
 
 
 def train(ctx: RLHFContext) -> dict:

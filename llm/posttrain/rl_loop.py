@@ -44,11 +44,12 @@ from tqdm import tqdm
 
 from llm.config import ConfigError
 from llm.data.objectives import EOS_ID
+from llm.data.sources import DataError
 from llm.model import transformer
 from llm.parallel.rules import activation_sharding, named_sharding, tree_shardings
 from llm.posttrain import tasks
 from llm.posttrain.context import RLHFContext, token_logprobs
-from llm.posttrain.kl import KL_ESTIMATORS
+from llm.posttrain.kl import KL_ESTIMATORS, adaptive_kl_coef
 from llm.posttrain.rollout import Rollout, rollout
 from llm.train import checkpoint
 from llm.train.optimizer import make_optimizer
@@ -74,7 +75,15 @@ class RLConfig:
     temperature / top_p: sampling (the loss scores softmax(logits / temperature)).
     epochs / minibatches: update passes over each rollout batch, and minibatches per pass.
     clip_eps: the ratio clip of the surrogate objective. kl_coef: the KL penalty's coefficient
-      (PPO: the initial one when adaptive). kl_estimator: "k1" | "k2" | "k3" (`llm.posttrain.kl`).
+      (the initial one when adaptive). kl_estimator: "k1" | "k2" | "k3" (`llm.posttrain.kl`).
+    target_kl / kl_horizon: None keeps kl_coef fixed; a number adapts it after every step towards
+      that mean sequence KL (k1, nats) with Ziegler et al.'s controller
+      (`llm.posttrain.kl.adaptive_kl_coef`): at most a factor 1 +- 0.2 * batch / kl_horizon a step.
+    eval_rewards: more rewards (names as `reward`, e.g. the programmatic task reward beside a
+      reward model) scored on the same held-out completions; eval.json gets
+      reward_<name>_{policy,reference,gain} (`reward_key`: "rm" for a reward model).
+    sample_log_every: every N steps, append each sampled (prompt, completion, reward) of the step
+      to <run_dir>/samples.jsonl (0: never).
     fault_injection: testing hook, "sigkill_after_save:N" kills the process with SIGKILL right
       after the checkpoint of step N is committed.
     """
@@ -96,6 +105,10 @@ class RLConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.05
     kl_estimator: str = "k3"
+    target_kl: float | None = None
+    kl_horizon: int = 10_000
+    eval_rewards: tuple[str, ...] = ()
+    sample_log_every: int = 0
     fault_injection: str | None = None
 
     def __post_init__(self):
@@ -114,6 +127,11 @@ class RLConfig:
             raise ConfigError(f"RLConfig needs temperature > 0 (got {self.temperature}), 0 < "
                               f"top_p <= 1 (got {self.top_p}), clip_eps > 0 (got "
                               f"{self.clip_eps}) and kl_coef >= 0 (got {self.kl_coef}).")
+        if self.target_kl is not None and not (self.target_kl > 0 and self.kl_horizon >= 1):
+            raise ConfigError(f"RLConfig.target_kl={self.target_kl} must be > 0 (or None for a "
+                              f"fixed kl_coef) and RLConfig.kl_horizon={self.kl_horizon} >= 1.")
+        if self.sample_log_every < 0:
+            raise ConfigError(f"RLConfig.sample_log_every={self.sample_log_every} must be >= 0.")
         if self.batch_size % self.minibatches:
             raise ConfigError(f"RLConfig.prompts_per_step x samples_per_prompt = "
                               f"{self.batch_size} rows do not split into RLConfig.minibatches="
@@ -167,6 +185,25 @@ class Algorithm:
     prepare: Callable
     loss: Callable
     next_kl_coef: Callable[[float, float], float] = lambda coef, kl: coef
+
+
+def to_host(tree):
+    """device_get that also works on more than one process: arrays that span other processes'
+    devices (split along the batch) are all-gathered first, so every process gets the global
+    values."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
+
+
+def kl_controller(rc: RLConfig) -> Callable[[float, float], float]:
+    """Algorithm.next_kl_coef for RLConfig's target_kl / kl_horizon (identity without a target)."""
+    return lambda coef, kl: adaptive_kl_coef(coef, kl, rc.target_kl, rc.kl_horizon,
+                                             rc.batch_size)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -282,6 +319,12 @@ def decode_completions(ctx: RLHFContext, responses: list[list[int]], chat: bool)
 Scorer = Callable[[list[str], list[str], list[str]], np.ndarray]
 
 
+def reward_key(spec: str) -> str:
+    """The short name of a reward spec in eval.json keys: "rm" for a reward model, else the
+    registered name or the function's name of "package.module:function"."""
+    return "rm" if spec.startswith("rm:") else spec.rsplit(":", 1)[-1]
+
+
 def make_scorer(ctx: RLHFContext, spec: str) -> Scorer:
     """(prompts, completions, references) -> rewards [n] float32, from RLConfig.reward:
 
@@ -294,7 +337,10 @@ def make_scorer(ctx: RLHFContext, spec: str) -> Scorer:
     if spec.startswith("rm:"):
         from llm.posttrain import reward_model
 
-        rm = reward_model.load(spec[3:], mesh=ctx.mesh, rules=ctx.rules)
+        try:
+            rm = reward_model.load(spec[3:], mesh=ctx.mesh, rules=ctx.rules)
+        except DataError as e:
+            raise DataError(f"RLConfig.reward={spec!r}: {e}") from None
 
         def score_rm(prompts, completions, references):
             del references
@@ -391,7 +437,7 @@ def update_epochs(steps: Steps, state: RLState, frozen: dict, batch: Batch, key:
             state, metrics = steps.update(state, frozen, batch,
                                           jnp.asarray(order[m * size:(m + 1) * size]))
             collected.append(metrics)
-    collected = jax.device_get(collected)
+    collected = to_host(collected)
     return state, {k: float(np.mean([c[k] for c in collected])) for k in collected[0]}
 
 
@@ -426,7 +472,7 @@ def init_state(ctx: RLHFContext, algo: Algorithm, rc: RLConfig, tx, seed: int
 
         _, abstract_params, logical_axes = transformer.abstract(ctx.base.cfg)
         adapters = lora.init_adapters(plan, policy_key, ctx.base.params)
-        adapters = jax.device_put(adapters, tree_shardings(
+        adapters = jax.device_put(jax.tree.map(np.asarray, adapters), tree_shardings(
             lora.adapter_axes(plan, logical_axes), lora.abstract_adapters(plan, abstract_params),
             mesh, rules))
         policy = adapters
@@ -439,11 +485,13 @@ def init_state(ctx: RLHFContext, algo: Algorithm, rc: RLConfig, tx, seed: int
     if algo.init_value is not None:
         value, value_axes = algo.init_value(ctx, value_key)
         value = jax.device_put(value, tree_shardings(value_axes, value, mesh, rules))
+    # Host values (numpy), not single-device arrays, go to device_put: on more than one
+    # process a global array is only well formed when every process passes the whole value.
     trainable = {"policy": policy, "value": value}
-    state = RLState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    state = RLState(step=jax.device_put(np.int32(0), replicated),
                     params=policy, value=value, opt_state=init_opt_state(tx, trainable, mesh),
-                    rng=jax.device_put(jax.random.key_data(rng), replicated),
-                    kl_coef=jax.device_put(jnp.float32(rc.kl_coef), replicated))
+                    rng=jax.device_put(np.asarray(jax.random.key_data(rng)), replicated),
+                    kl_coef=jax.device_put(np.float32(rc.kl_coef), replicated))
     return state, frozen, params_of
 
 
@@ -467,6 +515,7 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     rc = RLConfig()
     reward = rc.reward or tasks.default_reward(rc.task)
     scorer = make_scorer(ctx, reward)
+    extra_scorers = {name: make_scorer(ctx, name) for name in rc.eval_rewards}
     train_ex = tasks.make_examples(rc.task, "train", rc.num_prompts, seed=ctx.seed)
     eval_ex = tasks.make_examples(rc.task, "heldout", rc.eval_prompts, seed=ctx.seed)
     if not train_ex:
@@ -474,9 +523,13 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     chat = chat_format(ctx, rc)
     # The text a reward sees as the prompt: the task's own (Python rewards parse it), or for a
     # reward model the text the policy was given.
-    rm = reward.startswith("rm:")
-    train_texts = prompt_texts([e.prompt for e in train_ex], chat and rm)
-    eval_texts = prompt_texts([e.prompt for e in eval_ex], chat and rm)
+    def texts_for(spec: str, examples: list) -> list[str]:
+        return prompt_texts([e.prompt for e in examples], chat and spec.startswith("rm:"))
+
+    train_texts = texts_for(reward, train_ex)
+    eval_scorers = {"": (scorer, texts_for(reward, eval_ex))}
+    eval_scorers.update({reward_key(name): (fn, texts_for(name, eval_ex))
+                         for name, fn in extra_scorers.items()})
     train_ids = encode_prompts(ctx, [e.prompt for e in train_ex], chat)
     eval_ids = encode_prompts(ctx, [e.prompt for e in eval_ex], chat)
 
@@ -519,14 +572,14 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
             host = {"tokens": ro.tokens, "response_mask": ro.response_mask, "scores": scores}
             batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
             batch = steps.prepare(state, frozen, batch)
-            prepared = jax.device_get({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
+            prepared = to_host({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
             state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
             kl_coef = float(state.kl_coef)
             seq_kl = float(np.mean(prepared["kl"]))
             next_coef = algo.next_kl_coef(kl_coef, seq_kl)
             state = jax.device_put(  # the same placement every step: no recompilation
                 state.replace(step=state.step + 1, rng=jax.random.key_data(rng),
-                              kl_coef=jnp.asarray(next_coef, jnp.float32)), state_shardings)
+                              kl_coef=np.float32(next_coef)), state_shardings)
             lengths = ro.response_lengths
             dt = time.perf_counter() - t0
             record = {
@@ -544,6 +597,9 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
                 raise FloatingPointError(f"rlhf: {', '.join(bad)} became non-finite at step "
                                          f"{step + 1}; lower learning_rate_schedule.peak.")
             ctx.writer.write(step + 1, record)
+            if rc.sample_log_every and (step + 1) % rc.sample_log_every == 0:
+                log_samples(ctx.run_dir, step + 1, [train_texts[i] for i in chosen],
+                            completions, scores)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{seq_kl:.3f}")
             if checkpoint.save(ctx.manager, step + 1, state, order):
@@ -554,16 +610,28 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
     if int(state.step) > start and int(state.step) not in ctx.manager.all_steps():
         checkpoint.save(ctx.manager, int(state.step), state, order, force=True)
         ctx.manager.wait_until_finished()
-    return evaluate(ctx, rc, algo, state, frozen, params_of, eval_ex, eval_texts, eval_ids,
-                    scorer, chat)
+    return evaluate(ctx, rc, algo, state, frozen, params_of, eval_ex, eval_ids, eval_scorers,
+                    chat)
+
+
+def log_samples(run_dir: str, step: int, prompts: list[str], completions: list[str],
+                rewards: np.ndarray) -> None:
+    """Append one JSON line per sample of `step` to <run_dir>/samples.jsonl (process 0)."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+        for p, c, r in zip(prompts, completions, np.asarray(rewards).tolist()):
+            f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
 
 
 def evaluate(ctx: RLHFContext, rc: RLConfig, algo: Algorithm, state: RLState, frozen: dict,
-             params_of: Callable, examples: list, texts: list[str],
-             prompt_ids: list[list[int]], scorer: Scorer, chat: bool) -> dict:
+             params_of: Callable, examples: list, prompt_ids: list[list[int]],
+             scorers: dict[str, tuple[Scorer, list[str]]], chat: bool) -> dict:
     """Mean held-out reward of the policy and of the reference, each sampling the held-out
     prompts with the same key and settings, plus the policy's mean sequence KL to the reference
-    (k1 and k3) on its own samples."""
+    (k1 and k3) on its own samples. `scorers`: {"": (the training reward, its prompt texts),
+    name: (an RLConfig.eval_rewards reward, its prompt texts)}; each scores the same completions
+    (eval.json: reward_{policy,reference} and reward_<name>_{policy,reference})."""
     policy, ref = params_of(state.params, frozen)
     key = jax.random.key(10_000 + ctx.seed)
     out = {"step": int(state.step), "algorithm": algo.name, "task": rc.task,
@@ -571,25 +639,30 @@ def evaluate(ctx: RLHFContext, rc: RLConfig, algo: Algorithm, state: RLState, fr
     ref_logp_fn = jax.jit(lambda p, t: policy_logprobs(ctx.base.graphdef, p, t,
                                                        rc.temperature)[0])
     for name, params in (("policy", policy), ("reference", ref)):
-        rewards, kls, k3s = [], [], []
+        rewards, kls, k3s = {k: [] for k in scorers}, [], []
         for i in range(0, len(examples), rc.batch_size):
             chunk = list(range(i, min(i + rc.batch_size, len(examples))))
             ids = [prompt_ids[j] for j in chunk]
             ids += [ids[-1]] * (rc.batch_size - len(ids))  # fixed shapes: pad the last chunk
             ro = sample_batch(ctx, rc, params, ids, jax.random.fold_in(key, i))
             completions = decode_completions(ctx, ro.responses[:len(chunk)], chat)
-            rewards.extend(scorer([texts[j] for j in chunk], completions,
-                                  [examples[j].reference for j in chunk]).tolist())
-            logp = np.asarray(ref_logp_fn(params, ro.tokens))
-            ref_logp = np.asarray(ref_logp_fn(ref, ro.tokens))
+            for k, (scorer, texts) in scorers.items():
+                rewards[k].extend(scorer([texts[j] for j in chunk], completions,
+                                         [examples[j].reference for j in chunk]).tolist())
+            logp = to_host(ref_logp_fn(params, ro.tokens))
+            ref_logp = to_host(ref_logp_fn(ref, ro.tokens))
             mask = ro.response_mask
             log_r = (ref_logp - logp) * mask
             kls.extend((-log_r).sum(1)[:len(chunk)].tolist())
             k3s.extend(((np.expm1(log_r) - log_r) * mask).sum(1)[:len(chunk)].tolist())
-        out[f"reward_{name}"] = float(np.mean(rewards))
+        for k, values in rewards.items():
+            out[f"reward_{k}_{name}" if k else f"reward_{name}"] = float(np.mean(values))
         if name == "policy":
             out["kl_policy"], out["kl_k3_policy"] = float(np.mean(kls)), float(np.mean(k3s))
     out["reward_gain"] = out["reward_policy"] - out["reward_reference"]
+    for k in scorers:
+        if k:
+            out[f"reward_{k}_gain"] = out[f"reward_{k}_policy"] - out[f"reward_{k}_reference"]
     print(f"rlhf: held-out reward {out['reward_policy']:.4f} (reference "
           f"{out['reward_reference']:.4f}, gain {out['reward_gain']:+.4f}), KL to the reference "
           f"{out['kl_policy']:.3f} nats/sequence")

@@ -35,6 +35,7 @@ turn an exception, a NaN or a non-number into a `RewardError` naming the functio
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import functools
 import glob
@@ -45,6 +46,7 @@ import math
 import os
 import pathlib
 import random
+import re
 from collections.abc import Callable, Sequence
 
 import gin
@@ -330,6 +332,24 @@ def code_parses_short(prompt: str, completion: str, reference: str = "", *,
     lines = [x for x in function_body(prompt, completion).splitlines() if x.strip()]
     ok = len(lines) <= max_lines and all(len(x) <= max_line_chars for x in lines)
     return 1.0 if ok else 0.5
+
+
+@register_reward("code_parses_f1")
+def code_parses_f1(prompt: str, completion: str, reference: str) -> float:
+    """A code reward that a short, generic body cannot max out: 0.0 if the assembled function
+    does not parse (`code_parses`), else 0.2 + 0.8 * F1 between the multisets of identifier /
+    keyword / number tokens (regex \\w+) of the completion's body and of the reference body (the
+    function's real body). `pass` or `return None` parses but earns little; padding lowers
+    precision, truncation lowers recall."""
+    if _assembled_function(prompt, completion) is None:
+        return 0.0
+    got = collections.Counter(re.findall(r"\w+", function_body(prompt, completion)))
+    want = collections.Counter(re.findall(r"\w+", reference))
+    same = sum((got & want).values())
+    if same == 0:
+        return 0.2
+    precision, recall = same / sum(got.values()), same / sum(want.values())
+    return 0.2 + 0.8 * 2 * precision * recall / (precision + recall)
 
 
 @register_reward("exact_match")

@@ -41,24 +41,32 @@ def host_params(abstract: dict) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def synthetic_batch() -> dict:
+# Minibatch rows of the three updates (4 of the 8 rollout rows each).
+MINIBATCHES = ([0, 2, 4, 6], [1, 3, 5, 7], [0, 1, 2, 3])
+
+
+def synthetic_batch(rc: RLConfig = RC) -> dict:
     rng = np.random.default_rng(1)
-    rows, seq = RC.batch_size, RC.max_prompt_len + RC.max_new_tokens
+    rows, seq = rc.batch_size, rc.max_prompt_len + rc.max_new_tokens
     tokens = rng.integers(2, CFG.vocab_size, (rows, seq)).astype(np.int32)
-    lengths = rng.integers(3, RC.max_new_tokens + 1, rows)
+    lengths = rng.integers(3, rc.max_new_tokens + 1, rows)
     pos = np.arange(seq)[None]
-    mask = ((pos >= RC.max_prompt_len) & (pos < RC.max_prompt_len + lengths[:, None]))
+    mask = ((pos >= rc.max_prompt_len) & (pos < rc.max_prompt_len + lengths[:, None]))
     scores = rng.integers(0, 3, rows).astype(np.float32)
-    return {"tokens": np.where(pos < RC.max_prompt_len + lengths[:, None], tokens, 0),
+    return {"tokens": np.where(pos < rc.max_prompt_len + lengths[:, None], tokens, 0),
             "response_mask": mask.astype(np.float32), "scores": scores}
 
 
-def main(mesh_file: str, out_dir: str) -> dict:
+def main(mesh_file: str, out_dir: str, rc: RLConfig = RC, minibatches=MINIBATCHES,
+         lr: float = 1e-3) -> dict:
+    """rc / minibatches: the rollout batch layout and the rows of each update (a mesh that
+    splits the batch 8 ways needs minibatches of a multiple of 8 rows); lr: Adam's step (see
+    below)."""
     mesh, rules = configure(mesh_file)
     # Adam turns near-zero gradients into steps of about the learning rate, so reduction-order
     # noise in a gradient of ~1e-9 moves its parameter by up to lr: keep lr at 1e-3 (not the
     # pretraining worker's 1e-2) to compare updated parameters at 1e-5.
-    gin.parse_config("learning_rate_schedule.peak = 1e-3")
+    gin.parse_config(f"learning_rate_schedule.peak = {lr}")
     graphdef, abstract, axes = transformer.abstract(CFG)
     shardings = tree_shardings(axes, abstract, mesh, rules)
     params = host_params(abstract)
@@ -70,15 +78,15 @@ def main(mesh_file: str, out_dir: str) -> dict:
                     params=policy, value={},
                     opt_state=init_opt_state(tx, {"policy": policy, "value": {}}, mesh),
                     rng=jax.device_put(jax.random.key_data(jax.random.key(0)), replicated),
-                    kl_coef=jax.device_put(jnp.float32(RC.kl_coef), replicated))
-    batch = synthetic_batch()
-    steps = make_steps(grpo.make_algorithm(graphdef, RC), tx,
+                    kl_coef=jax.device_put(jnp.float32(rc.kl_coef), replicated))
+    batch = synthetic_batch(rc)
+    steps = make_steps(grpo.make_algorithm(graphdef, rc), tx,
                        jax.tree.map(lambda x: x.sharding, state),
                        jax.tree.map(lambda x: x.sharding, frozen), batch, mesh, rules,
                        lambda policy, frozen: (policy, frozen["reference"]))
     prepared = steps.prepare(state, frozen, batch)
     losses = []
-    for idx in ([0, 2, 4, 6], [1, 3, 5, 7], [0, 1, 2, 3]):
+    for idx in minibatches:
         state, metrics = steps.update(state, frozen, prepared, jnp.asarray(idx, jnp.int32))
         losses.append(float(metrics["loss"]))
     kernel = state.params["layer_0"]["mlp"]["wi"]["kernel"]

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm.posttrain.kl import adaptive_kl_coef as next_kl_coef
 from llm.posttrain.kl import kl_estimate
-from llm.posttrain.ppo import clipped_policy_loss, clipped_value_loss, gae, next_kl_coef, whiten
+from llm.posttrain.ppo import clipped_policy_loss, clipped_value_loss, gae, whiten
 
 
 def test_gae_matches_a_hand_worked_example():

@@ -92,7 +92,7 @@ def test_ppo_runs_with_a_value_head(tiny_run, tmp_path):
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["value_loss"]) and np.isfinite(r["kl"]) for r in records)
-    assert records[1]["kl_coef"] != records[0]["kl_coef"]  # PPOConfig.target_kl adapts it
+    assert records[1]["kl_coef"] != records[0]["kl_coef"]  # RLConfig.target_kl adapts it
 
 
 @pytest.mark.parametrize("fn,says", [("raises", "raised KeyError"), ("nan", "returned nan")])
