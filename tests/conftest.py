@@ -4,6 +4,7 @@ per test session, and a helper that runs an experiment in a fresh subprocess."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,35 @@ def run_experiment(module: str, args: list[str], *, env: dict | None = None,
         raise AssertionError(f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
                              f"\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_processes(module: str, args: list[str], num: int = 2) -> list[subprocess.Popen]:
+    """`python -m <module> <args>` as `num` processes of one jax.distributed job on loopback
+    (gloo collectives; `llm.parallel.mesh.initialize_distributed` reads the LLM_* variables),
+    one CPU device each, sharing the session's compilation cache."""
+    port = free_port()
+    return [subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=REPO, text=True,
+        env={**os.environ, **COMPILE_CACHE, "XLA_FLAGS": "", "LLM_COORDINATOR": f"127.0.0.1:{port}",
+             "LLM_NUM_PROCESSES": str(num), "LLM_PROCESS_ID": str(pid)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in range(num)]
+
+
+def finish_processes(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Wait for every process; each must exit 0. Their stdouts."""
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
 
 
 def run_experiment_watched(module: str, args: list[str], *, stall_s: float = 600,

@@ -56,7 +56,15 @@ def plot(distilled: list[str], scratch: list[str], out: str, title: str) -> str:
             steps, bpb = zip(*curve(run))
             ax.plot(steps, bpb, "o-", color=color, ms=3, lw=1.2, alpha=0.9,
                     label=f"{label} ({os.path.basename(os.path.normpath(run))})")
-    teacher = final(distilled[0]).get("teacher_bits_per_byte")
+    return save_bits_per_byte_plot(fig, ax, final(distilled[0]).get("teacher_bits_per_byte"),
+                                   title, out + ".png")
+
+
+def save_bits_per_byte_plot(fig, ax, teacher: float | None, title: str, path: str) -> str:
+    """Finish a validation-bits-per-byte-by-step plot (the teacher as a dashed line) and write
+    it to `path`."""
+    import matplotlib.pyplot as plt
+
     if teacher:
         ax.axhline(teacher, color="gray", ls="--", lw=1, label=f"teacher ({teacher:.3f})")
     ax.set_xlabel("step")
@@ -65,9 +73,9 @@ def plot(distilled: list[str], scratch: list[str], out: str, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out + ".png")
+    fig.savefig(path)
     plt.close(fig)
-    return out + ".png"
+    return path
 
 
 def arm_label(run_dir: str) -> str:
@@ -139,16 +147,7 @@ def arms_report(arms_dir: str, baseline: str, out: str, title: str) -> int:
             ax.plot(sorted(c), [c[s] for s in sorted(c)], "-", color=color, lw=0.6, alpha=0.35)
         ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], "o-",
                 color=color, ms=3, lw=1.6, label=f"{r['label']} (n={len(curves)})")
-    if teacher:
-        ax.axhline(teacher, color="gray", ls="--", lw=1, label=f"teacher ({teacher:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation bits per byte")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out + ".png")
-    plt.close(fig)
+    save_bits_per_byte_plot(fig, ax, teacher, title, out + ".png")
     with open(out + ".json", "w") as f:
         json.dump({"baseline": baseline, "teacher_bits_per_byte": teacher, "arms": rows}, f,
                   indent=2)

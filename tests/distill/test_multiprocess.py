@@ -2,18 +2,14 @@
 collectives), each reading its own slice of the data: the same samples and the same losses as
 one process with the same global batch."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from llm.distill.on_policy import OnPolicy, is_on_policy
 from llm.train.metrics import read_metrics
-from tests.conftest import REPO, run_experiment
+from tests.conftest import finish_processes, launch_processes, run_experiment
 from tests.distill.test_distill_run import distill_args
-from tests.train.test_multiprocess import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,18 +27,8 @@ def test_on_policy_two_processes_match_one_process(tiny_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_experiment("experiments.distill", distill_args(tiny_run, str(one), *extra))
 
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "", "LLM_COORDINATOR": f"127.0.0.1:{port}",
-               "LLM_NUM_PROCESSES": "2", "LLM_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "experiments.distill",
-             *distill_args(tiny_run, str(two), *extra)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    two_args = distill_args(tiny_run, str(two), *extra)
+    finish_processes(launch_processes("experiments.distill", two_args))
 
     a = read_metrics(str(one / "metrics.jsonl"))
     b = read_metrics(str(two / "metrics.jsonl"))

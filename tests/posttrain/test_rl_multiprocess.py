@@ -5,28 +5,17 @@ policy. Rollouts, rewards and the prompt order run on every process; the batch-s
 host reads (per-sequence KL and entropy, held-out log-probs) are all-gathered
 (`rl_loop.to_host`)."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from llm.train.metrics import read_metrics
-from tests.conftest import COMPILE_CACHE, REPO, run_experiment
+from tests.conftest import finish_processes, launch_processes, run_experiment
 from tests.posttrain.test_rlhf import LOADED, read_json, rl_args
 
 pytestmark = pytest.mark.slow  # three RL processes
 
 COMPARED = ("reward", "reward_std", "kl", "kl_k3", "entropy", "response_length", "loss",
             "policy_loss", "grad_norm", "kl_coef")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_process(tiny_run, tmp_path):
@@ -36,18 +25,7 @@ def test_two_processes_match_one_process(tiny_run, tmp_path):
 
     run_experiment("experiments.rlhf", args(tmp_path / "one"), timeout=LOADED,
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, **COMPILE_CACHE, "XLA_FLAGS": "",
-               "LLM_COORDINATOR": f"127.0.0.1:{port}", "LLM_NUM_PROCESSES": "2",
-               "LLM_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "experiments.rlhf", *args(tmp_path / "two")], cwd=REPO,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=LOADED)
-        assert p.returncode == 0, err[-3000:]
+    finish_processes(launch_processes("experiments.rlhf", args(tmp_path / "two")), timeout=LOADED)
 
     one = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))

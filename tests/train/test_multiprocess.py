@@ -1,24 +1,14 @@
 """Two CPU processes on loopback (jax.distributed, gloo collectives), each reading its own slice
 of the data, train to the same losses as one process with the same global batch."""
 
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from llm.train.metrics import read_metrics
-from tests.conftest import REPO, TINY, run_experiment
+from tests.conftest import TINY, finish_processes, launch_processes, run_experiment
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one_process(tiny_data, tmp_path):
@@ -30,17 +20,7 @@ def test_two_processes_match_one_process(tiny_data, tmp_path):
 
     run_experiment("experiments.pretrain_ntp", args(tmp_path / "one"))
 
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "", "LLM_COORDINATOR": f"127.0.0.1:{port}",
-               "LLM_NUM_PROCESSES": "2", "LLM_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "experiments.pretrain_ntp", *args(tmp_path / "two")],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    finish_processes(launch_processes("experiments.pretrain_ntp", args(tmp_path / "two")))
 
     one = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
