@@ -536,7 +536,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.serve.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", required=True, help="a training run directory")
+    parser.add_argument("--run_dir", required=True,
+                        help="a training run directory, or a compressed checkpoint "
+                             "(experiments.compress's compress/<method>/, detected by its "
+                             "compress.json)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default=None,
@@ -607,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     auth = (f"API keys required ({len(keys)} configured)" if keys else
             "no API keys configured: listening on 127.0.0.1 only")
     where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"
+    if run.compression is not None:
+        from llm.compress.quantize import param_bytes
+
+        where += (f", {run.compression['method']} weights from {run.compression['source_run']}, "
+                  f"{param_bytes(run.params) / 2**20:.2f} MiB of params")
     print(f"{prog}: serving {name} (step {run.step}, context {engine.max_context}, "
           f"{args.slots} slots, {where}) on http://{host}:{args.port} -- {auth}", file=sys.stderr,
           flush=True)
