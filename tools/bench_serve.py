@@ -75,11 +75,13 @@ async def _stream(client, url: str, body: dict) -> tuple[float, list[float], int
 async def _load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
-    ttfts, itls, total = [], [], 0
+    ttfts, itls, total, slowest = [], [], 0, []
+    t0 = time.perf_counter()
 
     async def client_loop(client, i):
         nonlocal total
         for k in range(requests):
+            sent = time.perf_counter()
             ttft, times, n = await _stream(client, url, {
                 "model": model, "prompt": f"def function_{i}_{k}(x):\n", "stream": True,
                 "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + k,
@@ -87,6 +89,7 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
             ttfts.append(ttft)
             itls.extend(np.diff(times).tolist())
             total += n
+            slowest.append((ttft, sent - t0, i, k))
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -96,7 +99,39 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
     return {"clients": clients, "requests": clients * requests, "tokens": total,
             "wall_s": wall, "tokens_per_s": total / wall,
             "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
-            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99),
+            # The slowest first tokens: (ttft s, sent at s after the start, client, request).
+            "slowest_ttft": sorted(slowest, key=lambda x: -x[0] if x[0] == x[0] else 0)[:5]}
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """The server's /metrics as {sample name with labels: value}."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _stalls(before: dict, after: dict) -> dict:
+    """What happened in the server during one measured level: programs compiled (and the wall
+    time of the engine steps that compiled them), event-loop wake-ups late by more than 100 ms,
+    GC pauses and their total, from the differences of two /metrics scrapes."""
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return {"compiles": int(delta("llm_engine_compiled_programs")),
+            "compile_step_s": delta("llm_engine_compile_step_seconds"),
+            "loop_lags_over_100ms": int(delta("llm_event_loop_lag_seconds_count")
+                                        - delta('llm_event_loop_lag_seconds_bucket{le="0.1"}')),
+            "loop_lag_s": delta("llm_event_loop_lag_seconds_sum"),
+            "gc_pauses": int(delta("llm_gc_pause_seconds_count")),
+            "gc_pauses_over_100ms": int(delta("llm_gc_pause_seconds_count")
+                                        - delta('llm_gc_pause_seconds_bucket{le="0.1"}')),
+            "gc_s": delta("llm_gc_pause_seconds_sum")}
 
 
 def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int) -> list[dict]:
@@ -122,7 +157,12 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
         # buckets that level's arrival pattern meets, so no compile lands in a measured run.
         for n in clients:
             asyncio.run(_load(url, "bench", n, 2, max_tokens))
-        return [asyncio.run(_load(url, "bench", n, requests, max_tokens)) for n in clients]
+        rows = []
+        for n in clients:
+            before = _scrape(url)
+            row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
+            rows.append({**row, **_stalls(before, _scrape(url))})
+        return rows
     finally:
         proc.terminate()
         proc.wait(timeout=120)
@@ -315,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in server:
         print(f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['ttft_p50_ms']:>10.1f} "
               f"{r['ttft_p99_ms']:>10.1f} {r['itl_p50_ms']:>9.1f} {r['itl_p99_ms']:>9.1f}")
+    for r in server:
+        print(f"{r['clients']} clients: {r['compiles']} programs compiled during the run "
+              f"({r['compile_step_s']:.2f} s of steps), {r['loop_lags_over_100ms']} event-loop "
+              f"stalls > 100 ms ({r['loop_lag_s']:.2f} s in all), {r['gc_pauses']} GC pauses "
+              f"({r['gc_pauses_over_100ms']} > 100 ms, {r['gc_s']:.3f} s); slowest TTFT: "
+              + ", ".join(f"{t * 1000:.0f} ms (sent at {at:.2f} s)"
+                          for t, at, _, _ in r["slowest_ttft"][:3]))
     print(f"\n{'batch':>6} {'engine tok/s':>13} {'sampler tok/s':>14} {'engine/sampler':>15} "
           f"{'paired median':>14}")
     for r in engine:

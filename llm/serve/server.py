@@ -164,6 +164,7 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
         finally:
             task.cancel()
             engine.stop()
+            metrics.close()
 
     app = FastAPI(title="llm OpenAI-compatible server", version="1", lifespan=lifespan)
     app.state.engine = engine
