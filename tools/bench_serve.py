@@ -134,7 +134,8 @@ def _stalls(before: dict, after: dict) -> dict:
             "gc_s": delta("llm_gc_pause_seconds_sum")}
 
 
-def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int) -> list[dict]:
+def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int,
+                 warmup: bool = False) -> list[dict]:
     import httpx
 
     port = _free_port()
@@ -142,7 +143,8 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
          f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
-         "--model_name=bench"], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+         "--model_name=bench", *(["--warmup"] if warmup else [])],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     try:
         deadline = time.time() + 600
         while True:
@@ -208,6 +210,45 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
                     "sampler_tokens_per_s": batch * max_tokens / s, "engine_over_sampler": s / e,
                     "engine_over_sampler_paired_median": float(np.median(paired))})
     return out
+
+
+def bench_compressed(run_dir: str, compressed: list[str], batches: list[int], new_tokens: int,
+                     repeats: int) -> list[dict]:
+    """Engine decode tokens/s (greedy, `new_tokens` after the same prompt, every slot busy) and
+    parameter bytes of the float run and of each compressed checkpoint (`experiments.compress`
+    output, loaded by the same `load_run`), timed interleaved, best of `repeats`."""
+    from llm.compress.quantize import param_bytes
+    from llm.runs import load_run
+    from llm.serve.engine import Engine, EngineConfig, SamplingParams
+
+    runs = {"float": load_run(run_dir)}
+    for path in compressed:
+        run = load_run(path)
+        runs[run.compression["method"]] = run
+    prompt = runs["float"].tokenizer.encode("def fibonacci(n):\n")
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    systems = {}
+    for name, run in runs.items():
+        for batch in batches:
+            engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
+                slots=batch, max_context=max(len(prompt) + new_tokens + 1, run.seq_len)))
+            systems[name, batch] = lambda e=engine, b=batch: e.generate([prompt] * b, params)
+    outputs = {key: [r.output for r in fn()] for key, fn in systems.items()}  # compile
+    times = {key: [] for key in systems}
+    for _ in range(repeats):
+        for key, fn in systems.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for (name, batch), ts in times.items():
+        ref, got = outputs["float", batch][0], outputs[name, batch][0]
+        same = sum(a == b for a, b in zip(got, ref))
+        rows.append({"weights": name, "batch": batch,
+                     "param_bytes": param_bytes(runs[name].params),
+                     "tokens_per_s": batch * new_tokens / min(ts),
+                     "same_greedy_tokens_as_float": f"{same}/{len(ref)}"})
+    return rows
 
 
 def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
@@ -327,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill_rows", type=int, default=None,
                         help="EngineConfig.prefill_rows for the engine part (1 = one prompt per "
                              "prefill call, the behaviour before batched prefill)")
+    parser.add_argument("--server_warmup", action="store_true",
+                        help="start the server with --warmup (every decode bucket and "
+                             "first-chunk prefill shape compiled before listening)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
     parser.add_argument("--peers", default="transformers,llamacpp",
@@ -337,15 +381,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="new tokens per sequence in the peer comparison")
     parser.add_argument("--skip_engine", action="store_true",
                         help="leave out the engine vs sampler part")
+    parser.add_argument("--compressed", default="",
+                        help="comma-separated compressed checkpoints (experiments.compress's "
+                             "compress/<method>/) whose engine decode speed and parameter bytes "
+                             "are compared with the float run's")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
     server = ([] if args.skip_server else
-              bench_server(args.run_dir, clients, args.requests, args.max_tokens))
+              bench_server(args.run_dir, clients, args.requests, args.max_tokens,
+                           args.server_warmup))
     engine = [] if args.skip_engine else bench_engine(
         args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps,
         args.prefill_rows)
+    compressed = [c for c in args.compressed.split(",") if c]
+    quantized = bench_compressed(args.run_dir, compressed, [1, args.batch], args.batch1_tokens,
+                                 args.repeats) if compressed else []
     peers = [p for p in args.peers.split(",") if p]
     batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
                          peers, args.peer_threads)
@@ -375,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['over_transformers']:.2f}" if r["over_transformers"] else "-"
         print(f"{r['system']:<52} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {ratio:>6} "
               f"{r['same_tokens_as_engine']:>12}")
+    if quantized:
+        print(f"\nengine decode, {args.batch1_tokens} new tokens, quantized weights")
+        print(f"{'weights':<10} {'batch':>5} {'param MiB':>10} {'tok/s':>8} {'greedy = float':>15}")
+        for r in quantized:
+            print(f"{r['weights']:<10} {r['batch']:>5} {r['param_bytes'] / 2**20:>10.3f} "
+                  f"{r['tokens_per_s']:>8.1f} {r['same_greedy_tokens_as_float']:>15}")
     for peer, why in batch1["skipped"].items():
         print(f"skipped {peer}: {why}")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
@@ -382,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
                        "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
-                       "decode_vs_peers": batch1, "load_average_end": os.getloadavg()}, f,
+                       "decode_vs_peers": batch1, "quantized": quantized,
+                       "load_average_end": os.getloadavg()}, f,
                       indent=2)
     return 0
 

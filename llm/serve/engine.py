@@ -526,6 +526,38 @@ class Engine:
         c = self.config
         return 2 * (2 * len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
 
+    def warmup(self) -> int:
+        """Compile, before serving, the programs traffic without logprobs meets: the decode call
+        at every kv bucket and a first-chunk prefill at every (row bucket, chunk bucket), so no
+        request waits on a compile (seconds on CPU) in the middle of a load. Later chunks of
+        prompts longer than `chunk_size` and the logprobs variants still compile on first use.
+        Runs each program once on dummy inputs, so call it while no request is in the engine
+        (they write only cache rows no request owns). Returns the number of programs compiled."""
+        if not self.idle() or self._inflight is not None:
+            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
+        before, c, n = self.compiled_shapes(), self.config, len(self.slots)
+        row = (np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
+               np.float32(0))
+        with self._sharding():
+            for rows in c.row_buckets():
+                sampling = tuple(np.array(col) for col in zip(*[row] * rows))
+                zeros = np.zeros((rows,), np.int32)
+                for chunk in c.chunk_buckets():
+                    tokens = np.full((rows, chunk), PAD_ID, np.int32)
+                    out = self._prefill_fn(self.params, self.cache, zeros, tokens,
+                                           np.zeros_like(tokens), zeros, zeros + 1, sampling,
+                                           fresh=True, logprobs=False)
+                    self.cache = out[0]
+            sampling = tuple(np.array(col) for col in zip(*[row] * n))
+            zeros = np.zeros((n,), np.int32)
+            for kv_len in self.kv_buckets:
+                out = self._decode_fn(self.params, self.cache, zeros, self._no_prev, zeros,
+                                      zeros + kv_len - 1, zeros, sampling, kv_len=kv_len,
+                                      steps=c.decode_steps, logprobs=False)
+                self.cache = out[0]
+            jax.block_until_ready(self.cache)
+        return self.compiled_shapes() - before
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
         text = self._token_text.get(token_id)

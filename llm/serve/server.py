@@ -560,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None,
                         help="a mesh gin file, as training uses (gin_configs/mesh/*.gin: its "
                              "make_mesh and axis_rules bindings); default one device")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every decode bucket and first-chunk prefill shape before "
+                             "listening (slower start, no compile inside a request later)")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -603,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sock.close()
         return 2
+
+    if args.warmup:
+        start = time.perf_counter()
+        compiled = engine.warmup()
+        print(f"{prog}: warm-up compiled {compiled} programs in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     import uvicorn
 

@@ -69,7 +69,12 @@ def test_server_serves_compressed_checkpoint(compressed, tiny_run, method):
     sampler on the quantized params, and its start line names the method and the source."""
     run = load_run(compressed[method])
     port = _free_port()
-    proc = _start(compressed[method], port, "--slots=4", "--chunk_size=16", "--log_level=info")
+    # int8 also starts with --warmup: 3 row buckets (1, 2, 4) x 1 chunk bucket (16) first-chunk
+    # prefills + 7 kv buckets (16 ... 96, 128 = 64 context + 16 chunk rounded up to 128) decode
+    # programs, after which the requests below compile nothing.
+    warm = ["--warmup"] if method == "int8" else []
+    proc = _start(compressed[method], port, "--slots=4", "--chunk_size=16", "--log_level=info",
+                  *warm)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -91,10 +96,15 @@ def test_server_serves_compressed_checkpoint(compressed, tiny_run, method):
         texts = [c["text"] for c in sorted(got["choices"], key=lambda c: c["index"])]
         assert texts == [run.tokenizer.decode(r) for r in ref]
         assert all(c["finish_reason"] == "length" for c in got["choices"])
+        compiled = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                    if line.startswith("llm_engine_compiled_programs ")]
+        if warm:
+            assert compiled == ["llm_engine_compiled_programs 10.0"]
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=120)
     assert f"{method} weights from {tiny_run}" in err
+    assert ("warm-up compiled 10 programs" in err) == bool(warm)
 
 
 def test_bad_or_mismatched_compressed_checkpoint_is_one_line(compressed, tmp_path):
