@@ -44,6 +44,8 @@ def compressed(tiny_run, tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_engine_logprobs_equal_evaluator_on_quantized_params(compressed, method):
+    """Loaded by load_run from <out>/compress/<method>: QArray leaves; the engine's greedy tokens
+    equal the plain sampler's and its echoed logprobs the evaluator's, both on these params."""
     from llm.eval.lm import LanguageModel
 
     run = load_run(compressed[method])
@@ -54,6 +56,11 @@ def test_engine_logprobs_equal_evaluator_on_quantized_params(compressed, method)
         assert q.codes.dtype == np.uint8 and q.codes.shape[0] * 2 == q.shape[0]
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer,
                     EngineConfig(slots=2, chunk_size=16, min_chunk=8, max_context=64))
+    prompts = [run.tokenizer.encode(p) for p, _ in PAIRS]
+    got = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert [r.output for r in got] == generate(
+        run.graphdef, run.params, run.cfg, [[BOS_ID, *p] for p in prompts], max_new_tokens=6,
+        temperature=0.0, top_k=0, eos_id=-1)
     lm = LanguageModel(run, batch_size=2, progress=False)
     for (ctx, cont), (ll, greedy) in zip(PAIRS, lm.loglikelihood(PAIRS)):
         c, t = lm.encode_pair(ctx, cont)
@@ -63,18 +70,18 @@ def test_engine_logprobs_equal_evaluator_on_quantized_params(compressed, method)
         assert all(e.top[0][0] == e.token_id for e in mine) == greedy
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_server_serves_compressed_checkpoint(compressed, tiny_run, method):
-    """The server started on <out>/compress/<method>: its greedy completions equal the plain
-    sampler on the quantized params, and its start line names the method and the source."""
+def test_server_serves_compressed_checkpoint(compressed, tiny_run):
+    """The server started on <out>/compress/int4 (int8 goes through the same loader and engine,
+    above; one server process keeps the test short): its greedy completions equal the plain
+    sampler on the quantized params, and its start line names the method and the source. It
+    starts with --warmup: 3 row buckets (1, 2, 4) x 1 chunk bucket (16) first-chunk prefills +
+    7 kv buckets (16 ... 96, 128 = 64 context + 16 chunk rounded up to 128) decode programs,
+    after which the requests below compile nothing."""
+    method = "int4"
     run = load_run(compressed[method])
     port = _free_port()
-    # int8 also starts with --warmup: 3 row buckets (1, 2, 4) x 1 chunk bucket (16) first-chunk
-    # prefills + 7 kv buckets (16 ... 96, 128 = 64 context + 16 chunk rounded up to 128) decode
-    # programs, after which the requests below compile nothing.
-    warm = ["--warmup"] if method == "int8" else []
     proc = _start(compressed[method], port, "--slots=4", "--chunk_size=16", "--log_level=info",
-                  *warm)
+                  "--warmup")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -98,13 +105,12 @@ def test_server_serves_compressed_checkpoint(compressed, tiny_run, method):
         assert all(c["finish_reason"] == "length" for c in got["choices"])
         compiled = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
                     if line.startswith("llm_engine_compiled_programs ")]
-        if warm:
-            assert compiled == ["llm_engine_compiled_programs 10.0"]
+        assert compiled == ["llm_engine_compiled_programs 10.0"]
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=120)
     assert f"{method} weights from {tiny_run}" in err
-    assert ("warm-up compiled 10 programs" in err) == bool(warm)
+    assert "warm-up compiled 10 programs" in err
 
 
 def test_bad_or_mismatched_compressed_checkpoint_is_one_line(compressed, tmp_path):
