@@ -146,7 +146,7 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
          "--model_name=bench", *(["--warmup"] if warmup else [])],
         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 1800  # --warmup compiles every bucket first
         while True:
             if proc.poll() is not None or time.time() > deadline:
                 raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()})")
