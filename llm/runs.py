@@ -17,6 +17,13 @@ A LoRA run (manifest.json has a "lora" entry, `llm.train.lora`) checkpoints only
 `load_run` loads the base it names (a run directory and step, or the seed it was initialised
 from), applies the adapters and returns the merged parameters, so nothing downstream needs to
 know about LoRA.
+
+A compressed checkpoint (`experiments.compress` writes `<out>/compress/<method>/checkpoint/`
+with compress.json beside the packed params, `llm.compress.checkpoint`) opens through the same
+function: pass that directory, or its parent `<out>/compress/<method>/`. The config and tokenizer
+come from the source run the record names; quantized weights come back as `QArray` leaves, which
+dequantize inside the jitted forward, so the sampler, the evaluator and the serving engine run
+them unchanged; `LoadedRun.compression` holds the record.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ class LoadedRun:
     ...)`; params is a plain nested dict of arrays (placed on `mesh` when one was given).
     tokenizer: the run's SentencePiece tokenizer. step: the checkpoint's step. manifest: the
     parsed manifest.json. seq_len: the training sequence length (TrainConfig.seq_len), the
-    context the model has learned to use.
+    context the model has learned to use. compression: the compress.json record of a
+    compressed checkpoint (method, source_run, step, quantized weights), else None; run_dir is
+    then the compressed checkpoint's directory.
     """
 
     run_dir: str
@@ -63,9 +72,14 @@ class LoadedRun:
     step: int
     manifest: dict
     seq_len: int
+    compression: dict | None = None
 
     @property
     def name(self) -> str:
+        """The run directory's name; for a compressed checkpoint <source run>-<method>."""
+        if self.compression is not None:
+            source = os.path.basename(os.path.normpath(self.compression["source_run"]))
+            return f"{source}-{self.compression['method'].replace(':', 'of')}"
         return os.path.basename(os.path.normpath(self.run_dir))
 
 
@@ -182,9 +196,15 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
     are restored straight into their logical-axis shardings, as in training; without, onto the
     default device. Raises DataError for a directory that is not a run, has no checkpoint, or
     lacks `step`; ConfigError for a non-decoder run.
+
+    A compressed checkpoint directory (see the module docstring) is detected by its
+    compress.json; `step`, if given, must be the step it was compressed from.
     """
     run_dir = os.path.abspath(run_dir)
-    manifest, cfg, seq_len, tokenizer_path = read_run_config(run_dir)
+    compressed = compressed_checkpoint(run_dir)
+    if compressed is not None:
+        return _load_compressed(compressed, step, mesh, rules)
+    manifest, cfg, seq_len, tok_path = read_run_config(run_dir)
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise DataError(f"run_dir {run_dir!r} has no checkpoint (checkpoints/ is empty or "
@@ -199,17 +219,79 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None,
         mesh = Mesh(jax.devices()[:1], ("data",))
         rules = ()
     if rules is None:
-        with open(os.path.join(run_dir, "config.gin")) as f:
-            rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in
-                          gin_bindings(f.read()).get("axis_rules", {}).get("rules", ()))
+        rules = run_axis_rules(run_dir)
     shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
     if manifest.get("lora"):
         params = _lora_params(run_dir, step, manifest["lora"], cfg, mesh, rules, shardings)
     else:
         params = restore_params(run_dir, step, abstract_params, shardings)
     return LoadedRun(run_dir=run_dir, cfg=cfg, graphdef=graphdef, params=params,
-                     tokenizer=load_tokenizer(tokenizer_path), step=int(step),
+                     tokenizer=load_tokenizer(tok_path), step=int(step),
                      manifest=manifest, seq_len=seq_len)
+
+
+def run_axis_rules(run_dir: str) -> Rules:
+    """The logical-axis rules (`axis_rules.rules`) a run trained with, from its config.gin."""
+    with open(os.path.join(run_dir, "config.gin")) as f:
+        return tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in
+                     gin_bindings(f.read()).get("axis_rules", {}).get("rules", ()))
+
+
+def compressed_checkpoint(path: str) -> str | None:
+    """The compressed checkpoint at `path` -- `path` itself when it holds compress.json, or
+    `path`/checkpoint (`experiments.compress`'s compress/<method>/ directory) -- else None."""
+    for candidate in (path, os.path.join(path, "checkpoint")):
+        if os.path.isfile(os.path.join(candidate, "compress.json")):
+            return candidate
+    return None
+
+
+def _load_compressed(path: str, step: int | None, mesh: Mesh | None, rules: Rules | None
+                     ) -> LoadedRun:
+    """A compressed checkpoint: the source run's config and tokenizer, the stored params (QArray
+    leaves where quantized). On a mesh, float params go to their logical-axis shardings and the
+    packed codes and scales are replicated (their [K/2, N] layout has no logical axes)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llm.compress import quantize as Q
+    from llm.compress.checkpoint import load_compressed, read_record
+
+    record = read_record(path)
+    where = f"compressed checkpoint {path!r}"
+    for key in ("method", "source_run", "step", "quantized"):
+        if key not in record:
+            raise DataError(f"{where}: compress.json has no {key!r}; it was not written by "
+                            "experiments.compress (llm.compress.checkpoint.save_compressed).")
+    if step is not None and step != record["step"]:
+        raise DataError(f"{where} was compressed from step {record['step']} of "
+                        f"{record['source_run']!r}, not step {step}; drop the step argument.")
+    try:
+        manifest, cfg, seq_len, tok_path = read_run_config(record["source_run"])
+    except (DataError, ConfigError) as e:
+        raise DataError(f"{where}: its source run cannot be read: {e}") from None
+    graphdef, abstract_params, logical_axes = transformer.abstract(cfg)
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                   abstract_params)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): a.shape
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    for name, meta in record["quantized"].items():
+        if tuple(meta.get("shape", ())) != tuple(flat.get(name, ())):
+            raise DataError(f"{where} does not match the model of its source run "
+                            f"{record['source_run']!r}: weight {name!r} is stored with shape "
+                            f"{tuple(meta.get('shape', ()))}, the source's config.gin gives "
+                            f"{flat.get(name, 'no such weight')}.")
+    params, _ = load_compressed(path, abstract_params)
+    if mesh is not None:
+        if rules is None:
+            rules = run_axis_rules(record["source_run"])
+        shardings = tree_shardings(logical_axes, abstract_params, mesh, rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = jax.tree.map(
+            lambda p, s: (jax.device_put(p, replicated) if Q.is_qarray(p) else
+                          jax.device_put(p, s)), params, shardings, is_leaf=Q.is_qarray)
+    return LoadedRun(run_dir=path, cfg=cfg, graphdef=graphdef, params=params,
+                     tokenizer=load_tokenizer(tok_path), step=int(record["step"]),
+                     manifest=manifest, seq_len=seq_len, compression=record)
 
 
 def _lora_params(run_dir: str, step: int, record: dict, cfg: ModelConfig, mesh: Mesh,

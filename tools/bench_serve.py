@@ -75,11 +75,13 @@ async def _stream(client, url: str, body: dict) -> tuple[float, list[float], int
 async def _load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
-    ttfts, itls, total = [], [], 0
+    ttfts, itls, total, slowest = [], [], 0, []
+    t0 = time.perf_counter()
 
     async def client_loop(client, i):
         nonlocal total
         for k in range(requests):
+            sent = time.perf_counter()
             ttft, times, n = await _stream(client, url, {
                 "model": model, "prompt": f"def function_{i}_{k}(x):\n", "stream": True,
                 "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + k,
@@ -87,6 +89,7 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
             ttfts.append(ttft)
             itls.extend(np.diff(times).tolist())
             total += n
+            slowest.append((ttft, sent - t0, i, k))
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -96,10 +99,43 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
     return {"clients": clients, "requests": clients * requests, "tokens": total,
             "wall_s": wall, "tokens_per_s": total / wall,
             "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99),
-            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99)}
+            "itl_p50_ms": _pct(itls, 50), "itl_p99_ms": _pct(itls, 99),
+            # The slowest first tokens: (ttft s, sent at s after the start, client, request).
+            "slowest_ttft": sorted(slowest, key=lambda x: -x[0] if x[0] == x[0] else 0)[:5]}
 
 
-def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int) -> list[dict]:
+def _scrape(url: str) -> dict[str, float]:
+    """The server's /metrics as {sample name with labels: value}."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _stalls(before: dict, after: dict) -> dict:
+    """What happened in the server during one measured level: programs compiled (and the wall
+    time of the engine steps that compiled them), event-loop wake-ups late by more than 100 ms,
+    GC pauses and their total, from the differences of two /metrics scrapes."""
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return {"compiles": int(delta("llm_engine_compiled_programs")),
+            "compile_step_s": delta("llm_engine_compile_step_seconds"),
+            "loop_lags_over_100ms": int(delta("llm_event_loop_lag_seconds_count")
+                                        - delta('llm_event_loop_lag_seconds_bucket{le="0.1"}')),
+            "loop_lag_s": delta("llm_event_loop_lag_seconds_sum"),
+            "gc_pauses": int(delta("llm_gc_pause_seconds_count")),
+            "gc_pauses_over_100ms": int(delta("llm_gc_pause_seconds_count")
+                                        - delta('llm_gc_pause_seconds_bucket{le="0.1"}')),
+            "gc_s": delta("llm_gc_pause_seconds_sum")}
+
+
+def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int,
+                 warmup: bool = False) -> list[dict]:
     import httpx
 
     port = _free_port()
@@ -107,9 +143,10 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
          f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
-         "--model_name=bench"], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+         "--model_name=bench", *(["--warmup"] if warmup else [])],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 1800  # --warmup compiles every bucket first
         while True:
             if proc.poll() is not None or time.time() > deadline:
                 raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()})")
@@ -122,7 +159,12 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
         # buckets that level's arrival pattern meets, so no compile lands in a measured run.
         for n in clients:
             asyncio.run(_load(url, "bench", n, 2, max_tokens))
-        return [asyncio.run(_load(url, "bench", n, requests, max_tokens)) for n in clients]
+        rows = []
+        for n in clients:
+            before = _scrape(url)
+            row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
+            rows.append({**row, **_stalls(before, _scrape(url))})
+        return rows
     finally:
         proc.terminate()
         proc.wait(timeout=120)
@@ -168,6 +210,45 @@ def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int
                     "sampler_tokens_per_s": batch * max_tokens / s, "engine_over_sampler": s / e,
                     "engine_over_sampler_paired_median": float(np.median(paired))})
     return out
+
+
+def bench_compressed(run_dir: str, compressed: list[str], batches: list[int], new_tokens: int,
+                     repeats: int) -> list[dict]:
+    """Engine decode tokens/s (greedy, `new_tokens` after the same prompt, every slot busy) and
+    parameter bytes of the float run and of each compressed checkpoint (`experiments.compress`
+    output, loaded by the same `load_run`), timed interleaved, best of `repeats`."""
+    from llm.compress.quantize import param_bytes
+    from llm.runs import load_run
+    from llm.serve.engine import Engine, EngineConfig, SamplingParams
+
+    runs = {"float": load_run(run_dir)}
+    for path in compressed:
+        run = load_run(path)
+        runs[run.compression["method"]] = run
+    prompt = runs["float"].tokenizer.encode("def fibonacci(n):\n")
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    systems = {}
+    for name, run in runs.items():
+        for batch in batches:
+            engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, EngineConfig(
+                slots=batch, max_context=max(len(prompt) + new_tokens + 1, run.seq_len)))
+            systems[name, batch] = lambda e=engine, b=batch: e.generate([prompt] * b, params)
+    outputs = {key: [r.output for r in fn()] for key, fn in systems.items()}  # compile
+    times = {key: [] for key in systems}
+    for _ in range(repeats):
+        for key, fn in systems.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for (name, batch), ts in times.items():
+        ref, got = outputs["float", batch][0], outputs[name, batch][0]
+        same = sum(a == b for a, b in zip(got, ref))
+        rows.append({"weights": name, "batch": batch,
+                     "param_bytes": param_bytes(runs[name].params),
+                     "tokens_per_s": batch * new_tokens / min(ts),
+                     "same_greedy_tokens_as_float": f"{same}/{len(ref)}"})
+    return rows
 
 
 def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
@@ -287,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill_rows", type=int, default=None,
                         help="EngineConfig.prefill_rows for the engine part (1 = one prompt per "
                              "prefill call, the behaviour before batched prefill)")
+    parser.add_argument("--server_warmup", action="store_true",
+                        help="start the server with --warmup (every decode bucket and "
+                             "first-chunk prefill shape compiled before listening)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
     parser.add_argument("--peers", default="transformers,llamacpp",
@@ -297,15 +381,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="new tokens per sequence in the peer comparison")
     parser.add_argument("--skip_engine", action="store_true",
                         help="leave out the engine vs sampler part")
+    parser.add_argument("--compressed", default="",
+                        help="comma-separated compressed checkpoints (experiments.compress's "
+                             "compress/<method>/) whose engine decode speed and parameter bytes "
+                             "are compared with the float run's")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
     server = ([] if args.skip_server else
-              bench_server(args.run_dir, clients, args.requests, args.max_tokens))
+              bench_server(args.run_dir, clients, args.requests, args.max_tokens,
+                           args.server_warmup))
     engine = [] if args.skip_engine else bench_engine(
         args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps,
         args.prefill_rows)
+    compressed = [c for c in args.compressed.split(",") if c]
+    quantized = bench_compressed(args.run_dir, compressed, [1, args.batch], args.batch1_tokens,
+                                 args.repeats) if compressed else []
     peers = [p for p in args.peers.split(",") if p]
     batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
                          peers, args.peer_threads)
@@ -315,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in server:
         print(f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['ttft_p50_ms']:>10.1f} "
               f"{r['ttft_p99_ms']:>10.1f} {r['itl_p50_ms']:>9.1f} {r['itl_p99_ms']:>9.1f}")
+    for r in server:
+        print(f"{r['clients']} clients: {r['compiles']} programs compiled during the run "
+              f"({r['compile_step_s']:.2f} s of steps), {r['loop_lags_over_100ms']} event-loop "
+              f"stalls > 100 ms ({r['loop_lag_s']:.2f} s in all), {r['gc_pauses']} GC pauses "
+              f"({r['gc_pauses_over_100ms']} > 100 ms, {r['gc_s']:.3f} s); slowest TTFT: "
+              + ", ".join(f"{t * 1000:.0f} ms (sent at {at:.2f} s)"
+                          for t, at, _, _ in r["slowest_ttft"][:3]))
     print(f"\n{'batch':>6} {'engine tok/s':>13} {'sampler tok/s':>14} {'engine/sampler':>15} "
           f"{'paired median':>14}")
     for r in engine:
@@ -328,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['over_transformers']:.2f}" if r["over_transformers"] else "-"
         print(f"{r['system']:<52} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {ratio:>6} "
               f"{r['same_tokens_as_engine']:>12}")
+    if quantized:
+        print(f"\nengine decode, {args.batch1_tokens} new tokens, quantized weights")
+        print(f"{'weights':<10} {'batch':>5} {'param MiB':>10} {'tok/s':>8} {'greedy = float':>15}")
+        for r in quantized:
+            print(f"{r['weights']:<10} {r['batch']:>5} {r['param_bytes'] / 2**20:>10.3f} "
+                  f"{r['tokens_per_s']:>8.1f} {r['same_greedy_tokens_as_float']:>15}")
     for peer, why in batch1["skipped"].items():
         print(f"skipped {peer}: {why}")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
@@ -335,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
                        "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
-                       "decode_vs_peers": batch1, "load_average_end": os.getloadavg()}, f,
+                       "decode_vs_peers": batch1, "quantized": quantized,
+                       "load_average_end": os.getloadavg()}, f,
                       indent=2)
     return 0
 

@@ -12,18 +12,15 @@ method, shape, contraction dims and group size that `quantize.from_storage` need
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 
-import jax
 import orbax.checkpoint as ocp
 
 from llm.compress import quantize as Q
 from llm.config import ConfigError
 from llm.data.sources import DataError
-from llm.model import transformer
 from llm.runs import LoadedRun, load_run
 
 RECORD = "compress.json"
@@ -84,11 +81,12 @@ def load_compressed(path: str, abstract_params: dict, method: str | None = None
 
 def load_compressed_run(path: str, method: str | None = None) -> LoadedRun:
     """The source run's config and tokenizer with the compressed params: use it wherever a
-    LoadedRun goes (`llm.serve.sampler.generate`, `llm.eval.lm.LanguageModel`)."""
+    LoadedRun goes (`llm.serve.sampler.generate`, `llm.eval.lm.LanguageModel`). The same as
+    `llm.runs.load_run(path)`, which detects compress.json, plus the check that the stored
+    method is `method` (ConfigError otherwise) when one is given."""
     record = read_record(path)
-    source = load_run(record["source_run"], step=record["step"])
-    _, abstract_params, _ = transformer.abstract(source.cfg)
-    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                   abstract_params)
-    params, _ = load_compressed(path, abstract_params, method)
-    return dataclasses.replace(source, params=params)
+    if method is not None and method != record.get("method"):
+        raise ConfigError(f"the compressed checkpoint {path!r} was written with method "
+                          f"{record.get('method')!r}, not {method!r}; load it with "
+                          f"method={record.get('method')!r}.")
+    return load_run(path)

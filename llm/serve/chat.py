@@ -82,7 +82,8 @@ def chat(engine, params, system: str | None, stdin=sys.stdin, stdout=sys.stdout)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.serve.chat",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", required=True)
+    parser.add_argument("--run_dir", required=True,
+                        help="a run directory or a compressed checkpoint (compress/<method>/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")

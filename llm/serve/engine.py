@@ -21,11 +21,16 @@ One engine `step()`:
      `chunk_size` padded tokens (rows x chunk), so admission never stalls decoding for longer
      than one full chunk;
   3. decode: one jitted call advances every slot by `decode_steps` tokens (a lax.scan; slots
-     without a request compute on padding and their results are dropped); the host then checks
-     the stop conditions token by token and drops what follows a stop. It reads only the first
-     `kv_len` cache rows, the smallest of `Engine.kv_buckets` (64, 128, 256, ..., cache_len) at
-     or above every slot's length plus `decode_steps`, so short sequences do not pay attention
-     over the whole context on the XLA path.
+     without a request compute on padding and their results are dropped). It is dispatched
+     before the previous decode call's tokens are read back: a slot that was in that call
+     continues from its last token on device, and the host checks the previous call's stop
+     conditions token by token (dropping what follows a stop), streams its text and prepares
+     the next inputs while the device computes. A request certain to reach max_tokens or the
+     context within the call in flight is not decoded again; one that stops early (EOS, a stop
+     string) costs one dropped call row. The call reads only the first `kv_len` cache rows, the
+     smallest of `Engine.kv_buckets` (16, 24, 32, 48, 64, 96, ..., cache_len) at or above
+     every slot's length plus `decode_steps`, so short sequences do not pay attention over the
+     whole context on the XLA path.
 A prefill call holds only prompts' first chunks ("fresh": attention over the chunk alone, no
 cache read) or only later chunks (each row reads its slot's cache row). Every program has a
 variant with logprobs and one without (used when no request in the call asked for them), so the
@@ -220,12 +225,21 @@ def _top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _forward(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, positions,
-             cache_lengths):
+             cache_lengths, last=None):
+    """Logits [rows, seq, vocab] (with `last` [rows]: only those positions', [rows, vocab]) and
+    the new cache leaves."""
     # Merged inside each trace: nnx objects must not be mutated across trace levels. The cache
     # travels as a flat list of arrays (cheap to pass on every call), rebuilt into KVCaches here.
     model = nnx.merge(graphdef, params)
     caches = nnx.merge(cache_graphdef, jax.tree.unflatten(cache_treedef, cache))
-    logits = model(tokens, positions=positions, caches=list(caches), cache_lengths=cache_lengths)
+    if last is None:
+        logits = model(tokens, positions=positions, caches=list(caches),
+                       cache_lengths=cache_lengths)
+    else:  # the vocabulary projection of one position per row, not of the whole chunk
+        hidden = model.features(tokens, positions=positions, caches=list(caches),
+                                cache_lengths=cache_lengths)
+        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        logits = model.logits(hidden)[:, 0]
     return logits, jax.tree.leaves(nnx.state(caches))
 
 
@@ -252,22 +266,23 @@ def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots,
     gathered = [jnp.take(c[:, :window], slots, axis=0) for c in cache]  # [rows, window, ...]
     positions = starts[:, None] + jnp.arange(chunk)[None, :]
     logits, gathered = _forward(graphdef, cache_graphdef, cache_treedef, params, gathered, tokens,
-                                positions, starts)
-    # Write back only the chunk's rows of each slot: an update of whole slot rows (read from the
-    # same buffer) makes XLA copy the entire cache on every call.
-    zero = jnp.zeros((), jnp.int32)
+                                positions, starts, last=None if logprobs else valid - 1)
+    # Write back only the chunk's rows of each slot, with one scatter per cache array: an update
+    # of whole slot rows (read from the same buffer) makes XLA copy the entire cache on every
+    # call, and a loop of per-row updates costs one pass over the cache per row on XLA:CPU.
+    # Padding rows repeat row 0, so duplicate indices carry identical values.
+    cols = starts[:, None] + jnp.arange(chunk)[None, :]                # [rows, chunk]
 
     def write(c, g):
-        new = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, chunk, axis=0))(g, starts)
-        return jax.lax.fori_loop(0, rows, lambda i, c: jax.lax.dynamic_update_slice(
-            c, new[i][None], (slots[i], starts[i]) + (zero,) * (c.ndim - 2)), c)
+        new = jnp.take_along_axis(g, cols.reshape(cols.shape + (1,) * (g.ndim - 2)), axis=1)
+        return c.at[slots[:, None], cols].set(new, mode="promise_in_bounds")
 
     cache = [write(c, g) for c, g in zip(cache, gathered)]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
+    if not logprobs:
+        return cache, _sample(logits, seeds, counters, temperature, top_k, top_p, min_p)
     last = jnp.take_along_axis(logits, (valid - 1)[:, None, None], axis=1)[:, 0]  # [rows, vocab]
     token = _sample(last, seeds, counters, temperature, top_k, top_p, min_p)
-    if not logprobs:
-        return cache, token
     logp = jax.nn.log_softmax(logits, axis=-1)                       # [rows, chunk, vocab]
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     top_values, top_ids = _top_logprobs(logp)
@@ -276,11 +291,14 @@ def _prefill_rows(graphdef, cache_graphdef, cache_treedef, params, cache, slots,
     return (cache, token, chosen, *_top_logprobs(last_logp), target_logp, top_values, top_ids)
 
 
-def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, lengths, live,
-                  sampling, *, kv_len: int, steps: int, logprobs: bool):
+def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens, prev, use_prev,
+                  lengths, live, sampling, *, kv_len: int, steps: int, logprobs: bool):
     """Advance every slot by `steps` tokens in one call (a lax.scan over single-token steps).
 
     tokens, lengths [slots] int32: the last token and the number of cached positions before it;
+    prev [steps, slots] int32: the tokens of the previous decode call, still on device; a slot
+    with use_prev [slots] = 1 continues from prev[-1] instead of `tokens` (the host has not read
+    the previous call's tokens yet when it dispatches this one, see `Engine._decode`);
     live [slots] int32: 1 for a decoding slot, 0 for one whose results are dropped (its length
     stays put). sampling: per-slot (seeds, counters, temperature, top_k, top_p, min_p) [slots];
     step j of slot i uses the key fold_in(key(seeds[i]), counters[i] + j), the key a one-step
@@ -291,6 +309,7 @@ def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens
     # Attend over the first kv_len cache rows only (a bucket above every slot's last row).
     view = [c[:, :kv_len] for c in cache]
     seeds, counters, temperature, top_k, top_p, min_p = sampling
+    tokens = jnp.where(use_prev > 0, prev[-1], tokens)
 
     def one(carry, j):
         view, tokens, lengths = carry
@@ -401,8 +420,10 @@ class Engine:
                                    donate_argnums=(1,), static_argnames=("fresh", "logprobs"))
         self._decode_fn = jax.jit(functools.partial(_decode_steps, *statics), donate_argnums=(1,),
                                   static_argnames=("kv_len", "steps", "logprobs"))
-        self.kv_buckets = tuple(b for b in (64 * 2**i for i in range(32)) if b < cache_len) + (
-            cache_len,)
+        # Attention reads (and on XLA:CPU copies) all kv_len rows, a large part of a small
+        # model's decode step, so the buckets grow by 1.5x and 1.33x in turn, not 2x.
+        self.kv_buckets = tuple(sorted(
+            {b for i in range(32) for b in (16 << i, 24 << i) if b < cache_len})) + (cache_len,)
         self.slots: list[Request | None] = [None] * config.slots
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
@@ -413,9 +434,15 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._token_text: dict[int, str] = {}
+        self._inflight: dict | None = None  # the decode call dispatched and not yet read back
+        # What a decode call reads as the previous call's tokens when there is none, placed like
+        # the tokens a call returns.
+        self._no_prev = jax.device_put(np.zeros((config.decode_steps, config.slots), np.int32),
+                                       where)
         # Counters read by the server's /metrics.
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                      "prefill_chunks": 0, "prefill_calls": 0, "finished": 0}
+                      "prefill_chunks": 0, "prefill_calls": 0, "finished": 0,
+                      "compile_steps": 0, "compile_seconds": 0.0}
 
     # ------------------------------------------------------------------ public API
 
@@ -499,6 +526,38 @@ class Engine:
         c = self.config
         return 2 * (2 * len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
 
+    def warmup(self) -> int:
+        """Compile, before serving, the programs traffic without logprobs meets: the decode call
+        at every kv bucket and a first-chunk prefill at every (row bucket, chunk bucket), so no
+        request waits on a compile (seconds on CPU) in the middle of a load. Later chunks of
+        prompts longer than `chunk_size` and the logprobs variants still compile on first use.
+        Runs each program once on dummy inputs, so call it while no request is in the engine
+        (they write only cache rows no request owns). Returns the number of programs compiled."""
+        if not self.idle() or self._inflight is not None:
+            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
+        before, c, n = self.compiled_shapes(), self.config, len(self.slots)
+        row = (np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
+               np.float32(0))
+        with self._sharding():
+            for rows in c.row_buckets():
+                sampling = tuple(np.array(col) for col in zip(*[row] * rows))
+                zeros = np.zeros((rows,), np.int32)
+                for chunk in c.chunk_buckets():
+                    tokens = np.full((rows, chunk), PAD_ID, np.int32)
+                    out = self._prefill_fn(self.params, self.cache, zeros, tokens,
+                                           np.zeros_like(tokens), zeros, zeros + 1, sampling,
+                                           fresh=True, logprobs=False)
+                    self.cache = out[0]
+            sampling = tuple(np.array(col) for col in zip(*[row] * n))
+            zeros = np.zeros((n,), np.int32)
+            for kv_len in self.kv_buckets:
+                out = self._decode_fn(self.params, self.cache, zeros, self._no_prev, zeros,
+                                      zeros + kv_len - 1, zeros, sampling, kv_len=kv_len,
+                                      steps=c.decode_steps, logprobs=False)
+                self.cache = out[0]
+            jax.block_until_ready(self.cache)
+        return self.compiled_shapes() - before
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
         text = self._token_text.get(token_id)
@@ -520,6 +579,7 @@ class Engine:
                 self.step()
             except Exception:  # a failed step must not leave clients waiting forever
                 log.exception("engine step failed; failing the running requests")
+                self._inflight = None
                 for r in [*self.slots, *self.waiting]:
                     if r is not None and not r.finished:
                         self._finish(r, "error")
@@ -527,7 +587,16 @@ class Engine:
                     self.waiting.clear()
 
     def step(self) -> None:
-        """Admit, prefill one budget of chunks, decode one token in every busy slot."""
+        """Admit, prefill one budget of chunks, dispatch the next decode call, then read back and
+        process the previous one (so the device computes while the host checks stops, streams
+        text and prepares the next inputs)."""
+        compiled, start = self.compiled_shapes(), time.perf_counter()
+        self._step()
+        if self.compiled_shapes() > compiled:  # a bucket met for the first time: compiled here
+            self.stats["compile_steps"] += 1
+            self.stats["compile_seconds"] += time.perf_counter() - start
+
+    def _step(self) -> None:
         self._drop_cancelled()
         with self._lock:
             for i in range(len(self.slots)):
@@ -545,12 +614,34 @@ class Engine:
                 calls += 1
             if pending:
                 self._read_prefills(pending)
-            if self._decoding():
-                self._decode()
+            previous = self._inflight
+            self._inflight = self._decode() if self._decodable() else None
+            if previous is not None:
+                self._read_decode(previous)
 
     def _decoding(self) -> bool:
         return any(r is not None and r.prefilled == len(r.tokens) and not r.finished
                    for r in self.slots)
+
+    def _in_flight(self, req: Request) -> int:
+        """Tokens of `req` sampled by the decode call in flight and not yet read back."""
+        flight = self._inflight
+        if flight is None or flight.get("slots", {}).get(req.slot) is not req:
+            return 0
+        return flight["steps"]
+
+    def _decodable(self) -> list[int]:
+        """Slots whose request needs more tokens than it has plus those in flight: decoding, not
+        finished, and not certain to reach max_tokens or the context within the call in flight
+        (those are not decoded again; their slot frees when that call is read back)."""
+        out = []
+        for i, r in enumerate(self.slots):
+            if r is None or r.prefilled < len(r.tokens) or r.finished:
+                continue
+            have = len(r.output) + self._in_flight(r)
+            if have < r.params.max_tokens and len(r.tokens) + have <= self.max_context:
+                out.append(i)
+        return out
 
     def _sharding(self):
         if self.mesh is None:
@@ -566,9 +657,11 @@ class Engine:
             if r is not None and r.cancelled and not r.finished:
                 self._finish(r, "cancelled")
 
-    def _sampling_row(self, req: Request) -> tuple:
+    def _sampling_row(self, req: Request, ahead: int = 0) -> tuple:
+        """(seed, counter, temperature, top_k, top_p, min_p) of `req`'s next token; the counter
+        (the token's index in the completion) counts `ahead` tokens not read back yet."""
         p = req.params
-        return (np.uint32(req.seed), np.int32(len(req.output)), np.float32(p.temperature),
+        return (np.uint32(req.seed), np.int32(len(req.output) + ahead), np.float32(p.temperature),
                 np.int32(p.top_k), np.float32(p.top_p), np.float32(p.min_p))
 
     def _prefill_batch(self, burst: bool) -> list[Request]:
@@ -671,40 +764,58 @@ class Engine:
         self._append(req, int(token), None if logprob is None else float(logprob), top_v, top_i)
         self._update_text(req)
 
-    def _decode(self) -> None:
+    def _decode(self) -> dict:
+        """Dispatch one decode call over every decodable slot without waiting for it. A slot that
+        was in the call still in flight continues from that call's last token on device (its
+        length and key counter advanced by the call's steps); the results are read back by
+        `_read_decode` after the next call is dispatched. Returns the in-flight record."""
         slots, steps = len(self.slots), self.config.decode_steps
+        live = self._decodable()
         tokens = np.zeros((slots,), np.int32)
+        use_prev = np.zeros((slots,), np.int32)
         # The call reads and writes cache rows [0, kv_len): the smallest bucket above every row a
         # live slot writes in its `steps` tokens (its last token's row + steps - 1) and above
         # every occupied slot's rows. Slots not decoding (free, or mid-prefill) keep writing
         # their dummy token into row kv_len - 1, past all of those.
-        used = max(len(r.tokens) + len(r.output) for r in self.slots if r is not None)
+        used = max(len(r.tokens) + len(r.output) + self._in_flight(r)
+                   for r in self.slots if r is not None)
         kv_len = next(b for b in self.kv_buckets if b >= used + steps)
         lengths = np.full((slots,), kv_len - 1, np.int32)
         live_mask = np.zeros((slots,), np.int32)
         rows = [(np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
                  np.float32(0))] * slots
-        live = []
-        for i, r in enumerate(self.slots):
-            if r is not None and r.prefilled == len(r.tokens) and not r.finished:
+        previous = self._inflight
+        for i in live:
+            r = self.slots[i]
+            ahead = self._in_flight(r)
+            if ahead:
+                use_prev[i] = 1
+            else:
                 tokens[i] = r.output[-1]
-                lengths[i] = len(r.tokens) + len(r.output) - 1
-                live_mask[i] = 1
-                rows[i] = self._sampling_row(r)
-                live.append(i)
+            lengths[i] = len(r.tokens) + len(r.output) + ahead - 1
+            live_mask[i] = 1
+            rows[i] = self._sampling_row(r, ahead)
         want = any(self.slots[i].params.logprobs is not None for i in live)
         sampling = tuple(np.array(col) for col in zip(*rows))
-        out = self._decode_fn(self.params, self.cache, tokens, lengths, live_mask, sampling,
-                              kv_len=kv_len, steps=steps, logprobs=want)
+        prev = previous["out"][1] if previous is not None else self._no_prev
+        out = self._decode_fn(self.params, self.cache, tokens, prev, use_prev, lengths,
+                              live_mask, sampling, kv_len=kv_len, steps=steps, logprobs=want)
         self.cache = out[0]
-        if want:
+        self.stats["decode_steps"] += steps
+        return {"out": out, "slots": {i: self.slots[i] for i in live}, "steps": steps,
+                "want": want}
+
+    def _read_decode(self, flight: dict) -> None:
+        """Read back a decode call's tokens (and logprobs) and record them, stop by stop; the
+        rows of requests that finished meanwhile (a stop read from the call before, a cancel)
+        are dropped."""
+        out = flight["out"]
+        if flight["want"]:
             nxt, chosen, top_v, top_i = jax.device_get(out[1:])
         else:
             nxt, chosen, top_v, top_i = np.asarray(out[1]), None, None, None
-        self.stats["decode_steps"] += steps
-        for i in live:
-            req = self.slots[i]
-            for j in range(steps):
+        for i, req in flight["slots"].items():
+            for j in range(flight["steps"]):
                 if req.finished:
                     break  # tokens past a stop are dropped
                 if req.params.logprobs is None:

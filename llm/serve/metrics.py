@@ -5,6 +5,7 @@ token, inter-token latency and request latency. One registry per app, so tests c
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from prometheus_client import (
@@ -43,6 +44,10 @@ class ServerMetrics:
         Gauge("llm_active_slots", "decode slots holding a request", registry=r).set_function(
             engine.active_slots)
         Gauge("llm_slots", "decode slots", registry=r).set(len(engine.slots))
+        Gauge("llm_engine_compiled_programs", "XLA programs the engine has compiled (prefill "
+              "and decode buckets met so far)", registry=r).set_function(engine.compiled_shapes)
+        Gauge("llm_engine_compile_step_seconds", "wall time of the engine steps that compiled "
+              "a program", registry=r).set_function(lambda: engine.stats["compile_seconds"])
         self.ttft = Histogram("llm_time_to_first_token_seconds", "arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llm_inter_token_latency_seconds", "time between two tokens",
@@ -50,6 +55,25 @@ class ServerMetrics:
         self.latency = Histogram("llm_request_latency_seconds", "arrival to last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self._seen: dict[int, tuple[int, float | None]] = {}  # id -> (tokens counted, time)
+        # Where latency outliers come from: event-loop stalls (the loop is late to wake up) and
+        # Python garbage-collection pauses (process-wide, any thread).
+        self.loop_lag = Histogram("llm_event_loop_lag_seconds", "how late the server's event "
+                                  "loop woke from a 50 ms sleep", buckets=_LATENCY_BUCKETS,
+                                  registry=r)
+        self.gc_pause = Histogram("llm_gc_pause_seconds", "Python garbage-collection pauses",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start:
+            self.gc_pause.observe(time.perf_counter() - self._gc_start)
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def on_submit(self, reqs) -> None:
         for r in reqs:
@@ -81,14 +105,18 @@ class ServerMetrics:
         self.finished.labels(req.finish_reason).inc()
         self.latency.observe(now - req.arrival)
 
-    async def sample_forever(self, period: float = 1.0) -> None:
-        """Update the tokens/s gauge every `period` seconds."""
+    async def sample_forever(self, period: float = 1.0, tick: float = 0.05) -> None:
+        """Update the tokens/s gauge every `period` seconds; every `tick` observe the loop lag."""
         last_n, last_t = self.engine.stats["generated_tokens"], time.monotonic()
         while True:
-            await asyncio.sleep(period)
-            n, t = self.engine.stats["generated_tokens"], time.monotonic()
-            self.tokens_per_second.set((n - last_n) / (t - last_t))
-            last_n, last_t = n, t
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            t = time.monotonic()
+            self.loop_lag.observe(max(0.0, t - before - tick))
+            if t - last_t >= period:
+                n = self.engine.stats["generated_tokens"]
+                self.tokens_per_second.set((n - last_n) / (t - last_t))
+                last_n, last_t = n, t
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -164,6 +164,7 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
         finally:
             task.cancel()
             engine.stop()
+            metrics.close()
 
     app = FastAPI(title="llm OpenAI-compatible server", version="1", lifespan=lifespan)
     app.state.engine = engine
@@ -536,7 +537,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.serve.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", required=True, help="a training run directory")
+    parser.add_argument("--run_dir", required=True,
+                        help="a training run directory, or a compressed checkpoint "
+                             "(experiments.compress's compress/<method>/, detected by its "
+                             "compress.json)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default=None,
@@ -556,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None,
                         help="a mesh gin file, as training uses (gin_configs/mesh/*.gin: its "
                              "make_mesh and axis_rules bindings); default one device")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every decode bucket and first-chunk prefill shape before "
+                             "listening (slower start, no compile inside a request later)")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -600,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         return 2
 
+    if args.warmup:
+        start = time.perf_counter()
+        compiled = engine.warmup()
+        print(f"{prog}: warm-up compiled {compiled} programs in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
     import uvicorn
 
     name = args.model_name or run.name
@@ -607,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     auth = (f"API keys required ({len(keys)} configured)" if keys else
             "no API keys configured: listening on 127.0.0.1 only")
     where = "one device" if mesh is None else f"mesh {dict(mesh.shape)}"
+    if run.compression is not None:
+        from llm.compress.quantize import param_bytes
+
+        where += (f", {run.compression['method']} weights from {run.compression['source_run']}, "
+                  f"{param_bytes(run.params) / 2**20:.2f} MiB of params")
     print(f"{prog}: serving {name} (step {run.step}, context {engine.max_context}, "
           f"{args.slots} slots, {where}) on http://{host}:{args.port} -- {auth}", file=sys.stderr,
           flush=True)

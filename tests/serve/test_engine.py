@@ -110,28 +110,31 @@ def test_compiled_programs_are_the_buckets(run):
     config = EngineConfig(slots=4, chunk_size=16, min_chunk=8, max_context=run.seq_len)
     assert config.chunk_buckets() == (8, 16) and config.row_buckets() == (1, 2, 4)
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config)
-    assert engine.kv_buckets == (64, 128)  # cache rows: 64 context + 16 chunk, rounded to 128
-    assert engine.max_compiled_shapes() == 2 * (2 * 3 * 2 + 2)
+    # cache rows: 64 context + 16 chunk, rounded up to 128; buckets 16 x 2^i and 24 x 2^i below.
+    assert engine.kv_buckets == (16, 24, 32, 48, 64, 96, 128)
+    assert engine.max_compiled_shapes() == 2 * (2 * 3 * 2 + 7)
     assert engine.compiled_shapes() == 0
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    # 3 prompts (2, 5, 7 tokens with BOS), one burst: first chunks [4 rows, 8]; decode kv 64.
+    # 3 prompts (2, 5, 7 tokens with BOS), one burst: first chunks [4 rows, 8]; one decode
+    # call (8 tokens) covers max_tokens 3: kv >= 7 + 1 + 8, bucket 16.
     engine.generate([list(range(3, 3 + n)) for n in (1, 4, 6)], params)
     assert engine.stats["prefill_calls"] == 1
     assert engine.compiled_shapes() == 2
-    # 3 and 31 tokens: first chunks [2, 16], then a later chunk [1, 16] for the long one.
+    # 3 and 31 tokens: first chunks [2, 16], then a later chunk [1, 16] for the long one;
+    # decode kv >= 31 + 1 + 8: bucket 48.
     engine.generate([list(range(3, 3 + n)) for n in (2, 30)], params)
     assert engine.stats["prefill_calls"] == 3
-    assert engine.compiled_shapes() == 4
+    assert engine.compiled_shapes() == 5
     # Four short prompts reuse first chunks [4, 8]; the fifth (61 tokens) waits for a slot, then
-    # takes a first chunk [1, 16] (new) and three later chunks [1, 16] (compiled above), and
-    # decodes past row 64: kv bucket 128 (new).
+    # takes a first chunk [1, 16] (new) and three later chunks [1, 16] (compiled above); the
+    # short ones decode in kv 16 (compiled), the long one in kv >= 61 + 1 + 8: bucket 96 (new).
     engine.generate([list(range(3, 3 + n)) for n in (1, 2, 3, 4, 60)],
                     SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.5, top_k=3))
     assert engine.stats["prefill_calls"] == 3 + 1 + 4
-    assert engine.compiled_shapes() == 6
+    assert engine.compiled_shapes() == 7
     # Logprobs are computed only by a second variant of each program, compiled when first asked.
     engine.generate([[3, 4, 5]], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2))
-    assert engine.compiled_shapes() == 8  # first chunks [1, 8] and kv 64, with logprobs
+    assert engine.compiled_shapes() == 9  # first chunks [1, 8] and kv 16, with logprobs
     assert engine.compiled_shapes() <= engine.max_compiled_shapes()
 
 
