@@ -33,6 +33,7 @@ from array_record.python import array_record_module
 from tqdm import tqdm
 
 from llm.config import ConfigError
+from llm.data.curate.local import atomic_write
 from llm.data.pipeline import make_dataset
 from llm.data.shards import WRITER_OPTIONS
 from llm.data.sources import DataError
@@ -152,9 +153,8 @@ def write_topk(out_dir: str, *, graphdef, params: dict, meta: dict) -> str:
             writer.write(encode_row(row, layout))
     writer.close()
     os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, META + ".tmp"), "w") as f:
-        json.dump({**meta, "files": [os.path.basename(path)]}, f, indent=2)
-    os.replace(os.path.join(out_dir, META + ".tmp"), os.path.join(out_dir, META))
+    atomic_write(os.path.join(out_dir, META),
+                 json.dumps({**meta, "files": [os.path.basename(path)]}, indent=2).encode())
     return path
 
 

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from llm.compress.qat import qat
 from llm.config import ConfigError
+from llm.data.curate.local import atomic_write
 from llm.data.sources import DataError
 from llm.data.tokenizer import load_tokenizer
 from llm.model import transformer
@@ -68,10 +69,7 @@ def extend_tokenizer(src: str, dst: str, symbols: Sequence[str]) -> list[int]:
             model.pieces.add(piece=s, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
             new_ids.append(len(model.pieces) - 1)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
-    os.replace(tmp, dst)
+    atomic_write(dst, model.SerializeToString())
     return new_ids
 
 
