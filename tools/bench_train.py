@@ -36,6 +36,11 @@ back and printed: XLA's intra-op threads are counted from /proc/self/task (threa
 --profile N prints the N slowest HLO ops of each step (jax.profiler trace; with one XLA thread
 they add up to the step), with the JAX op each came from.
 
+--no_attention replaces softmax(QK^T)V by q + k + v on BOTH sides (ours: `attend` swapped in
+this tool's process; the twin: its --no_attention), an elementwise op of the same cost on each:
+the step minus attention, for splitting the gap to the twin into attention and everything else
+(docs/benchmarks.md; attention alone is timed by tools/bench_blocked_attention.py).
+
 --gin_param overrides the model config for every config (e.g. 'ModelConfig.dtype="bfloat16"',
 'ModelConfig.attention_impl="xla"'). XLA flags go in the environment (XLA_FLAGS=...).
 """
@@ -84,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which twins to run with --torch_python (eager, compiled)")
     p.add_argument("--twin_arg", action="append", default=[],
                    help="extra flag for torch_twin.py, e.g. --twin_arg=--fused")
+    p.add_argument("--no_attention", action="store_true",
+                   help="both sides: attention replaced by q + k + v (the rest of the step)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, trace 2 steps with jax.profiler and print the N slowest "
                         "HLO ops (use one thread, see op_profile)")
@@ -113,7 +120,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llm.model import transformer  # noqa: E402
+from llm.model import attention, transformer  # noqa: E402
 from llm.model.config import ModelConfig  # noqa: E402
 from llm.parallel.mesh import make_mesh  # noqa: E402
 from llm.parallel.rules import axis_rules  # noqa: E402
@@ -266,6 +273,16 @@ class Twin:
         self.proc.wait()
 
 
+def swap_out_attention(cfg: ModelConfig) -> None:
+    """--no_attention: every `attend` call of this process returns q + k + v
+    ([batch, seq, heads, head_dim]; the twin's --no_attention adds its q, k, v alike), so the
+    step keeps its projections, norms, MLPs, loss and optimizer and loses only the mixing across
+    positions."""
+    if cfg.kv_heads != cfg.num_heads:
+        raise SystemExit("bench_train: --no_attention needs num_kv_heads == num_heads.")
+    attention.attend = lambda q, k, v, **_: q + k + v
+
+
 def twin_unsupported(cfg: ModelConfig) -> str | None:
     """Why the twin cannot run this config (it is GPT-2-style only), or None."""
     want = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
@@ -282,6 +299,8 @@ def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
                          f"(ModelConfig.max_seq_len={cfg.max_seq_len}); pass "
                          f"--gin_param=ModelConfig.max_seq_len={seq} (both sides get it).")
     total = args.warmup + args.steps + 1
+    if args.no_attention:
+        swap_out_attention(cfg)  # this process runs one bench point only
     compiled, state, data, compile_s = build_step(cfg, batch, seq, total)
     memory = compiled.memory_analysis()
     matmul = [measure_matmul_flops()]
@@ -291,6 +310,7 @@ def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
     if args.torch_python and note is None:
         for kind in args.twins.split(","):
             extra = ["--compile"] if kind == "compiled" else []
+            extra += ["--no_attention"] if args.no_attention else []
             twins[kind] = Twin(args.torch_python, cfg, batch, seq, total, usable,
                                extra + args.twin_arg)
     losses = []
@@ -330,7 +350,8 @@ def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
     fpt = cfg.flops_per_token(seq)
     result = Result(
         config=name, params=cfg.num_params(), batch=batch, seq=seq, dtype=cfg.dtype,
-        attention_impl=cfg.attention_impl, flops_per_token=fpt, compile_s=compile_s,
+        attention_impl="q+k+v" if args.no_attention else cfg.attention_impl,
+        flops_per_token=fpt, compile_s=compile_s,
         step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, matmul_gflops=peak / 1e9,
         mfu=fpt * tokens / step_s / peak, loss_first=losses[0], loss_last=losses[-1],
         cpu_ms=statistics.median(mine_cpu) * 1e3, step_ms_min=min(mine) * 1e3,

@@ -47,9 +47,10 @@ from torch import nn
 class Block(nn.Module):
     """x + attn(ln(x)); x + mlp(ln(x)). Attention is causal and stays inside a segment."""
 
-    def __init__(self, d: int, heads: int, hidden: int, eps: float):
+    def __init__(self, d: int, heads: int, hidden: int, eps: float, no_attention: bool = False):
         super().__init__()
         self.heads = heads
+        self.no_attention = no_attention
         self.ln1 = nn.LayerNorm(d, eps=eps)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -60,6 +61,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        if self.no_attention:  # bench_train --no_attention: the step minus attention
+            x = x + self.proj(q + k + v)
+            return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
         q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         if mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -71,11 +75,11 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab: int, d: int, layers: int, heads: int, hidden: int,
-                 max_seq_len: int, eps: float, std: float = 0.02):
+                 max_seq_len: int, eps: float, std: float = 0.02, no_attention: bool = False):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(max_seq_len, d)
-        self.blocks = nn.ModuleList(Block(d, heads, hidden, eps) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, hidden, eps, no_attention) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d, eps=eps)
         for name, p in self.named_parameters():
             if p.ndim >= 2:  # same init as llm.model.layers: truncated normal, scaled out-projs
@@ -106,7 +110,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         torch.manual_seed(0)
         self.model = GPT(args.vocab, args.d_model, args.layers, args.heads, args.hidden,
-                         args.max_seq_len, args.eps)
+                         args.max_seq_len, args.eps, no_attention=args.no_attention)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW(
@@ -176,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the forward + loss (first step = compile, untimed)")
     p.add_argument("--segment_mask", action="store_true",
                    help="explicit causal+segment boolean mask instead of is_causal")
+    p.add_argument("--no_attention", action="store_true",
+                   help="attention replaced by q + k + v (as bench_train --no_attention)")
     p.add_argument("--serve", action="store_true", help="JSON-lines protocol on stdin/stdout")
     p.add_argument("--steps", type=int, default=20, help="standalone: timed steps")
     p.add_argument("--warmup", type=int, default=3, help="standalone: untimed steps")

@@ -119,9 +119,10 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules):
 # to `attend`, or stored in the modules -- and then in the nnx graphdef, tying a model
 # definition to one mesh (the same graphdef serves training, evaluation and serving on
 # different meshes). It is the design of flax's `nn.logical_axis_rules` (MaxText's
-# `with_logical_constraint`) and of JAX's own `use_mesh`. The context is entered in exactly
-# three places, each around the tracing of one jitted function: `llm.train.step`
-# (`jit_train_step`, `jit_eval_step`), `llm.eval.lm` (the scorer) and `llm.serve.engine`.
+# `with_logical_constraint`) and of JAX's own `use_mesh`. The context is entered only inside
+# functions that `jax.jit` traces, in five modules: `llm.train.step` (`jit_train_step`,
+# `jit_eval_step`), `llm.eval.lm` (the scorer), `llm.serve.engine`, `llm.posttrain.dpo` (the
+# reference log-probabilities) and `llm.posttrain.rl_loop` (`prepare`, `update`).
 # Outside it `constrain` is the identity, so a one-device trace is the plain program. It is a
 # ContextVar, so a trace in one thread (the server's engine) never sees another thread's mesh.
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(

@@ -60,3 +60,53 @@ def test_torch_twins_match_param_count_and_threads(tmp_path):
             assert t["params"] == r["params"] and t["ratio"] > 0
             assert t["threads"] == 1 and t["peak_rss_mb"] > 0
         assert r["twins"][1]["first_step_s"] > 0
+
+
+def test_no_attention_removes_only_the_mixing_across_positions(monkeypatch):
+    """--no_attention (attention -> q + k + v on both sides): a position's logits no longer
+    depend on earlier tokens, while the real model's do."""
+    import jax
+    import numpy as np
+
+    from llm.model import attention, transformer
+    from tools.bench_train import load_config, swap_out_attention
+
+    cfg = load_config("gpt2_tiny", ["ModelConfig.d_model=32", "ModelConfig.num_layers=1",
+                                    "ModelConfig.vocab_size=64", "ModelConfig.max_seq_len=8"])
+    graphdef, params = transformer.init(cfg, jax.random.key(0))
+    a = np.arange(8, dtype=np.int32)[None] % 64
+    b = a.copy()
+    b[0, 0] = 63  # only the first token differs
+
+    def last_logits(tokens):
+        return np.asarray(transformer.apply(graphdef, params, tokens)[0, -1])
+
+    assert np.abs(last_logits(a) - last_logits(b)).max() > 1e-4
+    monkeypatch.setattr(attention, "attend", attention.attend)  # restored after the test
+    swap_out_attention(cfg)
+    np.testing.assert_array_equal(last_logits(a), last_logits(b))
+
+
+def test_attention_alone_variants_agree_and_report(tmp_path):
+    """tools/bench_blocked_attention.py: every XLA formulation computes the same attention (to
+    fp32 rounding, against mha_reference) and each row has its timings; with LLM_TORCH_PYTHON the
+    SDPA rows come from a torch process with the same thread count."""
+    from tools.bench_blocked_attention import main
+
+    torch_python = os.environ.get("LLM_TORCH_PYTHON")
+    argv = ["--seqs=32", "--tokens=64", "--heads=2", "--head_dim=8", "--iters=1",
+            "--impls=blocked:8x8,blocked_causal:16x8,jax_xla",
+            f"--json={tmp_path / 'a.json'}"] + ([f"--torch_python={torch_python}"]
+                                                if torch_python else [])
+    points = main(argv)
+    assert [(p["seq"], p["batch"]) for p in points] == [(32, 2)]
+    assert json.loads((tmp_path / "a.json").read_text())["points"][0]["seq"] == 32
+    for p in points:
+        jax_rows = [r for r in p["rows"].values() if r["side"] == "jax"]
+        assert len(jax_rows) == 3
+        for r in jax_rows:
+            assert r["max_abs_diff"] < 1e-5 and r["fwd_ms"] > 0 and r["grad_ms"] > 0
+            assert r["temp_mib"] >= 0
+        if torch_python:
+            assert p["torch_threads"] == p["xla_threads"]
+            assert p["rows"]["sdpa_compiled"]["grad_vs_sdpa_compiled"] == 1.0
