@@ -79,7 +79,8 @@ class GPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(max_seq_len, d)
-        self.blocks = nn.ModuleList(Block(d, heads, hidden, eps, no_attention) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, hidden, eps, no_attention)
+                                    for _ in range(layers))
         self.ln_f = nn.LayerNorm(d, eps=eps)
         for name, p in self.named_parameters():
             if p.ndim >= 2:  # same init as llm.model.layers: truncated normal, scaled out-projs
