@@ -14,6 +14,8 @@ gradient of sum(out * w) with respect to q, k and v. Variants (ours, all jitted)
                    given segment ids (all ones) as the trainer passes them, so the per-block
                    mask check (`lax.cond`) is on -- what the train step runs;
   blocked_causal:QxK   the same without segment ids (the static causal schedule only);
+  blocked:QxK/N    N independent block loops over batch (or head) slices (`splits`,
+                   ModelConfig.attention_splits), which XLA:CPU may run on its threads at once;
   materialized     `llm.kernels.reference.mha_reference` (attention_impl="xla"): masked
                    [batch, heads, seq, seq] scores, softmax, autodiff backward;
   jax_xla          `jax.nn.dot_product_attention(is_causal=True, implementation="xla")`.
@@ -76,10 +78,12 @@ def make_variant(spec: str, seg: jax.Array):
     """attention(q, k, v) for one --impls entry."""
     name, _, blocks = spec.partition(":")
     if name in ("blocked", "blocked_causal"):
-        bq, bk = (int(x) for x in (blocks or "128x128").split("x"))
+        blocks, _, splits = (blocks or "128x128").partition("/")
+        bq, bk = (int(x) for x in blocks.split("x"))
         ids = seg if name == "blocked" else None
         return lambda q, k, v: blocked_attention(q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
-                                                 causal=True, block_q=bq, block_k=bk)
+                                                 causal=True, block_q=bq, block_k=bk,
+                                                 splits=int(splits or 1))
     if name == "materialized":
         return lambda q, k, v: mha_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
                                              causal=True)

@@ -225,14 +225,34 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       q_segment_ids: jax.Array | None = None,
                       kv_segment_ids: jax.Array | None = None, causal: bool = True,
                       prefix: jax.Array | None = None, sm_scale: float | None = None,
-                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K
-                      ) -> jax.Array:
+                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                      splits: int = 1) -> jax.Array:
     """Attention equal to `mha_reference` (same arguments; `prefix` [batch, seq] instead of an
     arbitrary mask) with memory linear in the sequence length.
 
     q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] -> like q.
     Blocks are clipped to the (8-rounded) lengths, so short sequences run as one block.
+    splits > 1: run `splits` independent block loops over equal slices of the batch (or, when
+    the batch does not divide, of the kv heads), which XLA:CPU may execute concurrently on its
+    threads instead of splitting each small block GEMM between them; rows are computed alike, so
+    the result is bitwise the same (tests/kernels/test_blocked.py). Falls back to one loop when
+    neither divides.
     """
+    if splits > 1:
+        axis = 0 if q.shape[0] % splits == 0 else 2 if k.shape[2] % splits == 0 else None
+        if axis is not None:
+            def part(x, i):
+                if x is None:
+                    return None
+                if axis == 2 and x.ndim == 2:  # per-row ids/prefix are shared by head slices
+                    return x
+                return jnp.split(x, splits, axis=axis)[i]
+
+            return jnp.concatenate([blocked_attention(
+                part(q, i), part(k, i), part(v, i), q_segment_ids=part(q_segment_ids, i),
+                kv_segment_ids=part(kv_segment_ids, i), causal=causal, prefix=part(prefix, i),
+                sm_scale=sm_scale, block_q=block_q, block_k=block_k) for i in range(splits)],
+                axis=axis)
     b, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if heads % kv_heads:

@@ -51,7 +51,7 @@ def resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
            causal: bool, impl: str, kv_segment_ids: jax.Array | None = None,
-           prefix: jax.Array | None = None) -> jax.Array:
+           prefix: jax.Array | None = None, splits: int = 1) -> jax.Array:
     """q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] -> like q.
 
     segment_ids [batch, q_len] (and kv_segment_ids [batch, kv_len], default the same): tokens
@@ -59,6 +59,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     causal=False is bidirectional (encoders) and, with q_len != kv_len, cross-attention.
     prefix [batch, seq] (with causal=True, self-attention): prefix-LM masking -- positions marked
     1 see each other bidirectionally, the rest stays causal (`prefix_lm_mask`).
+    splits: xla_blocked only, independent block loops (`blocked_attention`; bitwise equal).
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     if impl == "cudnn" and jax.default_backend() != "gpu":
@@ -68,7 +69,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     impl = resolve_impl(impl, q.shape[1], k.shape[1])
     if impl == "xla_blocked":
         return blocked_attention(q, k, v, q_segment_ids=segment_ids,
-                                 kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix)
+                                 kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix,
+                                 splits=splits)
     if prefix is not None:
         if not causal:
             raise ValueError("attend: a prefix-LM mask only makes sense with causal=True.")
@@ -187,7 +189,8 @@ class Attention(nnx.Module):
             k = rope(k, positions, self.cfg.rope_theta, inv_freq=inv_freq, scale=scale)
         if cache is None:
             out = attend(q, k, v, segment_ids=segment_ids, causal=self.causal,
-                         impl=self.cfg.attention_impl, prefix=prefix)
+                         impl=self.cfg.attention_impl, prefix=prefix,
+                         splits=self.cfg.attention_splits)
         else:
             out = self._decode(q, k, v, cache, cache_lengths)
         out = constrain(out, Q_AXES)

@@ -57,6 +57,7 @@ class ModelConfig:
     use_bias: bool = False
     tie_embeddings: bool = True
     attention_impl: str = "auto"  # see llm.model.attention.attend
+    attention_splits: int = 1  # xla_blocked: independent block loops (llm.kernels.blocked)
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -71,7 +72,8 @@ class ModelConfig:
                 raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of "
                                   f"{', '.join(map(repr, allowed))}; set ModelConfig.{field} to "
                                   "one of them.")
-        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len",
+                      "attention_splits"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"ModelConfig.{field}={getattr(self, field)} must be >= 1.")
         if self.num_heads % self.kv_heads:

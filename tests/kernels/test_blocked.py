@@ -138,3 +138,22 @@ def test_model_logits_and_grads_equal_with_either_impl():
     np.testing.assert_allclose(l_blk, l_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_split_loops_are_bitwise_equal():
+    """splits=2 (independent block loops over batch or kv-head slices, for XLA:CPU's threads)
+    gives bitwise the same output and gradients as one loop, with packed rows and a prefix.
+    One row, so the kv heads are split (per-row ids shared by both halves)."""
+    batch = 1
+    q, k, v, w = _inputs(batch, 36, 36, 4, 2, 8)
+    kw = dict(causal=True, q_segment_ids=SEG[:batch], kv_segment_ids=SEG[:batch],
+              prefix=PREFIX[:batch], block_q=16, block_k=8)
+
+    def run(splits):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(
+            blocked_attention(q, k, v, splits=splits, **kw) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    (l1, g1), (l2, g2) = run(1), run(2)
+    assert l1 == l2
+    for a, b in zip(g1, g2):
+        np.testing.assert_array_equal(a, b)
