@@ -46,7 +46,7 @@ from llm.train.loop import TrainConfig
 from llm.train.loss import decoder_loss
 
 # ModelConfig fields that do not change the parameters: free to differ from the base run's.
-COMPUTE_FIELDS = ("attention_impl", "remat", "dtype")
+COMPUTE_FIELDS = ("attention_impl", "attention_splits", "remat", "dtype")
 
 
 def file_sha256(path: str) -> str:
