@@ -173,3 +173,125 @@ def test_import_bad_input(spm_model, tmp_path):
     check({**config, "n_embd": 96, "n_head": 4}, "'transformer.wte.weight' has shape (512, 64)")
     check({**config, "n_positions": 64}, "'transformer.wpe.weight'")
     check({**config, "n_layer": 1}, "'transformer.h.1.")  # weights the config does not use
+
+
+@pytest.fixture(scope="module")
+def llama_hub_spm(tmp_path_factory) -> str:
+    """A SentencePiece model with LLaMA's hub conventions (BPE, byte fallback, unk 0, <s> 1,
+    </s> 2, no pad, a dummy prefix), trained here on the stdlib email package."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for p in EMAIL for line in Path(p).read_text().splitlines()
+                               if line.strip()),
+        model_writer=out, vocab_size=VOCAB, model_type="bpe", byte_fallback=True, unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    path = tmp_path_factory.mktemp("hubspm") / "tokenizer.model"
+    path.write_bytes(out.getvalue())
+    return str(path)
+
+
+VARIANTS = {
+    # LLaMA: tied, attention biases without MLP biases, bf16, sharded with an index, a LLaMA
+    # hub tokenizer (special ids moved), its own generation_config.json.
+    "llama_tied_attnbias_bf16_sharded_hubtok": dict(
+        arch="llama", tie=True, attention_bias=True, mlp_bias=False, dtype=torch.bfloat16,
+        shard="20KB", hub_tokenizer=True),
+    # LLaMA untied with both biases, fp16, one file.
+    "llama_untied_bias_fp16": dict(arch="llama", tie=False, attention_bias=True, mlp_bias=True,
+                                   dtype=torch.float16, shard=None, hub_tokenizer=False),
+    # GPT-2 untied (GPT2Config ties by default), fp16 Conv1D weights.
+    "gpt2_untied_fp16": dict(arch="gpt2", tie=False, dtype=torch.float16, shard=None,
+                             hub_tokenizer=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_layout_variants(variant, spm_model, llama_hub_spm, tmp_path):
+    """Directories as `save_pretrained` writes them for real checkpoints: logits equal
+    transformers' (the same half-precision weights, upcast to fp32 on both sides) and export
+    gives back every tensor bit for bit, in the source dtype, with the source tokenizer."""
+    import shutil
+
+    import sentencepiece as spm
+
+    v = VARIANTS[variant]
+    torch.manual_seed(2)
+    if v["arch"] == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=v["tie"], attention_bias=v["attention_bias"],
+            mlp_bias=v["mlp_bias"], eos_token_id=2 if v["hub_tokenizer"] else 1,
+            bos_token_id=1 if v["hub_tokenizer"] else None,
+            pad_token_id=None if v["hub_tokenizer"] else 0)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                         n_positions=64, tie_word_embeddings=False,
+                                         eos_token_id=1, pad_token_id=0, bos_token_id=None)
+        model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim == 2 else 0.05)
+            if name.endswith("norm.weight") or ".ln_" in name or "ln_f.w" in name:
+                p.add_(1.0)
+    model = model.to(v["dtype"]).eval()
+    src = str(tmp_path / "hf")
+    model.save_pretrained(src, max_shard_size=v["shard"] or "1GB")
+    model.generation_config.temperature, model.generation_config.do_sample = 0.6, True
+    model.generation_config.save_pretrained(src)
+    shutil.copyfile(llama_hub_spm if v["hub_tokenizer"] else spm_model,
+                    os.path.join(src, "tokenizer.model"))
+    assert os.path.isfile(os.path.join(src, "model.safetensors.index.json")) == bool(v["shard"])
+    run_dir = str(tmp_path / "run")
+    hf.import_hf(src, run_dir)
+    run = load_run(run_dir)
+    assert run.cfg.tie_embeddings == v["tie"]
+
+    # Token ids: the run's tokenizer gives the source's ids relabelled by the recorded map.
+    source = run.manifest["imported_from"]
+    perm = source["token_permutation"]
+    if v["hub_tokenizer"]:
+        assert perm[:3] == [1, 2, 0] and perm[3:] == list(range(3, VOCAB))
+        theirs_sp = spm.SentencePieceProcessor(model_file=llama_hub_spm)
+        text = Path(EMAIL[0]).read_text()[:3000]
+        inv = np.argsort(perm)
+        assert run.tokenizer.encode(text) == [int(inv[i]) for i in theirs_sp.encode(text)]
+        assert run.tokenizer.id_to_piece(0) == "<s>" and run.tokenizer.id_to_piece(1) == "</s>"
+    else:
+        assert perm is None
+        perm = list(range(VOCAB))
+
+    # Reference: transformers loading the directory in fp32 (a cast model would keep its RoPE
+    # inv_freq buffer rounded to half precision).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = np.random.default_rng(3).integers(3, VOCAB, size=(2, 24)).astype(np.int32)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    ours = _our_logits(run, np.argsort(perm)[ids].astype(np.int32))
+    assert np.abs(ours).max() > 1.0
+    assert np.abs(ours - theirs[..., perm]).max() <= 1e-4
+
+    out = str(tmp_path / "exported")
+    hf.export_run(run_dir, out, max_shard_bytes=20_000 if v["shard"] else None)
+    original = hf.read_hf_dir(src)[1]
+    config_out, exported = hf.read_hf_dir(out)
+    assert set(exported) == set(original)
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    if v["shard"]:
+        index = json.loads(Path(out, "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == \
+            set(original)
+    assert Path(out, "generation_config.json").read_text() == \
+        Path(src, "generation_config.json").read_text()
+    assert Path(out, "tokenizer.model").read_bytes() == Path(src, "tokenizer.model").read_bytes()
+    for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias",
+                "mlp_bias"):
+        assert config_out.get(key) == model.config.to_dict().get(key), key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == v["dtype"]
