@@ -156,7 +156,7 @@ def _cli_import(hf_dir: str, run_dir: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_import_bad_input(spm_model, tmp_path):
+def test_import_bad_input(spm_model, tmp_path, capsys):
     src = _save(_gpt2(), spm_model, str(tmp_path / "hf"))
     config_path = os.path.join(src, "config.json")
     config = json.loads(Path(config_path).read_text())
@@ -173,6 +173,29 @@ def test_import_bad_input(spm_model, tmp_path):
     check({**config, "n_embd": 96, "n_head": 4}, "'transformer.wte.weight' has shape (512, 64)")
     check({**config, "n_positions": 64}, "'transformer.wpe.weight'")
     check({**config, "n_layer": 1}, "'transformer.h.1.")  # weights the config does not use
+    Path(config_path).write_text(json.dumps(config))
+
+    # The same CLI in-process (its main), for the tokenizer and the shard index.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tools.hf import main
+
+    def check_main(expect: str):
+        assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err, err
+        assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+    capsys.readouterr()  # save_pretrained's progress bar
+    os.remove(os.path.join(src, "tokenizer.model"))  # a hub GPT-2: tokenizer.json only
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.save(os.path.join(src, "tokenizer.json"))
+    check_main("tokenizer.json BPE model (byte-level BPE, as GPT-2's) but no SentencePiece")
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}},
+                  f)
+    check_main("lists shard 'model-00002-of-00002.safetensors', which is not in --hf_dir")
 
 
 @pytest.fixture(scope="module")
