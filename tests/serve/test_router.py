@@ -108,6 +108,14 @@ def test_threshold_decides_and_confidence_is_mean_logprob(stack):
     assert local["routing"]["reason"] == "confident" and received == []
     lps = local["choices"][0]["logprobs"]["token_logprobs"]
     assert local["routing"]["confidence"] == pytest.approx(sum(lps) / len(lps), abs=1e-6)
+    assert local["routing"]["signal"] == "mean_logprob"
+    # The other signals, on the same response, against their definitions.
+    from llm.serve.router import confidence
+
+    assert confidence("completion", local, "min_logprob") == min(lps)
+    assert confidence("completion", local, "sum_logprob") == pytest.approx(sum(lps))
+    assert confidence("completion", local, "sqrt_norm_logprob") == pytest.approx(
+        sum(lps) / len(lps) ** 0.5)
     assert local["model"] == "router"
 
     far = _complete(urls["always"], "def parse(")
