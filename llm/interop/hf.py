@@ -750,10 +750,13 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
     run = load_run(run_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
                                                               dtype=torch.float32).eval()
+    # A run imported with a relabelled tokenizer: HF id order[i] is our id i.
+    perm = (run.manifest.get("imported_from") or {}).get("token_permutation") or []
+    order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
     ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
     ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
     with torch.no_grad():
-        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()[..., order]
     prompt = ids[0, :8].tolist()
 
     def ours_gen():
@@ -762,10 +765,10 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
 
     def hf_gen():
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), do_sample=False,
+            out = model.generate(torch.tensor([order[prompt].tolist()]), do_sample=False,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  eos_token_id=None, pad_token_id=PAD_ID)
-        return out[0, len(prompt):].tolist()
+        return np.argsort(order)[out[0, len(prompt):].numpy()].tolist()
 
     a, b = ours_gen(), hf_gen()  # warm-up (compiles ours)
     t_ours, t_hf = [], []
