@@ -2,7 +2,7 @@
 
     python -m tools.hf export --run_dir=runs/X --out=hf/X [--step=N] [--dtype=auto]
                           [--max_shard_bytes=N]
-    python -m tools.hf import --hf_dir=hf/X --run_dir=runs/Y [--seq_len=N]
+    python -m tools.hf import --hf_dir=hf/X --run_dir=runs/Y [--seq_len=N] [--tokenizer=SPM]
     python -m tools.hf check --run_dir=runs/X --hf_dir=hf/X   # logits, greedy, decode tok/s
 
 Bad input (unsupported architecture, a missing config.json field, a tensor whose shape does not
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run_dir", required=True, help="new run directory to write")
     p.add_argument("--seq_len", type=int, default=None,
                    help="TrainConfig.seq_len recorded (default: min(max positions, 2048))")
+    p.add_argument("--tokenizer", default=None,
+                   help="a SentencePiece model to use when --hf_dir has no tokenizer.model")
     p = sub.add_parser("check", help="compare a run with a HF directory through transformers")
     p.add_argument("--run_dir", required=True)
     p.add_argument("--hf_dir", required=True)
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             out = hf.export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype,
                                  max_shard_bytes=args.max_shard_bytes)
         elif args.command == "import":
-            out = hf.import_hf(args.hf_dir, args.run_dir, seq_len=args.seq_len)
+            out = hf.import_hf(args.hf_dir, args.run_dir, seq_len=args.seq_len,
+                                 tokenizer=args.tokenizer)
         else:
             import json
 

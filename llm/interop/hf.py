@@ -629,8 +629,14 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _tokenizer_path(hf_dir: str) -> str:
-    """The SentencePiece model of a HF directory; DataError saying what else is there."""
+def _tokenizer_path(hf_dir: str, tokenizer: str | None = None) -> str:
+    """The SentencePiece model to import: `tokenizer` when given, else the HF directory's;
+    DataError saying what else is there and naming the fix."""
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            raise DataError(f"--tokenizer={tokenizer!r} is not a file; pass a SentencePiece "
+                            "model (e.g. a run's or a data directory's tokenizer.model).")
+        return tokenizer
     spm_path = os.path.join(hf_dir, TOKENIZER_FILE)
     if os.path.isfile(spm_path):
         return spm_path
@@ -644,13 +650,15 @@ def _tokenizer_path(hf_dir: str) -> str:
         byte_level = " (byte-level BPE, as GPT-2's)" if kind == "BPE" else ""
         raise DataError(f"--hf_dir {hf_dir!r} has a tokenizer.json {kind} model{byte_level} but "
                         f"no SentencePiece {TOKENIZER_FILE}; import supports SentencePiece "
-                        "tokenizers only (LLaMA-family or this repo's), so tokenizer.json-only "
-                        "tokenizers are not supported: add the model's tokenizer.model.")
-    raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); import needs "
-                    "the model's SentencePiece tokenizer.")
+                        "tokenizers only (LLaMA-family or this repo's): pass --tokenizer=PATH to "
+                        "a SentencePiece model whose ids match the embedding rows.")
+    raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); pass "
+                    "--tokenizer=PATH to a SentencePiece model whose ids match the embedding "
+                    "rows.")
 
 
-def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
+def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
+              tokenizer: str | None = None) -> str:
     """Write a run directory (manifest.json, config.gin, tokenizer, checkpoints/0, hf_source/)
     from a HF directory, loadable by `llm.runs.load_run` and so by every stage (fine-tune, eval,
     serve).
@@ -661,7 +669,9 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
     LLaMA's (unk 0, <s> 1, </s> 2), with its special pieces moved to our ids and the embedding
     (and untied head) rows moved with them (`seqio_tokenizer`; the permutation is recorded, the
     logits are the same up to that relabelling). The vocabulary may be smaller than vocab_size
-    (padded). The source's generation_config.json and tokenizer files are kept in hf_source/."""
+    (padded). `tokenizer`: a SentencePiece model to use instead (for a directory without one,
+    e.g. weights saved alone; its ids must match the embedding rows). The source's
+    generation_config.json and tokenizer files are kept in hf_source/."""
     import jax
     import orbax.checkpoint as ocp
     import sentencepiece as spm
@@ -674,7 +684,7 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
     params = from_hf_state(cfg, tensors)
     dtypes = {str(t.dtype) for t in tensors.values()}  # mixed or not a float: export fp32
     dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(DTYPES) else "float32"
-    spm_path = _tokenizer_path(hf_dir)
+    spm_path = _tokenizer_path(hf_dir, tokenizer)
     spm_bytes, perm = seqio_tokenizer(spm_path)
     pieces = spm.SentencePieceProcessor(model_proto=spm_bytes).get_piece_size()
     if pieces > cfg.vocab_size:

@@ -196,6 +196,14 @@ def test_import_bad_input(spm_model, tmp_path, capsys):
         json.dump({"weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}},
                   f)
     check_main("lists shard 'model-00002-of-00002.safetensors', which is not in --hf_dir")
+    os.remove(os.path.join(src, "model.safetensors.index.json"))
+    # The fix the tokenizer message names: --tokenizer=PATH (here the weights' own SentencePiece).
+    assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}",
+                 f"--tokenizer={tmp_path / 'nope.model'}"]) == 2
+    assert "--tokenizer=" in capsys.readouterr().err
+    assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}",
+                 f"--tokenizer={spm_model}"]) == 0
+    assert Path(tmp_path, "r", "tokenizer.model").read_bytes() == Path(spm_model).read_bytes()
 
 
 @pytest.fixture(scope="module")
