@@ -326,3 +326,73 @@ def test_import_layout_variants(variant, spm_model, llama_hub_spm, tmp_path):
         assert config_out.get(key) == model.config.to_dict().get(key), key
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.dtype == v["dtype"]
+
+
+def _viterbi_exact(text: str, scores: dict[str, float]) -> list[str]:
+    """Reference unigram segmentation in exact rational arithmetic, the loop that both
+    SentencePiece (EncodeOptimized) and tokenizers (encode_optimized) run: forward over start
+    positions, pieces shortest first, a candidate replaces only if strictly greater."""
+    from fractions import Fraction
+
+    best: dict[int, tuple[Fraction, int, str]] = {0: (Fraction(0), -1, "")}
+    longest = max(map(len, scores))
+    for start in range(len(text)):
+        for end in range(start + 1, min(len(text), start + longest) + 1):
+            piece = text[start:end]
+            if piece in scores:
+                cand = best[start][0] + Fraction(scores[piece])
+                if end not in best or cand > best[end][0]:
+                    best[end] = (cand, start, piece)
+    out, end = [], len(text)
+    while end:
+        _, end, piece = best[end]
+        out.append(piece)
+    return out[::-1]
+
+
+def test_hf_tokenizer_breaks_score_ties_as_sentencepiece(spm_model, tmp_path):
+    """Equal-score segmentations (a run of '=' over pieces '=', '==', '===') are where
+    SentencePiece's float32 Viterbi and tokenizers' float64 one disagree. With scores on the
+    2^-3 grid (`quantize_scores`, applied by train_sentencepiece) both equal the exact-arithmetic
+    reference; with unrounded scores they do not (so this test can fail)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from llm.data.tokenizer import SCORE_BITS, load_tokenizer, quantize_scores
+    from tools.hf_tokenizer_check import stress_texts
+
+    trained = pb.ModelProto.FromString(Path(spm_model).read_bytes())
+    # train_sentencepiece rounds every score: all are multiples of 1/8.
+    assert all((p.score * 2**SCORE_BITS).is_integer() for p in trained.pieces)
+    assert len({p.score for p in trained.pieces}) > 20  # and still distinguishes pieces
+    # A hand-made model: the trained one's pad/eos/unk and 256 byte pieces, then four pieces.
+    model = pb.ModelProto.FromString(trained.SerializeToString())
+    del model.pieces[259:]
+    raw = {"x": -4.1, "=": -3.3, "==": -5.7, "===": float(np.float32(-3.3) + np.float32(-5.7))}
+    for piece, score in raw.items():
+        model.pieces.add(piece=piece, score=score, type=pb.ModelProto.SentencePiece.NORMAL)
+    text = "x" * 100 + "=" * 7
+
+    def both(proto: bytes, name: str):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "spm.model").write_bytes(proto)
+        ours = load_tokenizer(str(out / "spm.model"))
+        hf.hf_tokenizer(str(out / "spm.model")).save_pretrained(str(out))
+        theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+        return ours, theirs
+
+    ours, theirs = both(model.SerializeToString(), "raw")
+    assert ours.encode(text) != theirs(text, add_special_tokens=False)["input_ids"]
+
+    ours, theirs = both(quantize_scores(model.SerializeToString()), "rounded")
+    rounded = {k: round(v * 8) / 8 for k, v in raw.items()}  # -4.125, -3.25, -5.75, -9.0
+    for t in (text, "=" * 5000, "x=" * 300 + "=" * 4097):
+        ids = ours.encode(t)
+        assert [ours.id_to_piece(i) for i in ids] == _viterbi_exact(t, rounded)
+        assert theirs(t, add_special_tokens=False)["input_ids"] == ids
+    # The trained (rounded) model: runs of one character, random Unicode and Latin-1 bytes.
+    ours, theirs = load_tokenizer(spm_model), both(Path(spm_model).read_bytes(), "trained")[1]
+    for t in stress_texts():
+        ids = ours.encode(t)
+        assert theirs(t, add_special_tokens=False)["input_ids"] == ids
+        assert ours.decode(ids) == t
