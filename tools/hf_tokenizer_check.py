@@ -39,7 +39,8 @@ def stress_texts(seed: int = 0) -> list[str]:
         [c for c in range(1, 0x3000) if not 0xD800 <= c < 0xE000], k=400)) for _ in range(20)]
     latin1 = [bytes(rng.randrange(1, 256) for _ in range(400)).decode("latin-1")
               for _ in range(20)]
-    return runs + unicode + latin1
+    spelled = ["<0x41>", "x<0xFF>y<0x0A>", "</s><pad><unk>", "a</s>b", "\x00\x01<0x00>"]
+    return runs + unicode + latin1 + spelled
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -460,7 +460,16 @@ def hf_tokenizer(spm_model_path: str):
     if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
         raise ConfigError(f"tokenizer {spm_model_path!r} is not a unigram SentencePiece model; "
                           "export supports unigram models (prepare.* default).")
-    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    # Byte and control pieces are not in SentencePiece's trie, so text that spells one
+    # ("<0x41>", "</s>") is encoded as ordinary text; in a tokenizers Unigram every vocabulary
+    # entry is matchable, and at score 0 the spelling would win. A score no segmentation of
+    # those few characters can fall to keeps them unmatched; it also lowers tokenizers'
+    # unknown-piece score (min score - 10), but an unknown character has no other piece
+    # covering it, so that score is added to every competing path alike and changes no choice.
+    never = -(2.0**14)
+    vocab = [(piece.piece, piece.score if piece.type in (pb.ModelProto.SentencePiece.NORMAL,
+                                                         pb.ModelProto.SentencePiece.USER_DEFINED)
+              else never) for piece in proto.pieces]
     tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
@@ -468,7 +477,7 @@ def hf_tokenizer(spm_model_path: str):
                                      decoders.Fuse()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=proto.pieces[EOS_ID].piece,
                                    pad_token=proto.pieces[PAD_ID].piece,
-                                   unk_token=proto.pieces[UNK_ID].piece)
+                                   unk_token=proto.pieces[UNK_ID].piece, split_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------
