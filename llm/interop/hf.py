@@ -33,7 +33,10 @@ Layout notes (what needed care):
     zero biases where HF has none (`use_bias` covers both); the logits are unchanged.
 The tokenizer is exported as a `tokenizers` Unigram model built from the SentencePiece pieces
 and scores (byte fallback, the same whitespace pre-splitting as our SentencePiece options), so
-`AutoTokenizer.from_pretrained(dir)` gives our ids; the SentencePiece file goes beside it.
+`AutoTokenizer.from_pretrained(dir)` gives our ids; the SentencePiece file goes beside it. Ids are
+exact by construction for models trained with scores on a 2^-3 grid (`train_sentencepiece`
+default, `llm.data.tokenizer.quantize_scores`); older unrounded models can differ in equal-score
+ties inside runs of repeated characters (docs/interop.md "Tokenizer").
 """
 
 from __future__ import annotations
