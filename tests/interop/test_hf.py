@@ -358,7 +358,11 @@ def test_hf_tokenizer_breaks_score_ties_as_sentencepiece(spm_model, tmp_path):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     from llm.data.tokenizer import SCORE_BITS, load_tokenizer, quantize_scores
+    from tools.hf_tokenizer_check import main as check_main
     from tools.hf_tokenizer_check import stress_texts
+
+    assert check_main([]) == 2  # neither --run_dir nor --tokenizer: one line, exit 2
+    assert check_main([f"--tokenizer={tmp_path / 'missing.model'}"]) == 2
 
     trained = pb.ModelProto.FromString(Path(spm_model).read_bytes())
     # train_sentencepiece rounds every score: all are multiples of 1/8.
