@@ -41,8 +41,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def held_out_prompts(data_dir: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, reference line) pairs from validation-split stdlib files (see module doc)."""
+def held_out_prompts(data_dir: str, n: int, seed: int = 0,
+                     per_file: int = 2, with_source: bool = False) -> list[tuple]:
+    """(prompt, reference line) pairs from validation-split stdlib files (see module doc),
+    `per_file` lines from each file; with_source: (prompt, line, document id) triples."""
     from llm.data.sources import embedded_corpus, split_of
 
     with open(os.path.join(data_dir, "dataset.json")) as f:
@@ -57,8 +59,9 @@ def held_out_prompts(data_dir: str, n: int, seed: int = 0) -> list[tuple[str, st
         picks = [i for i, x in enumerate(lines) if i > 3 and len(x.strip()) >= 12]
         if not picks:
             continue
-        for i in sorted(rng.choice(picks, size=min(2, len(picks)), replace=False)):
-            out.append((doc.text[max(0, starts[i] - 400):starts[i]], lines[i]))
+        for i in sorted(rng.choice(picks, size=min(per_file, len(picks)), replace=False)):
+            out.append((doc.text[max(0, starts[i] - 400):starts[i]], lines[i],
+                        *([doc.id] if with_source else [])))
             if len(out) == n:
                 return out
     return out

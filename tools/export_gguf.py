@@ -14,13 +14,15 @@ Written with the `gguf` package (the writer llama.cpp's own converters use):
   * q and k rows are permuted from our rotate-half RoPE layout to llama.cpp's interleaved pairs
     (the same permutation as llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`);
   * RoPE scaling: linear and llama3 as the `rope_freqs.weight` factors (`rope_freq_factors`);
-    dynamic NTK and YaRN are refused (ConfigError).
+    YaRN as llama.cpp's rope.scaling.* keys (`add_rope_scaling`); dynamic NTK, which llama.cpp
+    does not have, is refused in one line naming the fix (`check_gguf_rope`).
 GPT-2-style runs are not exported (ConfigError); use `tools.hf export` for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -43,22 +45,63 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def rope_freq_factors(cfg) -> np.ndarray:
-    """llama.cpp's `rope_freqs` tensor [head_dim/2] for a scaled RoPE: it rotates dimension pair
-    i by pos * theta^(-2i/d) / factor_i, so factor_i = plain frequency / our scaled frequency
-    (how llama.cpp's own converter writes llama3 scaling). Static scalings without an attention
-    factor only (linear, llama3); ConfigError for the others."""
+    """llama.cpp's `rope_freqs` tensor [head_dim/2] for a linear or llama3 RoPE: it rotates
+    dimension pair i by pos * theta^(-2i/d) / factor_i, so factor_i = plain frequency / our
+    scaled frequency (how llama.cpp's own converter writes llama3 scaling)."""
     import jax.numpy as jnp
 
     from llm.model.layers import rope_frequencies
 
     if cfg.rope_scaling not in ("linear", "llama3"):
-        raise ConfigError(f"GGUF export of ModelConfig.rope_scaling={cfg.rope_scaling!r} is not "
-                          "supported (linear and llama3 are, as llama.cpp's rope_freqs factors);"
-                          " export with `python -m tools.hf export` instead.")
+        raise ConfigError(f"rope_freqs factors exist for linear and llama3 RoPE only, not "
+                          f"ModelConfig.rope_scaling={cfg.rope_scaling!r}.")
     inv_freq, _ = rope_frequencies(cfg, jnp.zeros((1, 1), jnp.int32))
     d = cfg.dim_per_head
     plain = cfg.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
     return (plain / np.asarray(inv_freq, np.float64)).astype(np.float32)
+
+
+def yarn_default_attention_factor(factor: float) -> float:
+    """The magnitude llama.cpp's YaRN RoPE (ggml rope_yarn) puts on cos/sin by itself:
+    1 + 0.1 ln(factor), transformers' default attention factor too."""
+    return 1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0
+
+
+def check_gguf_rope(cfg) -> None:
+    """ConfigError, naming the setting and the fix, for RoPE settings llama.cpp cannot run."""
+    if cfg.rope_scaling == "dynamic":
+        raise ConfigError("GGUF export of ModelConfig.rope_scaling='dynamic' (dynamic NTK) is "
+                          "not supported: llama.cpp has no dynamic NTK RoPE (its scaling types "
+                          "are linear, yarn, longrope); export with `python -m tools.hf export` "
+                          "(transformers runs it), or set ModelConfig.rope_scaling to 'yarn' or "
+                          "'linear'.")
+    if cfg.rope_scaling == "yarn":
+        if not cfg.rope_truncate:
+            raise ConfigError("GGUF export of YaRN with ModelConfig.rope_truncate=False is not "
+                              "supported: llama.cpp always rounds the correction range to whole "
+                              "dimensions; set rope_truncate=True or use `python -m tools.hf "
+                              "export`.")
+        default = yarn_default_attention_factor(cfg.rope_factor)
+        if cfg.rope_attention_factor is not None and \
+                abs(cfg.rope_attention_factor - default) > 1e-6 * default:
+            raise ConfigError(f"GGUF export of YaRN with ModelConfig.rope_attention_factor="
+                              f"{cfg.rope_attention_factor} is not supported: llama.cpp's llama "
+                              f"architecture applies only 1 + 0.1 ln(factor) = {default:.6g}; set "
+                              "rope_attention_factor=None or use `python -m tools.hf export`.")
+
+
+def add_rope_scaling(writer, cfg) -> None:
+    """llama.cpp's YaRN keys (gguf-py's Keys.Rope): rope.scaling.type = yarn, .factor,
+    .original_context_length, .yarn_beta_fast / .yarn_beta_slow; llama.cpp then runs the
+    same per-dimension ramp as transformers (extrapolation factor 1) with its default
+    attention magnitude 1 + 0.1 ln(factor)."""
+    import gguf
+
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(cfg.rope_factor)
+    writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_len or cfg.max_seq_len)
+    writer.add_rope_scaling_yarn_beta_fast(cfg.rope_beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(cfg.rope_beta_slow)
 
 
 def gguf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
@@ -72,10 +115,11 @@ def gguf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
     if cfg.use_bias:
         raise ConfigError("GGUF export of LLaMA-style models with ModelConfig.use_bias=True is not "
                           "supported (llama.cpp's llama architecture has no MLP biases).")
+    check_gguf_rope(cfg)
     hf = to_hf_state(cfg, params)
     out = {"token_embd.weight": hf["model.embed_tokens.weight"],
            "output_norm.weight": hf["model.norm.weight"]}
-    if cfg.rope_scaling != "none":
+    if cfg.rope_scaling in ("linear", "llama3"):
         out["rope_freqs.weight"] = rope_freq_factors(cfg)
     if not cfg.tie_embeddings:
         out["output.weight"] = hf["lm_head.weight"]
@@ -144,6 +188,8 @@ def export_gguf(run_dir: str, out_path: str, qtype: str = "f32", step: int | Non
     writer.add_rope_dimension_count(cfg.dim_per_head)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.rope_scaling == "yarn":
+        add_rope_scaling(writer, cfg)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)

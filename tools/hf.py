@@ -1,7 +1,8 @@
 """Hugging Face interop CLI (`llm.interop.hf`).
 
-    python -m tools.hf export --run_dir=runs/X --out=hf/X [--step=N] [--dtype=float32]
-    python -m tools.hf import --hf_dir=hf/X --run_dir=runs/Y [--seq_len=N]
+    python -m tools.hf export --run_dir=runs/X --out=hf/X [--step=N] [--dtype=auto]
+                          [--max_shard_bytes=N]
+    python -m tools.hf import --hf_dir=hf/X --run_dir=runs/Y [--seq_len=N] [--tokenizer=SPM]
     python -m tools.hf check --run_dir=runs/X --hf_dir=hf/X   # logits, greedy, decode tok/s
 
 Bad input (unsupported architecture, a missing config.json field, a tensor whose shape does not
@@ -25,12 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run_dir", required=True)
     p.add_argument("--out", required=True, help="directory to write (created)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (an imported run's source dtype, "
+                        "else float32)")
+    p.add_argument("--max_shard_bytes", type=int, default=None,
+                   help="shard the weights (model-0000i-of-0000n.safetensors + index.json)")
     p = sub.add_parser("import", help="HF model directory -> run directory")
     p.add_argument("--hf_dir", required=True)
     p.add_argument("--run_dir", required=True, help="new run directory to write")
     p.add_argument("--seq_len", type=int, default=None,
                    help="TrainConfig.seq_len recorded (default: min(max positions, 2048))")
+    p.add_argument("--tokenizer", default=None,
+                   help="a SentencePiece model to use when --hf_dir has no tokenizer.model")
     p = sub.add_parser("check", help="compare a run with a HF directory through transformers")
     p.add_argument("--run_dir", required=True)
     p.add_argument("--hf_dir", required=True)
@@ -40,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "export":
-            out = hf.export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+            out = hf.export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype,
+                                 max_shard_bytes=args.max_shard_bytes)
         elif args.command == "import":
-            out = hf.import_hf(args.hf_dir, args.run_dir, seq_len=args.seq_len)
+            out = hf.import_hf(args.hf_dir, args.run_dir, seq_len=args.seq_len,
+                                 tokenizer=args.tokenizer)
         else:
             import json
 

@@ -7,7 +7,9 @@ builds llama.cpp from source), so it imports nothing from this repository:
 
 It loads the model once, prints {"ready": true}, then answers one JSON line per request line
 {"tokens": [ids...], "n": new_tokens} with {"tokens": [n greedy ids], "seconds": wall time of
-the prompt evaluation plus the n tokens}. EOS does not stop it (the benchmarks and the parity
+the prompt evaluation plus the n tokens}, or {"tokens": [ids...], "logits": true} with the
+teacher-forced {"logits": [[vocab floats] per position]} (start it with --kv_f32 for these).
+EOS does not stop it (the benchmarks and the parity
 test compare a fixed number of tokens). The client side, used by tools/bench_serve.py and the
 tests: `llama_cpp_python()` finds an interpreter that has the package and `LlamaCpp` drives one
 worker process.
@@ -42,10 +44,12 @@ class LlamaCpp:
     seconds for the prompt and the n tokens)."""
 
     def __init__(self, model: str, *, python: str, threads: int | None = None,
-                 n_ctx: int = 512):
+                 n_ctx: int = 512, kv_f32: bool = False):
         cmd = [python, os.path.abspath(__file__), model, f"--n_ctx={n_ctx}"]
         if threads:
             cmd.append(f"--threads={threads}")
+        if kv_f32:
+            cmd.append("--kv_f32")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         ready = self.proc.stdout.readline()
@@ -60,6 +64,12 @@ class LlamaCpp:
         reply = json.loads(self.proc.stdout.readline())
         return reply["tokens"], reply["seconds"]
 
+    def logits(self, tokens: list[int]) -> list[list[float]]:
+        """Teacher-forced logits [len(tokens), vocab] of one forward pass over `tokens`."""
+        self.proc.stdin.write(json.dumps({"tokens": tokens, "logits": True}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["logits"]
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
@@ -70,14 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--n_ctx", type=int, default=512)
+    parser.add_argument("--kv_f32", action="store_true",
+                        help="F32 KV cache (llama.cpp's default is F16) and all-position logits")
     args = parser.parse_args(argv)
     from llama_cpp import Llama
 
+    extra = {"type_k": 0, "type_v": 0, "logits_all": True} if args.kv_f32 else {}  # 0: F32
     llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False, seed=0)
+                n_threads_batch=args.threads, verbose=False, seed=0, **extra)
     print(json.dumps({"ready": True, "threads": args.threads}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("logits"):
+            llm.reset()
+            llm.eval(request["tokens"])
+            scores = llm.scores[:len(request["tokens"])]
+            print(json.dumps({"logits": [[float(x) for x in row] for row in scores]}),
+                  flush=True)
+            continue
         out = []
         start = time.perf_counter()
         # top_k=1 with temperature 0: llama.cpp's greedy sampler; no repetition penalty.

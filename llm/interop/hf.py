@@ -33,7 +33,10 @@ Layout notes (what needed care):
     zero biases where HF has none (`use_bias` covers both); the logits are unchanged.
 The tokenizer is exported as a `tokenizers` Unigram model built from the SentencePiece pieces
 and scores (byte fallback, the same whitespace pre-splitting as our SentencePiece options), so
-`AutoTokenizer.from_pretrained(dir)` gives our ids; the SentencePiece file goes beside it.
+`AutoTokenizer.from_pretrained(dir)` gives our ids; the SentencePiece file goes beside it. Ids are
+exact by construction for models trained with scores on a 2^-3 grid (`train_sentencepiece`
+default, `llm.data.tokenizer.quantize_scores`); older unrounded models can differ in equal-score
+ties inside runs of repeated characters (docs/interop.md "Tokenizer").
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ from llm.model.config import ModelConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
 TOKENIZER_FILE = "tokenizer.model"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files of the source directory an import keeps (run_dir/hf_source/) for the export back.
+SOURCE_DIR = "hf_source"
+SOURCE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", TOKENIZER_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +400,55 @@ def _contiguous(tree):
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
+def seqio_tokenizer(spm_path: str) -> tuple[bytes, list[int] | None]:
+    """A SentencePiece model with this repo's special ids (pad/BOS 0, eos 1, unk 2), from any
+    SentencePiece `tokenizer.model`: (serialized model, permutation or None when the ids already
+    match). permutation[new_id] = old_id: the piece that becomes pad/BOS (the model's pad, else
+    its BOS), then eos, then unk, then every other piece in its old order. A LLaMA/Mistral hub
+    tokenizer (unk 0, <s> 1, </s> 2) becomes <s> 0, </s> 1, <unk> 2 -- our BOS is id 0, so a
+    prompt starts with <s> as LLaMA's does -- and every other id is unchanged.
+    DataError when the model has no eos, no unk, or neither pad nor BOS."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    with open(spm_path, "rb") as f:
+        data = f.read()
+    try:
+        proto = pb.ModelProto.FromString(data)
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # protobuf DecodeError or sentencepiece RuntimeError
+        raise DataError(f"{spm_path} is not a SentencePiece model ({type(e).__name__}).") from None
+    pad, bos, eos, unk = sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()
+    if (pad, eos, unk) == (PAD_ID, EOS_ID, UNK_ID):
+        return data, None
+    start = pad if pad >= 0 else bos
+    if min(start, eos, unk) < 0:
+        raise DataError(f"{spm_path} has pad/bos/eos/unk ids {pad}/{bos}/{eos}/{unk}; import "
+                        "needs an eos, an unk and a pad or BOS piece (ours: pad/BOS 0, eos 1, "
+                        "unk 2).")
+    front = [start, eos, unk]
+    perm = front + [i for i in range(len(proto.pieces)) if i not in front]
+    pieces = [pb.ModelProto.SentencePiece.FromString(proto.pieces[i].SerializeToString())
+              for i in perm]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces)
+    spec = proto.trainer_spec
+    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = PAD_ID, EOS_ID, UNK_ID, -1
+    spec.pad_piece, spec.eos_piece, spec.unk_piece = (pieces[i].piece for i in range(3))
+    return proto.SerializeToString(), perm
+
+
+def _permute_vocab(cfg: ModelConfig, params: dict, perm: list[int]) -> dict:
+    """params with the vocabulary rows (embedding; untied lm_head columns) reordered so that
+    new row i is old row perm[i]; rows past the tokenizer (a padded vocabulary) stay put."""
+    order = np.asarray(list(perm) + list(range(len(perm), cfg.vocab_size)))
+    out = dict(params)
+    out["embed"] = {"embedding": params["embed"]["embedding"][order]}
+    if "lm_head" in params:
+        out["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, order]}
+    return out
+
+
 def hf_tokenizer(spm_model_path: str):
     """A `transformers` fast tokenizer with our SentencePiece model's ids: a Unigram model over
     the same pieces and scores, byte fallback, spaces -> '▁', and words split as SentencePiece
@@ -406,7 +463,16 @@ def hf_tokenizer(spm_model_path: str):
     if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
         raise ConfigError(f"tokenizer {spm_model_path!r} is not a unigram SentencePiece model; "
                           "export supports unigram models (prepare.* default).")
-    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    # Byte and control pieces are not in SentencePiece's trie, so text that spells one
+    # ("<0x41>", "</s>") is encoded as ordinary text; in a tokenizers Unigram every vocabulary
+    # entry is matchable, and at score 0 the spelling would win. A score no segmentation of
+    # those few characters can fall to keeps them unmatched; it also lowers tokenizers'
+    # unknown-piece score (min score - 10), but an unknown character has no other piece
+    # covering it, so that score is added to every competing path alike and changes no choice.
+    never = -(2.0**14)
+    vocab = [(piece.piece, piece.score if piece.type in (pb.ModelProto.SentencePiece.NORMAL,
+                                                         pb.ModelProto.SentencePiece.USER_DEFINED)
+              else never) for piece in proto.pieces]
     tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
@@ -414,25 +480,62 @@ def hf_tokenizer(spm_model_path: str):
                                      decoders.Fuse()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=proto.pieces[EOS_ID].piece,
                                    pad_token=proto.pieces[PAD_ID].piece,
-                                   unk_token=proto.pieces[UNK_ID].piece)
+                                   unk_token=proto.pieces[UNK_ID].piece, split_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Export / import of whole directories
 # ----------------------------------------------------------------------------------------------
 
-def export_run(run_dir: str, out_dir: str, step: int | None = None,
-               dtype: str = "float32") -> str:
-    """Write `run_dir`'s checkpoint (`step`, default the newest) as a HF model directory."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_run(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "auto",
+               max_shard_bytes: int | None = None) -> str:
+    """Write `run_dir`'s checkpoint (`step`, default the newest) as a HF model directory.
+
+    dtype: float32 | bfloat16 | float16 | auto (the dtype of the checkpoint an imported run came
+    from, else float32). max_shard_bytes: split the weights into `model-0000i-of-0000n.
+    safetensors` shards of at most this many bytes (one tensor per shard at least) plus
+    `model.safetensors.index.json`, as `save_pretrained(max_shard_size=...)` does; None: one
+    `model.safetensors`. A run written by `import_hf` gets its source back: the vocabulary
+    order of a hub tokenizer (see `seqio_tokenizer`) is undone and the source's own tokenizer
+    files and generation_config.json are written, so import -> export is bit-exact."""
     from safetensors.numpy import save_file
 
     from llm.runs import load_run
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={dtype!r} is not one of 'float32', 'bfloat16', 'float16'.")
     run = load_run(run_dir, step=step)
+    source = run.manifest.get("imported_from") or {}
+    if dtype == "auto":
+        dtype = source.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not one of 'auto', {', '.join(map(repr, DTYPES))}"
+                          ".")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ConfigError(f"--max_shard_bytes={max_shard_bytes} must be a positive byte count.")
     config = hf_config(run.cfg)
     tensors = to_hf_state(run.cfg, run.params)
+    source_config = source.get("config") or {}
+    if architecture(run.cfg) == "LlamaForCausalLM" and run.cfg.use_bias:
+        # `use_bias` covers attention and MLP; a source with only one of them got zero biases
+        # for the other on import: leave them out again while they are still zero.
+        for flag, part in (("attention_bias", ".self_attn."), ("mlp_bias", ".mlp.")):
+            names = [n for n in tensors if part in n and n.endswith(".bias")]
+            if source_config.get(flag) is False and not any(tensors[n].any() for n in names):
+                for n in names:
+                    del tensors[n]
+                config[flag] = False
+    perm = source.get("token_permutation")
+    if perm:  # back to the source tokenizer's ids: HF row perm[i] is our row i
+        order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
+        for name in ("model.embed_tokens.weight", "transformer.wte.weight", "lm_head.weight"):
+            if name in tensors:
+                rows = np.empty_like(tensors[name])
+                rows[order] = tensors[name]
+                tensors[name] = rows
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            config[key] = source_config.get(key)
     if dtype != "float32":
         import ml_dtypes
 
@@ -440,19 +543,60 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None,
         tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
         config["torch_dtype"] = config["dtype"] = dtype
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _save_safetensors(tensors, out_dir, max_shard_bytes, save_file)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "bos_token_id": None,
-                   "do_sample": False, "max_length": run.seq_len}, f, indent=2)
-    hf_tokenizer(run.tokenizer.model_path).save_pretrained(out_dir)
-    shutil.copyfile(run.tokenizer.model_path, os.path.join(out_dir, TOKENIZER_FILE))
+    source_dir = os.path.join(run.run_dir, SOURCE_DIR)
+    kept = [n for n in SOURCE_FILES if os.path.isfile(os.path.join(source_dir, n))]
+    if "generation_config.json" not in kept:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "bos_token_id": None,
+                       "do_sample": False, "max_length": run.seq_len}, f, indent=2)
+    if perm or "tokenizer.json" in kept:  # the source's own tokenizer, in its own ids
+        for name in kept:
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
+    else:
+        hf_tokenizer(run.tokenizer.model_path).save_pretrained(out_dir)
+        shutil.copyfile(run.tokenizer.model_path, os.path.join(out_dir, TOKENIZER_FILE))
+        if "generation_config.json" in kept:
+            shutil.copyfile(os.path.join(source_dir, "generation_config.json"),
+                            os.path.join(out_dir, "generation_config.json"))
     return out_dir
 
 
+def _save_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int | None,
+                      save_file) -> None:
+    """model.safetensors, or shards of <= max_shard_bytes + model.safetensors.index.json."""
+    for name in os.listdir(out_dir):  # a re-export must not leave stale shards beside the new
+        if name.endswith(".safetensors") or name == SAFETENSORS_INDEX:
+            os.remove(os.path.join(out_dir, name))
+    if max_shard_bytes is None:
+        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+             "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+
+
 def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, tensors) of a HF directory (single or sharded safetensors)."""
+    """(config.json dict, tensors) of a HF directory: `model.safetensors`, or the shards that
+    `model.safetensors.index.json` lists (as `save_pretrained` writes models over
+    `max_shard_size`), in any float dtype (fp32, fp16, bf16 -- kept as stored)."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 shards load)
     from safetensors.numpy import load_file
 
     config_path = os.path.join(hf_dir, "config.json")
@@ -464,24 +608,85 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{config_path} is not valid JSON ({e}).") from None
-    files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+    index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
+    weight_map: dict[str, str] = {}
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{index_path} is not a safetensors index (no valid 'weight_map': "
+                            f"{type(e).__name__}); re-save the model with `save_pretrained`."
+                            ) from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
     if not files:
         raise DataError(f"--hf_dir {hf_dir!r} has no *.safetensors file (pytorch_model.bin is "
                         "not read: it is a pickle); re-save with safe_serialization=True.")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        tensors.update(load_file(os.path.join(hf_dir, name)))
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{index_path} lists shard {name!r}, which is not in --hf_dir "
+                            f"{hf_dir!r}; copy every shard the index names.")
+        tensors.update(load_file(path))
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise DataError(f"tensor {absent[0]!r} is listed in {index_path} (shard "
+                        f"{weight_map[absent[0]]!r}) but that shard does not hold it; the index "
+                        "and the shards are from different saves.")
     return config, tensors
 
 
-def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
-    """Write a run directory (manifest.json, config.gin, tokenizer, checkpoints/0) from a HF
-    directory, loadable by `llm.runs.load_run` and so by every stage (fine-tune, eval, serve).
+def _tokenizer_path(hf_dir: str, tokenizer: str | None = None) -> str:
+    """The SentencePiece model to import: `tokenizer` when given, else the HF directory's;
+    DataError saying what else is there and naming the fix."""
+    if tokenizer is not None:
+        if not os.path.isfile(tokenizer):
+            raise DataError(f"--tokenizer={tokenizer!r} is not a file; pass a SentencePiece "
+                            "model (e.g. a run's or a data directory's tokenizer.model).")
+        return tokenizer
+    spm_path = os.path.join(hf_dir, TOKENIZER_FILE)
+    if os.path.isfile(spm_path):
+        return spm_path
+    json_path = os.path.join(hf_dir, "tokenizer.json")
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path) as f:
+                kind = (json.load(f).get("model") or {}).get("type", "unknown")
+        except (json.JSONDecodeError, AttributeError):
+            kind = "unreadable"
+        byte_level = " (byte-level BPE, as GPT-2's)" if kind == "BPE" else ""
+        raise DataError(f"--hf_dir {hf_dir!r} has a tokenizer.json {kind} model{byte_level} but "
+                        f"no SentencePiece {TOKENIZER_FILE}; import supports SentencePiece "
+                        "tokenizers only (LLaMA-family or this repo's): pass --tokenizer=PATH to "
+                        "a SentencePiece model whose ids match the embedding rows.")
+    raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); pass "
+                    "--tokenizer=PATH to a SentencePiece model whose ids match the embedding "
+                    "rows.")
 
-    The tokenizer must be a SentencePiece `tokenizer.model` with seqio ids (pad 0, eos 1,
-    unk 2), as `export_run` writes; the vocabulary may be smaller than vocab_size (padded)."""
+
+def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
+              tokenizer: str | None = None) -> str:
+    """Write a run directory (manifest.json, config.gin, tokenizer, checkpoints/0, hf_source/)
+    from a HF directory, loadable by `llm.runs.load_run` and so by every stage (fine-tune, eval,
+    serve).
+
+    The weights may be one file or index-listed shards, fp32/fp16/bf16 (held as fp32; the
+    source dtype is recorded for the export back). The tokenizer is the directory's
+    SentencePiece `tokenizer.model`: this repo's (pad 0, eos 1, unk 2) as is, or any other, e.g.
+    LLaMA's (unk 0, <s> 1, </s> 2), with its special pieces moved to our ids and the embedding
+    (and untied head) rows moved with them (`seqio_tokenizer`; the permutation is recorded, the
+    logits are the same up to that relabelling). The vocabulary may be smaller than vocab_size
+    (padded). `tokenizer`: a SentencePiece model to use instead (for a directory without one,
+    e.g. weights saved alone; its ids must match the embedding rows). The source's
+    generation_config.json and tokenizer files are kept in hf_source/."""
     import jax
     import orbax.checkpoint as ocp
+    import sentencepiece as spm
 
     from llm.data.tokenizer import load_tokenizer
     from llm.train.manifest import git_commit, package_versions
@@ -489,19 +694,30 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
     config, tensors = read_hf_dir(hf_dir)
     cfg = model_config_from_hf(config, os.path.join(hf_dir, "config.json"))
     params = from_hf_state(cfg, tensors)
-    spm_path = os.path.join(hf_dir, TOKENIZER_FILE)
-    if not os.path.isfile(spm_path):
-        raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); import "
-                        "needs one with seqio ids pad=0, eos=1, unk=2.")
-    tokenizer = load_tokenizer(spm_path)  # DataError if its special ids differ
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise DataError(f"{spm_path} has {tokenizer.vocab_size} pieces, more than config.json "
+    dtypes = {str(t.dtype) for t in tensors.values()}  # mixed or not a float: export fp32
+    dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(DTYPES) else "float32"
+    spm_path = _tokenizer_path(hf_dir, tokenizer)
+    spm_bytes, perm = seqio_tokenizer(spm_path)
+    pieces = spm.SentencePieceProcessor(model_proto=spm_bytes).get_piece_size()
+    if pieces > cfg.vocab_size:
+        raise DataError(f"{spm_path} has {pieces} pieces, more than config.json "
                         f"vocab_size={cfg.vocab_size}.")
+    if perm:
+        params = _permute_vocab(cfg, params, perm)
     if os.path.exists(os.path.join(run_dir, "checkpoints")):
         raise DataError(f"--run_dir {run_dir!r} already holds checkpoints; pick a new run "
                         "directory.")
-    os.makedirs(run_dir, exist_ok=True)
-    shutil.copyfile(spm_path, os.path.join(run_dir, TOKENIZER_FILE))
+    os.makedirs(os.path.join(run_dir, SOURCE_DIR), exist_ok=True)
+    with open(os.path.join(run_dir, TOKENIZER_FILE), "wb") as f:
+        f.write(spm_bytes)
+    load_tokenizer(os.path.join(run_dir, TOKENIZER_FILE))  # DataError if still not seqio ids
+    generation_config = None
+    for name in SOURCE_FILES:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(run_dir, SOURCE_DIR, name))
+    if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):
+        with open(os.path.join(hf_dir, "generation_config.json")) as f:
+            generation_config = json.load(f)
     seq_len = seq_len or min(cfg.max_seq_len, 2048)
     defaults = ModelConfig()
     lines = [f"# Imported from {os.path.abspath(hf_dir)} ({config['architectures'][0]})."]
@@ -518,7 +734,10 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None) -> str:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": ["import_hf", os.path.abspath(hf_dir)], "gin_config": gin_text,
         "git": git_commit(repo), "packages": package_versions(), "objective": "next_token",
-        "imported_from": {"hf_dir": os.path.abspath(hf_dir), "config": config},
+        "imported_from": {"hf_dir": os.path.abspath(hf_dir), "config": config,
+                          "dtype": dtype,
+                          "generation_config": generation_config,
+                          "token_permutation": perm},
         "seed": 0,
         "data": {"vocab_size": cfg.vocab_size, "tokenizer": TOKENIZER_FILE,
                  "data_dir": os.path.abspath(run_dir)},
@@ -553,10 +772,13 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
     run = load_run(run_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
                                                               dtype=torch.float32).eval()
+    # A run imported with a relabelled tokenizer: HF id order[i] is our id i.
+    perm = (run.manifest.get("imported_from") or {}).get("token_permutation") or []
+    order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
     ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
     ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
     with torch.no_grad():
-        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()[..., order]
     prompt = ids[0, :8].tolist()
 
     def ours_gen():
@@ -565,10 +787,10 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
 
     def hf_gen():
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), do_sample=False,
+            out = model.generate(torch.tensor([order[prompt].tolist()]), do_sample=False,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  eos_token_id=None, pad_token_id=PAD_ID)
-        return out[0, len(prompt):].tolist()
+        return np.argsort(order)[out[0, len(prompt):].numpy()].tolist()
 
     a, b = ours_gen(), hf_gen()  # warm-up (compiles ours)
     t_ours, t_hf = [], []

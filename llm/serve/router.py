@@ -84,9 +84,20 @@ def prompt_text(route: str, body: dict) -> str | None:
     return None
 
 
-def confidence(route: str, response: dict) -> float:
-    """Mean generated-token logprob of the least confident choice (0.0 when nothing was
-    generated: an empty answer has nothing to defer)."""
+# Confidence signals over the generated tokens' logprobs [T] (higher = more confident).
+# tools/router_confidence.py measures how well each predicts answer quality (docs/serving.md).
+SIGNALS = {
+    "mean_logprob": lambda lp: sum(lp) / len(lp),
+    "sum_logprob": sum,
+    "min_logprob": min,
+    "first_logprob": lambda lp: lp[0],
+    "sqrt_norm_logprob": lambda lp: sum(lp) / math.sqrt(len(lp)),
+}
+
+
+def confidence(route: str, response: dict, signal_name: str = "mean_logprob") -> float:
+    """The `signal_name` (a SIGNALS name; default the mean generated-token logprob) of the least
+    confident choice (0.0 when nothing was generated: an empty answer has nothing to defer)."""
     worst = 0.0
     for choice in response.get("choices", []):
         lp = choice.get("logprobs") or {}
@@ -95,7 +106,7 @@ def confidence(route: str, response: dict) -> float:
         else:
             values = [x for x in lp.get("token_logprobs") or [] if x is not None]
         if values:
-            worst = min(worst, sum(values) / len(values))
+            worst = min(worst, SIGNALS[signal_name](values))
     return worst
 
 
@@ -131,11 +142,14 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url: str,
                       remote_model: str, threshold: float, model_name: str = "router",
                       remote_api_key: str | None = None, remote_timeout: float = 60.0,
-                      on_start=None, on_stop=None) -> FastAPI:
+                      signal_name: str = "mean_logprob", on_start=None,
+                      on_stop=None) -> FastAPI:
     """The router app. local: a client whose base URL serves the local model (OpenAI API) under
     the name `local_model`; the remote at `remote_url` serves `remote_model`. threshold: the
-    mean-token-logprob below which an answer is deferred (finite; -1e9 never defers, anything
-    above 0 always does)."""
+    value of the confidence `signal_name` (SIGNALS; default the mean token logprob) below which an
+    answer is deferred (finite; -1e9 never defers, anything above 0 always does)."""
+    if signal_name not in SIGNALS:
+        raise ValueError(f"signal_name={signal_name!r} is not one of {', '.join(SIGNALS)}")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold} must be finite (a mean token logprob; a very "
                          "low one, e.g. -1e9, never defers)")
@@ -197,12 +211,13 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
         if reply.status_code != 200:  # the local server's 4xx (bad input) goes back as it is
             return JSONResponse(reply.json(), status_code=reply.status_code)
         answer = reply.json()
-        conf = confidence(kind, answer)
+        conf = confidence(kind, answer, signal_name)
         asked = body.get("logprobs") if kind == "chat" else body.get("logprobs") is not None
         if not asked:  # logprobs were requested for the confidence only
             for c in answer["choices"]:
                 c["logprobs"] = None
-        routing = {"answered_by": "local", "confidence": conf, "threshold": threshold,
+        routing = {"answered_by": "local", "confidence": conf, "signal": signal_name,
+                   "threshold": threshold,
                    "reason": "confident", "fallback": False}
         # 2. Decide.
         if pii:
@@ -297,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="environment variable holding the remote's API key (if any)")
     parser.add_argument("--threshold", type=float, required=True,
                         help="defer when the local answer's mean token logprob is below this")
+    parser.add_argument("--confidence", default="mean_logprob",
+                        help=f"the confidence signal: {' | '.join(SIGNALS)}")
     parser.add_argument("--remote_timeout", type=float, default=60.0)
     parser.add_argument("--model_name", default="router", help="the model id clients send")
     parser.add_argument("--port", type=int, default=8100)
@@ -313,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         if (args.run_dir is None) == (args.local_url is None):
             raise ValueError("give exactly one of --run_dir (local model in-process) and "
                              "--local_url (a running server)")
+        if args.confidence not in SIGNALS:
+            raise ValueError(f"--confidence={args.confidence!r} is not one of "
+                             f"{', '.join(SIGNALS)}")
         if not math.isfinite(args.threshold):
             raise ValueError(f"--threshold={args.threshold} must be a finite number (a mean "
                              "token logprob, e.g. -1.5)")
@@ -350,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                             remote_model=args.remote_model, threshold=args.threshold,
                             model_name=args.model_name,
                             remote_api_key=os.environ.get(args.remote_api_key_env),
-                            remote_timeout=args.remote_timeout, on_start=on_start,
+                            remote_timeout=args.remote_timeout,
+                            signal_name=args.confidence,
+                            on_start=on_start,
                             on_stop=on_stop)
     import uvicorn
 
     print(f"{prog}: routing {args.model_name} on http://{LOOPBACK}:{args.port}: local "
           f"{args.run_dir or args.local_url}, remote {args.remote_url} ({args.remote_model}), "
-          f"defer below mean token logprob {args.threshold}", file=sys.stderr, flush=True)
+          f"defer below {args.confidence} {args.threshold}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower())).run(sockets=[sock])
     return 0

@@ -219,7 +219,7 @@ def test_gguf_rope_scaling_llama3(tiny_run, tmp_path):
     theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, None)
     plain = cfg.rope_theta ** (-np.arange(0, cfg.dim_per_head, 2) / cfg.dim_per_head)
     np.testing.assert_allclose(factors, plain / theirs.numpy(), rtol=1e-5)
-    with pytest.raises(ConfigError, match="rope_scaling='yarn' is not supported"):
+    with pytest.raises(ConfigError, match="linear and llama3 RoPE only"):
         rope_freq_factors(ModelConfig(rope_scaling="yarn", rope_factor=2.0,
                                       rope_original_max_len=16))
 
@@ -232,6 +232,57 @@ def test_gguf_rope_scaling_llama3(tiny_run, tmp_path):
         pytest.skip("llama-cpp-python is not installed (optional extra 'llamacpp')")
     prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
     ours = generate(run.graphdef, run.params, cfg, [prompt], max_new_tokens=32,
+                    temperature=0.0, top_k=0, eos_id=-1)[0]
+    worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
+    try:
+        assert worker.generate(prompt, 32)[0] == ours  # positions up to 40 > 16
+    finally:
+        worker.close()
+
+
+def test_gguf_rope_scaling_yarn_and_dynamic(tiny_run, tmp_path, capsys):
+    """YaRN goes into GGUF as llama.cpp's rope.scaling.* keys (gguf-py's Keys.Rope names, read
+    back here); where llama.cpp is installed, its greedy tokens past the original context equal
+    ours. Dynamic NTK, which llama.cpp lacks, is one line through the CLI, exit 2."""
+    import shutil
+
+    from llm.serve.engine import BOS_ID
+    from llm.serve.sampler import generate
+    from tools.export_gguf import main
+    from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run_dir)
+    base = Path(run_dir, "config.gin").read_text()
+    Path(run_dir, "config.gin").write_text(
+        base + "\nModelConfig.rope_scaling = 'yarn'\nModelConfig.rope_factor = 4.0\n"
+        "ModelConfig.rope_original_max_len = 16\nModelConfig.rope_beta_fast = 16.0\n")
+    path = export_gguf(run_dir, str(tmp_path / "m.gguf"), "f32")
+    r = gguf.GGUFReader(path)
+    keys = gguf.Keys.Rope
+    assert _field(r, keys.SCALING_TYPE.format(arch="llama")) == "yarn"
+    assert _field(r, keys.SCALING_FACTOR.format(arch="llama")) == 4.0
+    assert _field(r, keys.SCALING_ORIG_CTX_LEN.format(arch="llama")) == 16
+    assert _field(r, keys.SCALING_YARN_BETA_FAST.format(arch="llama")) == 16.0
+    assert _field(r, keys.SCALING_YARN_BETA_SLOW.format(arch="llama")) == 1.0
+    assert "rope_freqs.weight" not in {t.name for t in r.tensors}
+
+    Path(run_dir, "config.gin").write_text(
+        base + "\nModelConfig.rope_scaling = 'dynamic'\nModelConfig.rope_factor = 2.0\n")
+    assert main([f"--run_dir={run_dir}", f"--out={tmp_path / 'd.gguf'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rope_scaling='dynamic'" in err and "tools.hf export" in err
+    assert not (tmp_path / "d.gguf").exists()
+
+    python = llama_cpp_python()
+    if python is None:
+        pytest.skip("llama-cpp-python is not installed (optional extra 'llamacpp')")
+    Path(run_dir, "config.gin").write_text(
+        base + "\nModelConfig.rope_scaling = 'yarn'\nModelConfig.rope_factor = 4.0\n"
+        "ModelConfig.rope_original_max_len = 16\nModelConfig.rope_beta_fast = 16.0\n")
+    run = load_run(run_dir)
+    prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
+    ours = generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=32,
                     temperature=0.0, top_k=0, eos_id=-1)[0]
     worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
     try:

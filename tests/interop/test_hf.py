@@ -156,7 +156,7 @@ def _cli_import(hf_dir: str, run_dir: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_import_bad_input(spm_model, tmp_path):
+def test_import_bad_input(spm_model, tmp_path, capsys):
     src = _save(_gpt2(), spm_model, str(tmp_path / "hf"))
     config_path = os.path.join(src, "config.json")
     config = json.loads(Path(config_path).read_text())
@@ -173,3 +173,230 @@ def test_import_bad_input(spm_model, tmp_path):
     check({**config, "n_embd": 96, "n_head": 4}, "'transformer.wte.weight' has shape (512, 64)")
     check({**config, "n_positions": 64}, "'transformer.wpe.weight'")
     check({**config, "n_layer": 1}, "'transformer.h.1.")  # weights the config does not use
+    Path(config_path).write_text(json.dumps(config))
+
+    # The same CLI in-process (its main), for the tokenizer and the shard index.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tools.hf import main
+
+    def check_main(expect: str):
+        assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err, err
+        assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+    capsys.readouterr()  # save_pretrained's progress bar
+    os.remove(os.path.join(src, "tokenizer.model"))  # a hub GPT-2: tokenizer.json only
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.save(os.path.join(src, "tokenizer.json"))
+    check_main("tokenizer.json BPE model (byte-level BPE, as GPT-2's) but no SentencePiece")
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}},
+                  f)
+    check_main("lists shard 'model-00002-of-00002.safetensors', which is not in --hf_dir")
+    os.remove(os.path.join(src, "model.safetensors.index.json"))
+    # The fix the tokenizer message names: --tokenizer=PATH (here the weights' own SentencePiece).
+    assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}",
+                 f"--tokenizer={tmp_path / 'nope.model'}"]) == 2
+    assert "--tokenizer=" in capsys.readouterr().err
+    assert main(["import", f"--hf_dir={src}", f"--run_dir={tmp_path / 'r'}",
+                 f"--tokenizer={spm_model}"]) == 0
+    assert Path(tmp_path, "r", "tokenizer.model").read_bytes() == Path(spm_model).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def llama_hub_spm(tmp_path_factory) -> str:
+    """A SentencePiece model with LLaMA's hub conventions (BPE, byte fallback, unk 0, <s> 1,
+    </s> 2, no pad, a dummy prefix), trained here on the stdlib email package."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for p in EMAIL for line in Path(p).read_text().splitlines()
+                               if line.strip()),
+        model_writer=out, vocab_size=VOCAB, model_type="bpe", byte_fallback=True, unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    path = tmp_path_factory.mktemp("hubspm") / "tokenizer.model"
+    path.write_bytes(out.getvalue())
+    return str(path)
+
+
+VARIANTS = {
+    # LLaMA: tied, attention biases without MLP biases, bf16, sharded with an index, a LLaMA
+    # hub tokenizer (special ids moved), its own generation_config.json.
+    "llama_tied_attnbias_bf16_sharded_hubtok": dict(
+        arch="llama", tie=True, attention_bias=True, mlp_bias=False, dtype=torch.bfloat16,
+        shard="20KB", hub_tokenizer=True),
+    # LLaMA untied with both biases, fp16, one file.
+    "llama_untied_bias_fp16": dict(arch="llama", tie=False, attention_bias=True, mlp_bias=True,
+                                   dtype=torch.float16, shard=None, hub_tokenizer=False),
+    # GPT-2 untied (GPT2Config ties by default), fp16 Conv1D weights.
+    "gpt2_untied_fp16": dict(arch="gpt2", tie=False, dtype=torch.float16, shard=None,
+                             hub_tokenizer=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_layout_variants(variant, spm_model, llama_hub_spm, tmp_path):
+    """Directories as `save_pretrained` writes them for real checkpoints: logits equal
+    transformers' (the same half-precision weights, upcast to fp32 on both sides) and export
+    gives back every tensor bit for bit, in the source dtype, with the source tokenizer."""
+    import shutil
+
+    import sentencepiece as spm
+
+    v = VARIANTS[variant]
+    torch.manual_seed(2)
+    if v["arch"] == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=v["tie"], attention_bias=v["attention_bias"],
+            mlp_bias=v["mlp_bias"], eos_token_id=2 if v["hub_tokenizer"] else 1,
+            bos_token_id=1 if v["hub_tokenizer"] else None,
+            pad_token_id=None if v["hub_tokenizer"] else 0)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                         n_positions=64, tie_word_embeddings=False,
+                                         eos_token_id=1, pad_token_id=0, bos_token_id=None)
+        model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim == 2 else 0.05)
+            if name.endswith("norm.weight") or ".ln_" in name or "ln_f.w" in name:
+                p.add_(1.0)
+    model = model.to(v["dtype"]).eval()
+    src = str(tmp_path / "hf")
+    model.save_pretrained(src, max_shard_size=v["shard"] or "1GB")
+    model.generation_config.temperature, model.generation_config.do_sample = 0.6, True
+    model.generation_config.save_pretrained(src)
+    shutil.copyfile(llama_hub_spm if v["hub_tokenizer"] else spm_model,
+                    os.path.join(src, "tokenizer.model"))
+    assert os.path.isfile(os.path.join(src, "model.safetensors.index.json")) == bool(v["shard"])
+    run_dir = str(tmp_path / "run")
+    hf.import_hf(src, run_dir)
+    run = load_run(run_dir)
+    assert run.cfg.tie_embeddings == v["tie"]
+
+    # Token ids: the run's tokenizer gives the source's ids relabelled by the recorded map.
+    source = run.manifest["imported_from"]
+    perm = source["token_permutation"]
+    if v["hub_tokenizer"]:
+        assert perm[:3] == [1, 2, 0] and perm[3:] == list(range(3, VOCAB))
+        theirs_sp = spm.SentencePieceProcessor(model_file=llama_hub_spm)
+        text = Path(EMAIL[0]).read_text()[:3000]
+        inv = np.argsort(perm)
+        assert run.tokenizer.encode(text) == [int(inv[i]) for i in theirs_sp.encode(text)]
+        assert run.tokenizer.id_to_piece(0) == "<s>" and run.tokenizer.id_to_piece(1) == "</s>"
+    else:
+        assert perm is None
+        perm = list(range(VOCAB))
+
+    # Reference: transformers loading the directory in fp32 (a cast model would keep its RoPE
+    # inv_freq buffer rounded to half precision).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = np.random.default_rng(3).integers(3, VOCAB, size=(2, 24)).astype(np.int32)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    ours = _our_logits(run, np.argsort(perm)[ids].astype(np.int32))
+    assert np.abs(ours).max() > 1.0
+    assert np.abs(ours - theirs[..., perm]).max() <= 1e-4
+
+    out = str(tmp_path / "exported")
+    hf.export_run(run_dir, out, max_shard_bytes=20_000 if v["shard"] else None)
+    original = hf.read_hf_dir(src)[1]
+    config_out, exported = hf.read_hf_dir(out)
+    assert set(exported) == set(original)
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    if v["shard"]:
+        index = json.loads(Path(out, "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == \
+            set(original)
+    assert Path(out, "generation_config.json").read_text() == \
+        Path(src, "generation_config.json").read_text()
+    assert Path(out, "tokenizer.model").read_bytes() == Path(src, "tokenizer.model").read_bytes()
+    for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias",
+                "mlp_bias"):
+        assert config_out.get(key) == model.config.to_dict().get(key), key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == v["dtype"]
+
+
+def _viterbi_exact(text: str, scores: dict[str, float]) -> list[str]:
+    """Reference unigram segmentation in exact rational arithmetic, the loop that both
+    SentencePiece (EncodeOptimized) and tokenizers (encode_optimized) run: forward over start
+    positions, pieces shortest first, a candidate replaces only if strictly greater."""
+    from fractions import Fraction
+
+    best: dict[int, tuple[Fraction, int, str]] = {0: (Fraction(0), -1, "")}
+    longest = max(map(len, scores))
+    for start in range(len(text)):
+        for end in range(start + 1, min(len(text), start + longest) + 1):
+            piece = text[start:end]
+            if piece in scores:
+                cand = best[start][0] + Fraction(scores[piece])
+                if end not in best or cand > best[end][0]:
+                    best[end] = (cand, start, piece)
+    out, end = [], len(text)
+    while end:
+        _, end, piece = best[end]
+        out.append(piece)
+    return out[::-1]
+
+
+def test_hf_tokenizer_breaks_score_ties_as_sentencepiece(spm_model, tmp_path):
+    """Equal-score segmentations (a run of '=' over pieces '=', '==', '===') are where
+    SentencePiece's float32 Viterbi and tokenizers' float64 one disagree. With scores on the
+    2^-3 grid (`quantize_scores`, applied by train_sentencepiece) both equal the exact-arithmetic
+    reference; with unrounded scores they do not (so this test can fail)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from llm.data.tokenizer import SCORE_BITS, load_tokenizer, quantize_scores
+    from tools.hf_tokenizer_check import main as check_main
+    from tools.hf_tokenizer_check import stress_texts
+
+    assert check_main([]) == 2  # neither --run_dir nor --tokenizer: one line, exit 2
+    assert check_main([f"--tokenizer={tmp_path / 'missing.model'}"]) == 2
+
+    trained = pb.ModelProto.FromString(Path(spm_model).read_bytes())
+    # train_sentencepiece rounds every score: all are multiples of 1/8.
+    assert all((p.score * 2**SCORE_BITS).is_integer() for p in trained.pieces)
+    assert len({p.score for p in trained.pieces}) > 20  # and still distinguishes pieces
+    # A hand-made model: the trained one's pad/eos/unk and 256 byte pieces, then four pieces.
+    model = pb.ModelProto.FromString(trained.SerializeToString())
+    del model.pieces[259:]
+    raw = {"x": -4.1, "=": -3.3, "==": -5.7, "===": float(np.float32(-3.3) + np.float32(-5.7))}
+    for piece, score in raw.items():
+        model.pieces.add(piece=piece, score=score, type=pb.ModelProto.SentencePiece.NORMAL)
+    text = "x" * 100 + "=" * 7
+
+    def both(proto: bytes, name: str):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "spm.model").write_bytes(proto)
+        ours = load_tokenizer(str(out / "spm.model"))
+        hf.hf_tokenizer(str(out / "spm.model")).save_pretrained(str(out))
+        theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+        return ours, theirs
+
+    ours, theirs = both(model.SerializeToString(), "raw")
+    assert ours.encode(text) != theirs(text, add_special_tokens=False)["input_ids"]
+
+    ours, theirs = both(quantize_scores(model.SerializeToString()), "rounded")
+    rounded = {k: round(v * 8) / 8 for k, v in raw.items()}  # -4.125, -3.25, -5.75, -9.0
+    for t in (text, "=" * 5000, "x=" * 300 + "=" * 4097):
+        ids = ours.encode(t)
+        assert [ours.id_to_piece(i) for i in ids] == _viterbi_exact(t, rounded)
+        assert theirs(t, add_special_tokens=False)["input_ids"] == ids
+    # The trained (rounded) model: runs of one character, random Unicode and Latin-1 bytes.
+    ours, theirs = load_tokenizer(spm_model), both(Path(spm_model).read_bytes(), "trained")[1]
+    for t in stress_texts():
+        ids = ours.encode(t)
+        assert theirs(t, add_special_tokens=False)["input_ids"] == ids
+        assert ours.decode(ids) == t

@@ -108,6 +108,14 @@ def test_threshold_decides_and_confidence_is_mean_logprob(stack):
     assert local["routing"]["reason"] == "confident" and received == []
     lps = local["choices"][0]["logprobs"]["token_logprobs"]
     assert local["routing"]["confidence"] == pytest.approx(sum(lps) / len(lps), abs=1e-6)
+    assert local["routing"]["signal"] == "mean_logprob"
+    # The other signals, on the same response, against their definitions.
+    from llm.serve.router import confidence
+
+    assert confidence("completion", local, "min_logprob") == min(lps)
+    assert confidence("completion", local, "sum_logprob") == pytest.approx(sum(lps))
+    assert confidence("completion", local, "sqrt_norm_logprob") == pytest.approx(
+        sum(lps) / len(lps) ** 0.5)
     assert local["model"] == "router"
 
     far = _complete(urls["always"], "def parse(")
@@ -165,3 +173,17 @@ def test_openai_client_streams_through_the_router_and_bad_input(stack):
         client.completions.create(model="router", prompt="x", max_tokens=-1)
     r = httpx.post(f"{urls['always']}/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_router_confidence_auroc_by_hand():
+    """tools/router_confidence.auroc against the Mann-Whitney count done by hand."""
+    import numpy as np
+
+    from tools.router_confidence import auroc
+
+    labels = np.array([False, False, True, True])
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3 of 4 pairs
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), labels) == 0.75
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.9]), labels) == 0.75  # a tie counts half: 1+2 / 4
+    assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), labels) == 0.0
+    assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([True, True])))
