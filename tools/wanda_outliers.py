@@ -4,7 +4,7 @@ experiment on a trained run's own weights and calibration inputs.
     python -m tools.wanda_outliers --run_dir=runs/compress/larger --factors=1,5,20,100 \
         [--outlier_channels=2] [--model_factor=50] [--sparsity=0.5] [--calibration_batches=16] \
         [--calibration_batch_size=8] [--eval_batches=12] [--eval_batch_size=8] \
-        [--out=wanda_outliers] [--seed=0]
+        [--finetune_steps=200] [--finetune_lr=1e-3] [--out=wanda_outliers] [--seed=0]
 
 Our models have no outlier features: the largest input-feature norm ||X_k||_2 of a pruned matrix is
 1.3-5x the median (tools/prune_analysis.py), against 20-100x for a handful of features in
@@ -28,6 +28,12 @@ way LLMs' norm gains produce them (Wei et al. 2022, "Outlier Suppression"). The 
 re-parametrised twin are calibrated and pruned by magnitude and by Wanda, and scored on the
 validation split (perplexity). Wanda's score |W_kn / c_k| * c_k ||X_k|| is unchanged by the
 re-parametrisation; magnitude's is not.
+
+Part 3, whole model trained with outliers. The same norm gains are multiplied by c (a constant
+inside the loss, so training cannot undo it) with the weights left as they are, and
+`--finetune_steps` AdamW steps let every weight adapt to the outliers, as an LLM's weights are
+trained with its own; that model is pruned and scored the same way (`--finetune_steps=0` skips
+it; `--model_factor=0` skips parts 2 and 3).
 
 Prints tables; writes <out>.json and <out>.png (relative output error against f).
 """
