@@ -400,21 +400,29 @@ def plot_all(out_root: str) -> None:
                 reports.append(json.load(f))
     if not reports:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(9, 5))
     base = reports[0]["original"]
     ax.scatter([_size_bits(base, None) / 8 / 1e6], [base["bits_per_byte"]], c="black",
-               marker="*", s=120, label="original (fp32)")
-    for r in reports:
+               marker="*", s=160, label="original (fp32)", zorder=3)
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(reports):  # one colour and legend entry per method; squares = pruned
         c = r["compressed"]
-        ax.scatter([_size_bits(c, r) / 8 / 1e6], [c["bits_per_byte"]], s=40)
-        ax.annotate(r["name"], (_size_bits(c, r) / 8 / 1e6, c["bits_per_byte"]), fontsize=8,
-                    xytext=(4, 2), textcoords="offset points")
+        pruned = r["method"] in prune.METHODS
+        ax.scatter([_size_bits(c, r) / 8 / 1e6], [c["bits_per_byte"]], s=55,
+                   color=colors[i % len(colors)], marker="s" if pruned else "o",
+                   edgecolors="black", linewidths=0.4, zorder=2,
+                   label=f"{r['name']} ({r['delta']['perplexity_pct']:+.1f}% ppl)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("model size, MB (quantized: codes + scales; pruned: non-zeros fp32 + 1-bit mask)")
     ax.set_ylabel("validation bits/byte")
-    ax.set_title(f"quality vs size: {os.path.basename(reports[0]['run_dir'])}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(f"quality vs size: {os.path.basename(reports[0]['run_dir'])}, "
+                 f"{len(reports)} methods")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(os.path.join(out_root, "quality_vs_size.png"), dpi=120)
     plt.close(fig)

@@ -13,6 +13,7 @@ method, shape, contraction dims and group size that `quantize.from_storage` need
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -60,6 +61,24 @@ def read_record(path: str) -> dict:
         return json.load(f)
 
 
+def check_layout(path: str, quantized: dict) -> None:
+    """DataError (one line) unless every stored weight's record names a known method, a valid
+    contraction and a group size that divides its contraction (what `to_storage` writes)."""
+    for name, m in quantized.items():
+        try:
+            shape, contraction = list(m["shape"]), list(m["contraction"])
+            k = math.prod(shape[d] for d in contraction)
+            ok = (m["method"] in Q.METHODS and isinstance(m["group_size"], int)
+                  and m["group_size"] > 0 and k % m["group_size"] == 0
+                  and (m["method"] == "int8" or k % 2 == 0))
+        except (KeyError, TypeError, IndexError):
+            ok = False
+        if not ok:
+            raise DataError(f"compressed checkpoint {path!r}: the record of weight {name!r} "
+                            f"({json.dumps(m)}) is not a layout experiments.compress writes; "
+                            "re-run experiments.compress instead of editing compress.json.")
+
+
 def load_compressed(path: str, abstract_params: dict, method: str | None = None
                     ) -> tuple[dict, dict]:
     """(params with QArray leaves where quantized, the record). Raises ConfigError when `method`
@@ -69,6 +88,7 @@ def load_compressed(path: str, abstract_params: dict, method: str | None = None
         raise ConfigError(f"the compressed checkpoint {path!r} was written with method "
                           f"{record['method']!r}, not {method!r}; load it with "
                           f"method={record['method']!r}.")
+    check_layout(path, record["quantized"])
     target = Q.storage_target(abstract_params, record["quantized"])
     with ocp.StandardCheckpointer() as ckpt:
         try:

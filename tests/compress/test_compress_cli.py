@@ -107,3 +107,30 @@ def test_bad_input_through_real_cli(tmp_path):
                           check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_checkpoint_relabelled_as_another_method_is_one_line(int4_report, tmp_path):
+    """A GPTQ-int4 checkpoint whose compress.json is rewritten to claim int8 (a consistent int8
+    layout, or a broken group size): load_run, which every CLI uses, raises one-line DataErrors
+    instead of loading codes under the wrong method."""
+    import math
+    import shutil
+
+    from llm.data.sources import DataError
+    from llm.runs import load_run
+
+    src = os.path.join(int4_report, "compress", "gptq-int4", "checkpoint")
+    for name, group in (("int8", None), ("bad_group", 0)):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        with open(dst / "compress.json") as f:
+            record = json.load(f)
+        record["method"] = "int8"
+        for m in record["quantized"].values():
+            k = math.prod(m["shape"][d] for d in m["contraction"])
+            m.update(method="int8", group_size=k if group is None else group)
+        (dst / "compress.json").write_text(json.dumps(record))
+        with pytest.raises(DataError) as e:
+            load_run(str(dst))
+        assert "\n" not in str(e.value)
+        assert ("does not match" if group is None else "not a layout") in str(e.value)

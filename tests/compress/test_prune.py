@@ -133,3 +133,54 @@ def test_sequential_masks_calibrate_later_blocks_on_the_pruned_model(model):
         if key.startswith("layer_0/"):
             np.testing.assert_array_equal(seq[key], one_shot[key])
     assert any(not np.array_equal(seq[k], one_shot[k]) for k in seq if k.startswith("layer_1/"))
+
+
+def _output_error(x, w, keep):
+    """||XW - X(W*M)||_F^2 / ||XW||_F^2 straight from the inputs (plain numpy)."""
+    return np.sum((x @ w - x @ (w * keep)) ** 2) / np.sum((x @ w) ** 2)
+
+
+def test_wanda_beats_magnitude_on_a_layer_with_outlier_features():
+    """Wanda's premise (Sun et al. 2023): when a few input features are far larger than the
+    rest (LLMs' emergent outliers, 20-100x the median norm, Dettmers et al. 2022), |W| alone
+    prunes weights whose removal costs the most output. Plain numpy: X [512, 64] with 2
+    features at 50x, ordinary weights W [64, 32]; the 50% masks are scored by the output error
+    on X. Without outliers the two criteria are about equal (our trained models' case)."""
+    from tools.wanda_outliers import outlier_factors, relative_output_error
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 64))
+    w = rng.normal(size=(64, 32))
+    outliers = [5, 40]
+
+    def masks(x):
+        norms = np.linalg.norm(x, axis=0)
+        return prune.mask_2d(w, "magnitude", 0.5), prune.mask_2d(w, "wanda", 0.5, norms)
+
+    mag, wanda = masks(x)
+    assert 0.8 < _output_error(x, w, wanda) / _output_error(x, w, mag) < 1.25
+    c = outlier_factors(np.linalg.norm(x, axis=0), np.array(outliers), 50.0)
+    xo = x * c
+    norms = np.linalg.norm(xo, axis=0)
+    np.testing.assert_allclose(norms[outliers], 50 * np.median(np.linalg.norm(x, axis=0)))
+    mag, wanda = masks(xo)
+    assert _output_error(xo, w, wanda) < 0.1 * _output_error(xo, w, mag)
+    assert wanda[outliers].mean() > 0.9 > 0.7 > mag[outliers].mean()  # magnitude drops ~half
+    for keep in (mag, wanda):  # the tool's Gram form is the same error
+        np.testing.assert_allclose(relative_output_error(w, keep, xo.T @ xo),
+                                   _output_error(xo, w, keep), rtol=1e-9)
+
+
+def test_wanda_mask_is_unchanged_when_scales_move_from_weights_to_inputs():
+    """X' = X diag(c), W' = diag(1/c) W computes the same outputs; Wanda's |W'| ||X'_k|| is the
+    same score, so its mask is unchanged, while magnitude's mask follows the rescaling."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(256, 48)), rng.normal(size=(48, 16))
+    c = np.exp(rng.uniform(-3, 3, size=48))
+    xs, ws = x * c, w / c[:, None]
+    np.testing.assert_allclose(xs @ ws, x @ w, atol=1e-9)
+    np.testing.assert_array_equal(
+        prune.mask_2d(ws, "wanda", 0.5, np.linalg.norm(xs, axis=0)),
+        prune.mask_2d(w, "wanda", 0.5, np.linalg.norm(x, axis=0)))
+    assert not np.array_equal(prune.mask_2d(ws, "magnitude", 0.5),
+                              prune.mask_2d(w, "magnitude", 0.5))
