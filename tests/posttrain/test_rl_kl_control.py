@@ -80,3 +80,14 @@ def test_kl_target_must_be_positive():
         RLConfig(kl_gain=-1.0)
     with pytest.raises(ConfigError, match=r"RLConfig.kl_gain=3.0 is GRPO's"):
         ppo.make_algorithm(None, RLConfig(target_kl=1.0, kl_gain=3.0), ppo.PPOConfig())
+
+
+def test_kl_tracking_summary_by_hand():
+    from tools.rlhf_report import kl_tracking
+
+    kls = [0.0] * 20 + [1.5, 3.5, 0.5, 1.0]  # steps 21-24 after the approach
+    got = kl_tracking(kls, target=1.5)
+    assert got["kl_max"] == 3.5 and got["kl_max_step"] == 22
+    assert got["kl_abs_err"] == pytest.approx((0 + 2 + 1 + 0.5) / 4)
+    assert got["kl_in_band"] == 0.5  # 1.5 and 1.0 lie in [0.75, 3]
+    assert got["kl_steps_above_2x"] == 1
