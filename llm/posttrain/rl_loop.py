@@ -168,7 +168,8 @@ class RLState:
     LoRA adapters) -- `state.params` as in pretraining, so `llm.runs.load_run` opens an RL run.
     value: the value model's params (PPO; {} without a critic). opt_state: optax state of
     {"policy": params, "value": value}. rng: uint32 [2] key data, split once per step.
-    kl_coef: fp32, the KL penalty coefficient (PPO's adaptive controller changes it)."""
+    kl_coef: fp32, the KL penalty coefficient: the adaptive controller's state between steps (its
+    checkpointed value), the coefficient in force while a step updates (`kl_controller`)."""
 
     step: jax.Array
     params: dict
@@ -216,7 +217,7 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
-def kl_controller(rc: RLConfig) -> Callable[[float, float], float]:
+def kl_controller(rc: RLConfig) -> Callable[[float, float], tuple[float, float]]:
     """Algorithm.next_kl_coef for RLConfig's target_kl / kl_horizon / kl_coef_min / kl_gain
     (the coefficient unchanged without a target). Returns (state, coefficient in force), both
     rounded to float32 as the state stores them."""
