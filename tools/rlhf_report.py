@@ -5,7 +5,8 @@ the reference, and one PNG of the reward and KL curves of every run.
       --png docs/rlhf_curves.png --json rlhf_report.json
 
 Each run directory is an `experiments.rlhf` run (eval.json: reward_policy, reward_reference,
-kl_policy; metrics.jsonl: reward and kl per step). Runs are grouped by their algorithm.
+kl_policy; metrics.jsonl: reward and kl per step). Runs are grouped by their algorithm. With
+--target_kl, a second table says how closely each run's training KL followed the target.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ def summarise(run_dirs: list[str]) -> dict:
             out[algo][key + "_mean"] = statistics.mean(values)
             out[algo][key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
+
+
+def kl_tracking(kls: list[float], target: float, after: int = 20) -> dict:
+    """How closely a run's training KL (one value per step, nats/seq) followed `target`: the
+    peak, and over the steps after the first `after` (the approach to the target), the mean
+    |KL - target|, the share of steps within [target / 2, 2 target], and the steps above
+    2 target."""
+    late = kls[after:]
+    return {"kl_max": max(kls), "kl_max_step": kls.index(max(kls)) + 1,
+            "kl_abs_err": statistics.mean(abs(k - target) for k in late),
+            "kl_in_band": sum(target / 2 <= k <= 2 * target for k in late) / len(late),
+            "kl_steps_above_2x": sum(k > 2 * target for k in late)}
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -122,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {algo} | {', '.join(map(str, s['seeds']))} | {s['reward_reference_mean']:.3f} "
               f"| {s['reward_policy_mean']:.3f} | {s['gain_mean']:+.3f} +- {s['gain_sd']:.3f}, "
               f"min {s['gain_min']:+.3f} | {s['kl_policy_mean']:.2f} | {s['train_kl_max']:.2f} |")
+    if args.target_kl is not None:
+        print(f"\n| run | peak KL (step) | mean abs(KL - {args.target_kl:g}), steps 21+ | steps in "
+              f"[{args.target_kl / 2:g}, {2 * args.target_kl:g}] | steps above "
+              f"{2 * args.target_kl:g} |\n|---|---|---|---|---|")
+        for d in args.runs:
+            t = kl_tracking([r["kl"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))],
+                            args.target_kl)
+            print(f"| {os.path.basename(os.path.normpath(d))} | {t['kl_max']:.2f} "
+                  f"({t['kl_max_step']}) | {t['kl_abs_err']:.2f} | {t['kl_in_band']:.0%} | "
+                  f"{t['kl_steps_above_2x']} |")
     if args.png:
         plot(args.runs, args.png, args.smooth, args.target_kl)
     if args.json:

@@ -77,7 +77,9 @@ class DPOConfig:
       round 0 trains on the base's pairs, each later round on pairs sampled afresh from the policy
       as the previous round left it (fresh train prompts, `TaskPairs.samples` at
       `TaskPairs.temperature`, best vs worst), against the same frozen reference (the base), as
-      online DPO (Guo et al. 2024) / iterative DPO (Xu et al. 2023). Task pairs only.
+      online DPO (Guo et al. 2024) / iterative DPO (Xu et al. 2023). With `train_pairs` (e.g.
+      a human-review export) round 0 trains on that file and the later rounds sample the task
+      of `TaskPairs.*`.
     """
 
     beta: float = 0.1
@@ -102,10 +104,6 @@ class DPOConfig:
             raise ConfigError(f"DPOConfig.rpo_alpha={self.rpo_alpha} must be >= 0.")
         if self.rounds < 1:
             raise ConfigError(f"DPOConfig.rounds={self.rounds} must be >= 1.")
-        if self.rounds > 1 and self.train_pairs:
-            raise ConfigError(f"DPOConfig.rounds={self.rounds} re-samples pairs from the policy, "
-                              "which needs task pairs; unset DPOConfig.train_pairs or set "
-                              "DPOConfig.rounds=1.")
         if self.heldout_pairs and not self.train_pairs:
             raise ConfigError("DPOConfig.heldout_pairs is set but DPOConfig.train_pairs is not; "
                               "set both, or neither (task pairs).")
@@ -226,14 +224,17 @@ def summarize(sums: dict[str, float]) -> dict:
 
 
 def _pairs(cfg: DPOConfig, ctx: RLHFContext) -> tuple[list, list, pairs_lib.TaskPairs | None]:
+    """(train pairs, held-out pairs, the TaskPairs source of later rounds' and the final task
+    reward's prompts, or None when the pairs come from files and there is one round)."""
+    source = pairs_lib.TaskPairs()
+    source = dataclasses.replace(source, prompt_format=source.resolved_format(ctx.base.manifest))
     if cfg.train_pairs:
         train = pairs_lib.read_pairs(cfg.train_pairs)
         if cfg.heldout_pairs:
-            return train, pairs_lib.read_pairs(cfg.heldout_pairs), None
-        train, heldout = pairs_lib.split_heldout(train, 0.1)
-        return train, heldout, None
-    source = pairs_lib.TaskPairs()
-    source = dataclasses.replace(source, prompt_format=source.resolved_format(ctx.base.manifest))
+            heldout = pairs_lib.read_pairs(cfg.heldout_pairs)
+        else:
+            train, heldout = pairs_lib.split_heldout(train, 0.1)
+        return train, heldout, source if cfg.rounds > 1 else None
     pair_dir = os.path.join(ctx.run_dir, "pairs")
     stats = source.build(ctx.base.graphdef, ctx.base.params, ctx.base.cfg, ctx.base.tokenizer,
                          pair_dir)
@@ -293,8 +294,6 @@ def train(ctx: RLHFContext) -> dict:
                           f"{cfg.rounds}; each round trains steps / rounds steps.")
     per_round = tc.steps // cfg.rounds
     train_pairs, heldout_pairs, source = _pairs(cfg, ctx)
-    if cfg.rounds > 1 and source is None:
-        raise ConfigError("DPOConfig.rounds > 1 needs task pairs (TaskPairs.*).")
     if len(train_pairs) < tc.global_batch_size:
         raise ConfigError(f"dpo: {len(train_pairs)} train pairs are fewer than "
                           f"TrainConfig.global_batch_size={tc.global_batch_size}; lower it or "

@@ -13,8 +13,9 @@ KL estimate (k3 by default, as the paper) to the reference, weighted by beta = R
 
 averaged per sequence then over sequences ("sequence_mean", the paper), or over all response
 tokens of the minibatch ("token_mean"; gin: grpo_loss_aggregation.mode). beta is fixed, or adapted
-after every step towards RLConfig.target_kl nats per sequence (Ziegler et al.'s controller, as
-PPO).
+every step, from the KL of that step's own rollouts and before its update, towards
+RLConfig.target_kl nats per sequence: Ziegler et al.'s controller (as PPO) with a floor
+(RLConfig.kl_coef_min) and a proportional term (RLConfig.kl_gain; `llm.posttrain.kl`).
 
     python -m experiments.rlhf --gin_file=gin_configs/debug/grpo_tiny.gin
 """

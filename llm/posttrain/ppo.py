@@ -135,6 +135,11 @@ def values_of(graphdef, value_params: dict, tokens: jax.Array) -> jax.Array:
 
 def make_algorithm(graphdef, rc: RLConfig, pc: PPOConfig) -> Algorithm:
     """PPO's prepare/loss for the loop (`rl_loop.Algorithm`)."""
+    if rc.kl_gain:
+        raise ConfigError(f"RLConfig.kl_gain={rc.kl_gain} is GRPO's: PPO's KL penalty is part of "
+                          "the rewards, shaped before the batch's KL is measured, so only the "
+                          "integral controller (target_kl / kl_horizon) applies; set "
+                          "RLConfig.kl_gain=0.")
 
     def prepare(policy, ref, value, batch, kl_coef):
         mask = batch["response_mask"]

@@ -49,7 +49,7 @@ from llm.model import transformer
 from llm.parallel.rules import activation_sharding, named_sharding, tree_shardings
 from llm.posttrain import tasks
 from llm.posttrain.context import RLHFContext, token_logprobs
-from llm.posttrain.kl import KL_ESTIMATORS, adaptive_kl_coef
+from llm.posttrain.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_coef_in_force
 from llm.posttrain.rollout import Rollout, rollout
 from llm.train import checkpoint
 from llm.train.optimizer import make_optimizer
@@ -76,9 +76,16 @@ class RLConfig:
     epochs / minibatches: update passes over each rollout batch, and minibatches per pass.
     clip_eps: the ratio clip of the surrogate objective. kl_coef: the KL penalty's coefficient
       (the initial one when adaptive). kl_estimator: "k1" | "k2" | "k3" (`llm.posttrain.kl`).
-    target_kl / kl_horizon: None keeps kl_coef fixed; a number adapts it after every step towards
-      that mean sequence KL (k1, nats) with Ziegler et al.'s controller
-      (`llm.posttrain.kl.adaptive_kl_coef`): at most a factor 1 +- 0.2 * batch / kl_horizon a step.
+    target_kl / kl_horizon / kl_coef_min: None keeps kl_coef fixed; a number adapts it every step
+      towards that mean sequence KL (k1, nats) with Ziegler et al.'s controller
+      (`llm.posttrain.kl.adaptive_kl_coef`): at most a factor 1 +- 0.2 * batch / kl_horizon a
+      step, never below kl_coef_min. The controller reads the KL of the step's own rollouts
+      (measured by `prepare`) before that step's update, so GRPO's loss pays the new coefficient
+      at once; PPO's penalty is in the rewards `prepare` already shaped, so there it shapes the
+      next batch (Ziegler et al.'s order).
+    kl_gain: a proportional term on top (`llm.posttrain.kl.kl_coef_in_force`): the step's update
+      uses the controller's state x exp(kl_gain x clip(KL / target - 1, -1, 1)); 0 = Ziegler's
+      controller alone. GRPO only (PPO shapes its rewards before the batch's KL is known).
     eval_rewards: more rewards (names as `reward`, e.g. the programmatic task reward beside a
       reward model) scored on the same held-out completions; eval.json gets
       reward_<name>_{policy,reference,gain} (`reward_key`: "rm" for a reward model).
@@ -107,6 +114,8 @@ class RLConfig:
     kl_estimator: str = "k3"
     target_kl: float | None = None
     kl_horizon: int = 10_000
+    kl_coef_min: float = 0.0
+    kl_gain: float = 0.0
     eval_rewards: tuple[str, ...] = ()
     sample_log_every: int = 0
     fault_injection: str | None = None
@@ -130,6 +139,12 @@ class RLConfig:
         if self.target_kl is not None and not (self.target_kl > 0 and self.kl_horizon >= 1):
             raise ConfigError(f"RLConfig.target_kl={self.target_kl} must be > 0 (or None for a "
                               f"fixed kl_coef) and RLConfig.kl_horizon={self.kl_horizon} >= 1.")
+        if self.kl_gain < 0:
+            raise ConfigError(f"RLConfig.kl_gain={self.kl_gain} must be >= 0.")
+        if not 0 <= self.kl_coef_min <= self.kl_coef:
+            raise ConfigError(f"RLConfig.kl_coef_min={self.kl_coef_min} must be between 0 and "
+                              f"RLConfig.kl_coef={self.kl_coef} (the floor of the adaptive "
+                              "coefficient).")
         if self.sample_log_every < 0:
             raise ConfigError(f"RLConfig.sample_log_every={self.sample_log_every} must be >= 0.")
         if self.batch_size % self.minibatches:
@@ -153,7 +168,8 @@ class RLState:
     LoRA adapters) -- `state.params` as in pretraining, so `llm.runs.load_run` opens an RL run.
     value: the value model's params (PPO; {} without a critic). opt_state: optax state of
     {"policy": params, "value": value}. rng: uint32 [2] key data, split once per step.
-    kl_coef: fp32, the KL penalty coefficient (PPO's adaptive controller changes it)."""
+    kl_coef: fp32, the KL penalty coefficient: the adaptive controller's state between steps (its
+    checkpointed value), the coefficient in force while a step updates (`kl_controller`)."""
 
     step: jax.Array
     params: dict
@@ -177,14 +193,15 @@ class Algorithm:
       kl_k3, entropy [batch] per-sequence figures for metrics). batch has tokens,
       response_mask [batch, seq] and scores [batch].
     loss: (policy_params, value_params, minibatch, kl_coef) -> (scalar loss, metrics).
-    next_kl_coef: host-side (kl_coef, mean sequence KL of the batch) -> next kl_coef.
+    next_kl_coef: host-side (controller state, mean sequence KL of the batch just sampled) ->
+      (the next controller state, the coefficient this step's update applies).
     """
 
     name: str
     init_value: Callable | None
     prepare: Callable
     loss: Callable
-    next_kl_coef: Callable[[float, float], float] = lambda coef, kl: coef
+    next_kl_coef: Callable[[float, float], tuple[float, float]] = lambda coef, kl: (coef, coef)
 
 
 def to_host(tree):
@@ -200,10 +217,16 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
-def kl_controller(rc: RLConfig) -> Callable[[float, float], float]:
-    """Algorithm.next_kl_coef for RLConfig's target_kl / kl_horizon (identity without a target)."""
-    return lambda coef, kl: adaptive_kl_coef(coef, kl, rc.target_kl, rc.kl_horizon,
-                                             rc.batch_size)
+def kl_controller(rc: RLConfig) -> Callable[[float, float], tuple[float, float]]:
+    """Algorithm.next_kl_coef for RLConfig's target_kl / kl_horizon / kl_coef_min / kl_gain
+    (the coefficient unchanged without a target). Returns (state, coefficient in force), both
+    rounded to float32 as the state stores them."""
+    def step(coef: float, kl: float) -> tuple[float, float]:
+        state = float(np.float32(adaptive_kl_coef(coef, kl, rc.target_kl, rc.kl_horizon,
+                                                  rc.batch_size, rc.kl_coef_min)))
+        return state, float(np.float32(kl_coef_in_force(state, kl, rc.target_kl, rc.kl_gain,
+                                                        rc.kl_coef_min)))
+    return step
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -573,13 +596,17 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
             batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
             batch = steps.prepare(state, frozen, batch)
             prepared = to_host({k: batch[k] for k in ("kl", "kl_k3", "entropy")})
-            state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
-            kl_coef = float(state.kl_coef)
+            # The KL controller reacts to this step's rollouts before this step's update.
             seq_kl = float(np.mean(prepared["kl"]))
-            next_coef = algo.next_kl_coef(kl_coef, seq_kl)
+            # state.kl_coef carries the controller's state between steps and the coefficient in
+            # force (state x the proportional term) during this step's update.
+            kl_state, kl_coef = algo.next_kl_coef(float(state.kl_coef), seq_kl)
+            state = state.replace(kl_coef=jax.device_put(np.float32(kl_coef),
+                                                         state_shardings.kl_coef))
+            state, metrics = update_epochs(steps, state, frozen, batch, update_key, rc)
             state = jax.device_put(  # the same placement every step: no recompilation
                 state.replace(step=state.step + 1, rng=jax.random.key_data(rng),
-                              kl_coef=np.float32(next_coef)), state_shardings)
+                              kl_coef=np.float32(kl_state)), state_shardings)
             lengths = ro.response_lengths
             dt = time.perf_counter() - t0
             record = {
@@ -587,6 +614,7 @@ def train(ctx: RLHFContext, algo: Algorithm) -> dict:
                 "kl": seq_kl, "kl_k3": float(np.mean(prepared["kl_k3"])),
                 "entropy": float(np.sum(prepared["entropy"] * lengths) / max(lengths.sum(), 1)),
                 "response_length": float(lengths.mean()), "kl_coef": kl_coef,
+                "kl_coef_state": kl_state,
                 "learning_rate": float(schedule((step + 1) * rc.epochs * rc.minibatches - 1)),
                 **metrics, "rollout_s": t_rollout, "step_time_s": dt,
                 "rollout_tokens_per_s": float(lengths.sum()) / t_rollout,

@@ -1,4 +1,5 @@
-"""Reward functions that fail, for the bad-input tests of experiments.rlhf."""
+"""Reward functions for tests of experiments.rlhf: two that fail (the bad-input tests), and one
+whose samples almost never tie (so a tiny model's samples always give preference pairs)."""
 
 
 def raises(prompt: str, completion: str, reference: str) -> float:
@@ -7,3 +8,7 @@ def raises(prompt: str, completion: str, reference: str) -> float:
 
 def nan(prompt: str, completion: str, reference: str) -> float:
     return float("nan")
+
+
+def length(prompt: str, completion: str, reference: str) -> float:
+    return float(len(completion))

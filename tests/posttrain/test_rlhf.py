@@ -92,7 +92,13 @@ def test_ppo_runs_with_a_value_head(tiny_run, tmp_path):
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["value_loss"]) and np.isfinite(r["kl"]) for r in records)
-    assert records[1]["kl_coef"] != records[0]["kl_coef"]  # RLConfig.target_kl adapts it
+    # RLConfig.target_kl = 2 adapts it, each step from that step's own rollout KL, by Ziegler et
+    # al.'s formula (batch 2 x 2, horizon 10,000), from kl_coef 0.04, in float32 as stored
+    coef = 0.04
+    for r in records:
+        coef = float(np.float32(coef * (1 + min(max(r["kl"] / 2.0 - 1, -0.2), 0.2) * 4 / 1e4)))
+        assert r["kl_coef"] == r["kl_coef_state"] == pytest.approx(coef, rel=1e-6)
+    assert records[1]["kl_coef"] != records[0]["kl_coef"]
 
 
 @pytest.mark.parametrize("fn,says", [("raises", "raised KeyError"), ("nan", "returned nan")])
