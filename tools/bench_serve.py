@@ -85,7 +85,7 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
             ttft, times, n = await _stream(client, url, {
                 "model": model, "prompt": f"def function_{i}_{k}(x):\n", "stream": True,
                 "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + k,
-                "ignore_eos": True})
+                "ignore_eos": True, "stream_options": {"include_usage": True}})
             ttfts.append(ttft)
             itls.extend(np.diff(times).tolist())
             total += n
@@ -326,14 +326,17 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
                 closers.append(worker.close)
                 systems[f"llama.cpp {qtype.upper()} ({worker.threads} threads)", 1] = (
                     lambda w=worker: w.generate(ids, new_tokens)[0])
+    in_process = {key for key in systems if not key[0].startswith("llama.cpp")}
     try:
         outputs = {key: fn() for key, fn in systems.items()}  # warm-up (compiles ours)
         times = {key: [] for key in systems}
+        cpu = {key: [] for key in systems}  # this process's CPU seconds per wall second
         for _ in range(repeats):  # interleaved, best of
             for key, fn in systems.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t0)
+                cpu[key].append((time.process_time() - c0) / times[key][-1])
     finally:
         for close in closers:
             close()
@@ -342,8 +345,11 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
     for (name, batch) in systems:
         ref = outputs["engine", batch]
         agree = sum(a == b for a, b in zip(outputs[name, batch], ref))
+        best = int(np.argmin(times[name, batch]))
         rows.append({"system": name, "batch": batch,
                      "tokens_per_s": batch * new_tokens / min(times[name, batch]),
+                     "cores_used": (cpu[name, batch][best] if (name, batch) in in_process
+                                    else None),
                      "same_tokens_as_engine": f"{agree}/{len(ref)}"})
     for r in rows:
         hf = next((h for h in rows if h["system"].startswith("transformers")
@@ -352,6 +358,23 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
     rows.sort(key=lambda r: r["batch"])
     return {"rows": rows, "skipped": skipped, "prompt_tokens": len(ids),
             "new_tokens": new_tokens}
+
+
+def pin_threads(threads: int) -> None:
+    """Restrict this process (and the children it starts) to `threads` of its cores, which also
+    sizes XLA:CPU's intra-op pool (single-threaded Eigen for 1). Must run before jax is
+    imported; torch and llama.cpp get the count through `bench_peers`' `threads`."""
+    if "jax" in sys.modules:
+        raise SystemExit("bench_serve: --threads must be applied before jax is imported")
+    cores = sorted(os.sched_getaffinity(0))
+    if threads > len(cores):
+        raise SystemExit(f"bench_serve: --threads={threads} exceeds the {len(cores)} cores "
+                         "this process may use")
+    os.sched_setaffinity(0, cores[:threads])
+    # XLA:CPU sizes its intra-op pool to the schedulable cores (the affinity set above).
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="transformers,llamacpp",
                         help="batch-1 decode peers ('' for none): transformers, llamacpp")
     parser.add_argument("--peer_threads", type=int, default=None,
-                        help="threads for transformers and llama.cpp (default: the cores)")
+                        help="threads for transformers and llama.cpp (default: --threads, else "
+                             "the cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="like for like: pin this process (and llama.cpp's worker) to this "
+                             "many cores and give every system this many threads -- XLA:CPU's "
+                             "intra-op pool (sized to the cores; one: Eigen single-threaded), "
+                             "torch and "
+                             "llama.cpp; 'cores used' (CPU seconds per wall second of each "
+                             "in-process system) reads it back")
     parser.add_argument("--batch1_tokens", type=int, default=128,
                         help="new tokens per sequence in the peer comparison")
     parser.add_argument("--skip_engine", action="store_true",
@@ -387,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                              "are compared with the float run's")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        pin_threads(args.threads)
+        args.peer_threads = args.peer_threads or args.threads
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
     server = ([] if args.skip_server else
@@ -422,11 +456,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['engine_over_sampler_paired_median']:>14.2f}")
     print(f"\ngreedy decode, {batch1['prompt_tokens']} prompt tokens + "
           f"{batch1['new_tokens']} new, best of {args.repeats} interleaved")
-    print(f"{'system':<52} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'same tokens':>12}")
+    print(f"{'system':<52} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'cores used':>10} "
+          f"{'same tokens':>12}")
     for r in batch1["rows"]:
         ratio = f"{r['over_transformers']:.2f}" if r["over_transformers"] else "-"
+        used = f"{r['cores_used']:.2f}" if r["cores_used"] is not None else "-"
         print(f"{r['system']:<52} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {ratio:>6} "
-              f"{r['same_tokens_as_engine']:>12}")
+              f"{used:>10} {r['same_tokens_as_engine']:>12}")
     if quantized:
         print(f"\nengine decode, {args.batch1_tokens} new tokens, quantized weights")
         print(f"{'weights':<10} {'batch':>5} {'param MiB':>10} {'tok/s':>8} {'greedy = float':>15}")
@@ -441,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
                        "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
                        "decode_vs_peers": batch1, "quantized": quantized,
+                       "threads": args.threads, "affinity": sorted(os.sched_getaffinity(0)),
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "load_average_end": os.getloadavg()}, f,
                       indent=2)
     return 0

@@ -17,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from llm.serve.engine import compilation_cache_stats
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -48,6 +50,12 @@ class ServerMetrics:
               "and decode buckets met so far)", registry=r).set_function(engine.compiled_shapes)
         Gauge("llm_engine_compile_step_seconds", "wall time of the engine steps that compiled "
               "a program", registry=r).set_function(lambda: engine.stats["compile_seconds"])
+        Gauge("llm_compilation_cache_hits", "programs this process loaded from JAX's "
+              "persistent compilation cache", registry=r).set_function(
+                  lambda: compilation_cache_stats["hits"])
+        Gauge("llm_compilation_cache_misses", "programs this process compiled while the "
+              "persistent compilation cache was on", registry=r).set_function(
+                  lambda: compilation_cache_stats["misses"])
         self.ttft = Histogram("llm_time_to_first_token_seconds", "arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llm_inter_token_latency_seconds", "time between two tokens",
