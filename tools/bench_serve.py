@@ -135,39 +135,54 @@ def _stalls(before: dict, after: dict) -> dict:
 
 
 def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int,
-                 warmup: bool = False) -> list[dict]:
+                 warmup: bool = True, cache: str | None = None,
+                 level_warmup: bool = True) -> tuple[list[dict], dict]:
+    """Rows per concurrency level, and the start: seconds from launch to /health answering,
+    and the server's warm-up line. warmup: the server's own (default) warm-up; cache: its
+    --compilation_cache; level_warmup: 2 untimed requests per client at each level first."""
+    import tempfile
+
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
-         f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
-         "--model_name=bench", *(["--warmup"] if warmup else [])],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        deadline = time.time() + 1800  # --warmup compiles every bucket first
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()})")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        # Warm-up at every concurrency level: compiles the prefill (rows, chunk) and decode
-        # buckets that level's arrival pattern meets, so no compile lands in a measured run.
-        for n in clients:
-            asyncio.run(_load(url, "bench", n, 2, max_tokens))
-        rows = []
-        for n in clients:
-            before = _scrape(url)
-            row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
-            rows.append({**row, **_stalls(before, _scrape(url))})
-        return rows
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+    with tempfile.TemporaryFile("w+") as log:
+        launched = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
+             f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
+             "--model_name=bench", *([] if warmup else ["--no_warmup"]),
+             *([f"--compilation_cache={cache}"] if cache else [])],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=log)
+        try:
+            deadline = time.time() + 3600  # a cold warm-up compiles every program first
+            while True:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()}): "
+                                     + log.read()[-2000:])
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            log.seek(0)
+            start = {"start_s": time.perf_counter() - launched,
+                     "warmup_line": next((ln.strip() for ln in log if "warm-up:" in ln), None)}
+            # Untimed requests at every concurrency level first (with --no_warmup they compile the
+            # buckets that level's arrival pattern meets, so no compile lands in a measured run).
+            if level_warmup:
+                for n in clients:
+                    asyncio.run(_load(url, "bench", n, 2, max_tokens))
+            rows = []
+            for n in clients:
+                before = _scrape(url)
+                row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
+                rows.append({**row, **_stalls(before, _scrape(url))})
+            return rows, start
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
 
 
 def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int,
@@ -391,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill_rows", type=int, default=None,
                         help="EngineConfig.prefill_rows for the engine part (1 = one prompt per "
                              "prefill call, the behaviour before batched prefill)")
-    parser.add_argument("--server_warmup", action="store_true",
-                        help="start the server with --warmup (every decode bucket and "
-                             "first-chunk prefill shape compiled before listening)")
+    parser.add_argument("--server_no_warmup", action="store_true",
+                        help="start the server with --no_warmup (programs compile inside the "
+                             "first requests that meet them)")
+    parser.add_argument("--compilation_cache", default=None,
+                        help="the server's --compilation_cache (an empty directory measures a "
+                             "cold start; default: the server's default)")
+    parser.add_argument("--no_level_warmup", action="store_true",
+                        help="measure each concurrency level without the untimed requests "
+                             "before it (only the server's own warm-up)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
     parser.add_argument("--peers", default="transformers,llamacpp",
@@ -410,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                              "in-process system) reads it back")
     parser.add_argument("--batch1_tokens", type=int, default=128,
                         help="new tokens per sequence in the peer comparison")
+    parser.add_argument("--skip_decode", action="store_true",
+                        help="leave out the decode comparison (engine, sampler, --peers)")
     parser.add_argument("--skip_engine", action="store_true",
                         help="leave out the engine vs sampler part")
     parser.add_argument("--compressed", default="",
@@ -423,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         args.peer_threads = args.peer_threads or args.threads
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
-    server = ([] if args.skip_server else
-              bench_server(args.run_dir, clients, args.requests, args.max_tokens,
-                           args.server_warmup))
+    server, start = ([], {}) if args.skip_server else bench_server(
+        args.run_dir, clients, args.requests, args.max_tokens, not args.server_no_warmup,
+        args.compilation_cache, not args.no_level_warmup)
     engine = [] if args.skip_engine else bench_engine(
         args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps,
         args.prefill_rows)
@@ -433,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     quantized = bench_compressed(args.run_dir, compressed, [1, args.batch], args.batch1_tokens,
                                  args.repeats) if compressed else []
     peers = [p for p in args.peers.split(",") if p]
-    batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
-                         peers, args.peer_threads)
+    batch1 = {"rows": [], "skipped": {}, "prompt_tokens": 0, "new_tokens": 0}
+    if not args.skip_decode:
+        batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
+                             peers, args.peer_threads)
     print(f"\nload average at start: {load[0]:.1f} ({os.cpu_count()} cores)")
+    if start:
+        print(f"server start: {start['start_s']:.1f} s to /health; {start['warmup_line']}")
     print(f"{'clients':>8} {'tokens/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
           f"{'ITL p50':>9} {'ITL p99':>9}  (ms)")
     for r in server:
@@ -475,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
+                       "server_start": start,
                        "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
                        "decode_vs_peers": batch1, "quantized": quantized,
                        "threads": args.threads, "affinity": sorted(os.sched_getaffinity(0)),
