@@ -359,6 +359,12 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def stream_error() -> str:
+        """What a stream ends with when the engine failed on its request (as vLLM does: an
+        error object in place of the next chunk, then [DONE])."""
+        error = APIError(500, "the engine failed on this request", type="server_error")
+        return sse(error.body()) + "data: [DONE]\n\n"
+
     def include_usage(body) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -428,6 +434,9 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                     remaining = len(reqs)
                     while remaining:
                         req, kind = await queue.get()
+                        if req.finish_reason == "error":
+                            yield stream_error()
+                            return
                         remaining -= kind == "finished"
                         i = reqs.index(req)
                         delta = req.text[sent[i]:req.emitted]
@@ -502,6 +511,9 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                                                     "logprobs": None, "finish_reason": None}]})
                     while True:
                         r, kind = await queue.get()
+                        if r.finish_reason == "error":
+                            yield stream_error()
+                            return
                         delta = r.text[sent:r.emitted]
                         sent = r.emitted
                         lp = None
