@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from llm.runs import load_run
 from tests.conftest import COMPILE_CACHE, REPO
 
 KEY = "test-key-123"
@@ -337,6 +338,45 @@ def test_sigterm_drains_in_flight_streams(server):
     usage = [json.loads(x[6:]) for x in rest if x.startswith("data: {")][-1]["usage"]
     assert usage["completion_tokens"] == 60
     assert proc.wait(timeout=60) == 0
+
+
+def test_engine_failure_is_an_error_object_in_streams_and_replies(tiny_run):
+    """An engine step that fails (the prefill raises, injected) fails its requests: a stream
+    ends with an OpenAI error object then [DONE], a plain request is a 500 error object, and the
+    server keeps answering. In-process app, no compile."""
+    from llm.serve.engine import Engine, EngineConfig
+    from llm.serve.server import create_app
+    from tests.serve.test_router import _serve
+
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        def _cache_size(self) -> int:
+            return 0
+
+    run = load_run(tiny_run)
+    engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer,
+                    EngineConfig(slots=2, chunk_size=16, max_context=run.seq_len))
+    engine._prefill_fn = Broken()
+    url, server, thread = _serve(create_app(engine, model_name=NAME))
+    try:
+        for route, body in (("completions", {"prompt": "x"}), ("chat/completions", {
+                "messages": [{"role": "user", "content": "hi"}]})):
+            with httpx.stream("POST", f"{url}/v1/{route}", timeout=60, json={
+                    "model": NAME, "max_tokens": 4, "stream": True, **body}) as r:
+                lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            error = json.loads(lines[-2][6:])["error"]
+            assert error["type"] == "server_error" and "engine failed" in error["message"]
+            plain = httpx.post(f"{url}/v1/{route}", timeout=60, json={
+                "model": NAME, "max_tokens": 4, **body})
+            assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+            assert "Traceback" not in plain.text
+        assert httpx.get(f"{url}/health", timeout=10).json()["active_slots"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def test_startup_errors_are_one_line(tiny_run, tmp_path):
