@@ -151,7 +151,7 @@ def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: in
         proc = subprocess.Popen(
             [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
              f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
-             "--model_name=bench", *([] if warmup else ["--no_warmup"]),
+             "--model_name=bench", "--warmup=blocking" if warmup else "--no_warmup",
              *([f"--compilation_cache={cache}"] if cache else [])],
             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=log)
         try:

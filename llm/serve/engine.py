@@ -37,8 +37,8 @@ cache read) or only later chunks (each row reads its slot's cache row; always pa
 in the call asked for them), so the number of compiled programs is at most
 2 x (len(row_buckets) x (len(chunk_buckets) + 1) + len(kv_buckets)), whatever the traffic
 (`Engine.max_compiled_shapes()`; tested). `Engine.warmup()` compiles all of them before serving,
-and with `configure_compilation_cache` they are compiled once per machine and loaded from disk
-afterwards.
+`Engine.warm_in_background()` while serving whenever no request runs, and with
+`configure_compilation_cache` they are compiled once per machine and loaded from disk afterwards.
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -51,6 +51,7 @@ with them, computed only in calls where some request asked for logprobs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -489,7 +490,8 @@ class Engine:
         # Counters read by the server's /metrics.
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
                       "prefill_chunks": 0, "prefill_calls": 0, "finished": 0,
-                      "compile_steps": 0, "compile_seconds": 0.0}
+                      "compile_steps": 0, "compile_seconds": 0.0, "warmed_programs": 0}
+        self._warm_queue: collections.deque[tuple] = collections.deque()
 
     # ------------------------------------------------------------------ public API
 
@@ -576,47 +578,74 @@ class Engine:
         rows = len(c.row_buckets())
         return 2 * (rows * len(c.chunk_buckets()) + rows + len(self.kv_buckets))
 
-    def warmup(self, progress: bool = False) -> int:
-        """Compile, before serving, every program traffic can meet: a prefill at every (row
-        bucket, chunk bucket) for first chunks and for later chunks of long prompts, and the
-        decode call at every kv bucket, each with and without logprobs -- all
-        `max_compiled_shapes()` of them, so no request waits on a compile (seconds on CPU) in the
-        middle of a load. With JAX's persistent compilation cache configured
-        (`configure_compilation_cache`) the programs are compiled once per machine and loaded
-        from disk on later starts. Runs each program once on dummy inputs, so call it while no
-        request is in the engine (they write only cache rows no request owns); `progress` shows
-        a tqdm bar. Returns the number of programs it added to the jit caches."""
-        if not self.idle() or self._inflight is not None:
-            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
-        before, c, n = self.compiled_shapes(), self.config, len(self.slots)
-        row = (np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
-               np.float32(0))
+    def warmup_calls(self) -> list[tuple]:
+        """Every program traffic can meet, as (kind, rows, size, fresh, logprobs): a prefill at
+        every (row bucket, chunk bucket) for first chunks and for later chunks of long prompts,
+        and the decode call at every kv bucket, each with and without logprobs --
+        `max_compiled_shapes()` of them."""
+        c, n = self.config, len(self.slots)
         calls = [("prefill", rows, chunk, True, lp) for rows in c.row_buckets()
                  for chunk in c.chunk_buckets() for lp in (False, True)]
         calls += [("prefill", rows, c.chunk_size, False, lp) for rows in c.row_buckets()
                   for lp in (False, True)]
         calls += [("decode", n, kv_len, None, lp) for kv_len in self.kv_buckets
                   for lp in (False, True)]
+        return calls
+
+    def _warm(self, call: tuple) -> None:
+        """Run one program of `warmup_calls()` on dummy inputs (compiling it, or loading it from
+        the persistent cache). Only while no request is in the engine: it writes cache rows that
+        no request owns."""
+        kind, rows, size, fresh, lp = call
+        row = (np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
+               np.float32(0))
+        sampling = tuple(np.array(col) for col in zip(*[row] * rows))
+        zeros = np.zeros((rows,), np.int32)
+        with self._sharding():
+            if kind == "prefill":
+                tokens = np.full((rows, size), PAD_ID, np.int32)
+                out = self._prefill_fn(self.params, self.cache, zeros, tokens,
+                                       np.zeros_like(tokens), zeros, zeros + 1, sampling,
+                                       fresh=fresh, logprobs=lp)
+            else:
+                out = self._decode_fn(self.params, self.cache, zeros, self._no_prev, zeros,
+                                      zeros + size - 1, zeros, sampling, kv_len=size,
+                                      steps=self.config.decode_steps, logprobs=lp)
+            self.cache = out[0]
+            jax.block_until_ready(self.cache)
+        self.stats["warmed_programs"] += 1
+
+    def warmup(self, progress: bool = False) -> int:
+        """Compile, before serving, every program of `warmup_calls()`, so no request waits on a
+        compile (seconds on CPU) in the middle of a load. With JAX's persistent compilation
+        cache configured (`configure_compilation_cache`) the programs are compiled once per
+        machine and loaded from disk on later starts. Call it before start(); `progress` shows a
+        tqdm bar. Returns the number of programs it added to the jit caches. (The server's
+        default instead warms in the background: `warm_in_background`.)"""
+        if not self.idle() or self._inflight is not None or self._thread is not None:
+            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
+        before, calls = self.compiled_shapes(), self.warmup_calls()
         if progress:
             from tqdm import tqdm
 
             calls = tqdm(calls, desc="warm-up (compile or load from cache)", unit="program")
-        with self._sharding():
-            for kind, rows, size, fresh, lp in calls:
-                sampling = tuple(np.array(col) for col in zip(*[row] * rows))
-                zeros = np.zeros((rows,), np.int32)
-                if kind == "prefill":
-                    tokens = np.full((rows, size), PAD_ID, np.int32)
-                    out = self._prefill_fn(self.params, self.cache, zeros, tokens,
-                                           np.zeros_like(tokens), zeros, zeros + 1, sampling,
-                                           fresh=fresh, logprobs=lp)
-                else:
-                    out = self._decode_fn(self.params, self.cache, zeros, self._no_prev, zeros,
-                                          zeros + size - 1, zeros, sampling, kv_len=size,
-                                          steps=c.decode_steps, logprobs=lp)
-                self.cache = out[0]
-            jax.block_until_ready(self.cache)
+        for call in calls:
+            self._warm(call)
         return self.compiled_shapes() - before
+
+    def warm_in_background(self) -> int:
+        """Queue every program of `warmup_calls()` for the engine thread, which runs them one at
+        a time whenever no request is in the engine: serving starts at once, a request that
+        arrives meanwhile waits for at most the one program being compiled, and programs it needs
+        that are not yet warm compile inside it (as without warm-up). Progress:
+        `stats["warmed_programs"]` of the returned count. Call before start()."""
+        with self._lock:
+            self._warm_queue.extend(self.warmup_calls())
+            return len(self._warm_queue)
+
+    def warm_pending(self) -> int:
+        """Programs queued by `warm_in_background` and not yet run."""
+        return len(self._warm_queue)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
@@ -631,10 +660,19 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and self.idle():
+                while not self._stop and self.idle() and not (
+                        self._warm_queue and self._inflight is None):
                     self._wake.wait()
                 if self._stop:
                     return
+                warm = (self._warm_queue.popleft() if self.idle() and self._inflight is None
+                        and self._warm_queue else None)
+            if warm is not None:  # background warm-up: one program while no request waits
+                try:
+                    self._warm(warm)
+                except Exception:
+                    log.exception("warm-up of %s failed; it will compile on first use", warm)
+                continue
             try:
                 self.step()
             except Exception:  # a failed step must not leave clients waiting forever

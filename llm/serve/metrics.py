@@ -48,6 +48,8 @@ class ServerMetrics:
         Gauge("llm_slots", "decode slots", registry=r).set(len(engine.slots))
         Gauge("llm_engine_compiled_programs", "XLA programs the engine has compiled (prefill "
               "and decode buckets met so far)", registry=r).set_function(engine.compiled_shapes)
+        Gauge("llm_engine_warmup_pending", "programs queued by the background warm-up and "
+              "not yet compiled", registry=r).set_function(engine.warm_pending)
         Gauge("llm_engine_compile_step_seconds", "wall time of the engine steps that compiled "
               "a program", registry=r).set_function(lambda: engine.stats["compile_seconds"])
         Gauge("llm_compilation_cache_hits", "programs this process loaded from JAX's "

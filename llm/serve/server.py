@@ -373,7 +373,8 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "slots": len(engine.slots),
-                "active_slots": engine.active_slots(), "queue_depth": engine.queue_depth()}
+                "active_slots": engine.active_slots(), "queue_depth": engine.queue_depth(),
+                "warmup_pending": engine.warm_pending()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -606,13 +607,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None,
                         help="a mesh gin file, as training uses (gin_configs/mesh/*.gin: its "
                              "make_mesh and axis_rules bindings); default one device")
-    parser.add_argument("--warmup", dest="warmup", action="store_true", default=True,
-                        help="(default) compile or load every program the engine can run -- "
-                             "each prefill and decode bucket, with and without logprobs -- "
-                             "before listening, so no request waits on a compile")
-    parser.add_argument("--no_warmup", dest="warmup", action="store_false",
-                        help="start listening at once; each program compiles on first use, "
-                             "inside the request that meets it")
+    parser.add_argument("--warmup", nargs="?", const="blocking", default="background",
+                        choices=("background", "blocking", "off"),
+                        help="ready every program the engine can run -- each prefill and decode "
+                             "bucket, with and without logprobs -- 'background' (default): "
+                             "listen at once and compile them in the engine thread whenever no "
+                             "request is running; 'blocking' (or a bare --warmup): before "
+                             "listening, so no request ever waits on a compile; 'off': each "
+                             "program compiles inside the first request that meets it")
+    parser.add_argument("--no_warmup", dest="warmup", action="store_const", const="off",
+                        help="the same as --warmup=off")
     parser.add_argument("--compilation_cache", default=None,
                         help="directory of JAX's persistent compilation cache, so programs are "
                              "compiled once per machine and loaded from disk on later starts "
@@ -648,10 +652,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_compilation_cache(None if cache_dir == "none" else cache_dir)
     except OSError as e:
-        print(f"{prog}: error: --compilation_cache={cache_dir!r} cannot be created "
-              f"({e.strerror}); pass a writable directory or 'none'.", file=sys.stderr)
-        sock.close()
-        return 2
+        if args.compilation_cache:  # the user's own directory: an error
+            print(f"{prog}: error: --compilation_cache={cache_dir!r} cannot be created "
+                  f"({e.strerror}); pass a writable directory or 'none'.", file=sys.stderr)
+            sock.close()
+            return 2
+        print(f"{prog}: warning: the default compilation cache {cache_dir!r} cannot be created "
+              f"({e.strerror}); running without one (--compilation_cache=DIR sets another).",
+              file=sys.stderr)
+        cache_dir = "none"
+        configure_compilation_cache(None)
 
     try:
         mesh = rules = None
@@ -677,7 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         return 2
 
-    if args.warmup:
+    if args.warmup == "background":
+        queued = engine.warm_in_background()
+        print(f"{prog}: warm-up: {queued} programs queued for the engine thread, compiled (or "
+              "loaded from the compilation cache) while no request runs; /health shows progress",
+              file=sys.stderr, flush=True)
+    elif args.warmup == "blocking":
         start, hits = time.perf_counter(), dict(compilation_cache_stats)
         programs = engine.warmup(progress=sys.stderr.isatty())
         loaded = compilation_cache_stats["hits"] - hits["hits"]
