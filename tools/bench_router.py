@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     step = [] if args.remote_step is None else [f"--step={args.remote_step}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm.serve.server", f"--run_dir={args.remote_run}", *step,
-         f"--port={port}", "--model_name=remote", "--slots=4", "--log_level=warning"],
+         f"--port={port}", "--model_name=remote", "--slots=4", "--log_level=warning",
+         "--warmup=blocking"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer,
                     EngineConfig(slots=4, max_context=run.seq_len, chunk_size=256))

@@ -85,7 +85,7 @@ async def _load(url: str, model: str, clients: int, requests: int, max_tokens: i
             ttft, times, n = await _stream(client, url, {
                 "model": model, "prompt": f"def function_{i}_{k}(x):\n", "stream": True,
                 "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + k,
-                "ignore_eos": True})
+                "ignore_eos": True, "stream_options": {"include_usage": True}})
             ttfts.append(ttft)
             itls.extend(np.diff(times).tolist())
             total += n
@@ -135,39 +135,54 @@ def _stalls(before: dict, after: dict) -> dict:
 
 
 def bench_server(run_dir: str, clients: list[int], requests: int, max_tokens: int,
-                 warmup: bool = False) -> list[dict]:
+                 warmup: bool = True, cache: str | None = None,
+                 level_warmup: bool = True) -> tuple[list[dict], dict]:
+    """Rows per concurrency level, and the start: seconds from launch to /health answering,
+    and the server's warm-up line. warmup: the server's own (default) warm-up; cache: its
+    --compilation_cache; level_warmup: 2 untimed requests per client at each level first."""
+    import tempfile
+
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
-         f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
-         "--model_name=bench", *(["--warmup"] if warmup else [])],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        deadline = time.time() + 1800  # --warmup compiles every bucket first
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()})")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        # Warm-up at every concurrency level: compiles the prefill (rows, chunk) and decode
-        # buckets that level's arrival pattern meets, so no compile lands in a measured run.
-        for n in clients:
-            asyncio.run(_load(url, "bench", n, 2, max_tokens))
-        rows = []
-        for n in clients:
-            before = _scrape(url)
-            row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
-            rows.append({**row, **_stalls(before, _scrape(url))})
-        return rows
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+    with tempfile.TemporaryFile("w+") as log:
+        launched = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm.serve.server", f"--run_dir={run_dir}", f"--port={port}",
+             f"--slots={max(clients)}", "--max_queue=4096", "--log_level=warning",
+             "--model_name=bench", "--warmup=blocking" if warmup else "--no_warmup",
+             *([f"--compilation_cache={cache}"] if cache else [])],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=log)
+        try:
+            deadline = time.time() + 3600  # a cold warm-up compiles every program first
+            while True:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"bench_serve: the server did not start (exit {proc.poll()}): "
+                                     + log.read()[-2000:])
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            log.seek(0)
+            start = {"start_s": time.perf_counter() - launched,
+                     "warmup_line": next((ln.strip() for ln in log if "warm-up:" in ln), None)}
+            # Untimed requests at every concurrency level first (with --no_warmup they compile the
+            # buckets that level's arrival pattern meets, so no compile lands in a measured run).
+            if level_warmup:
+                for n in clients:
+                    asyncio.run(_load(url, "bench", n, 2, max_tokens))
+            rows = []
+            for n in clients:
+                before = _scrape(url)
+                row = asyncio.run(_load(url, "bench", n, requests, max_tokens))
+                rows.append({**row, **_stalls(before, _scrape(url))})
+            return rows, start
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
 
 
 def bench_engine(run_dir: str, batches: list[int], max_tokens: int, repeats: int,
@@ -326,14 +341,17 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
                 closers.append(worker.close)
                 systems[f"llama.cpp {qtype.upper()} ({worker.threads} threads)", 1] = (
                     lambda w=worker: w.generate(ids, new_tokens)[0])
+    in_process = {key for key in systems if not key[0].startswith("llama.cpp")}
     try:
         outputs = {key: fn() for key, fn in systems.items()}  # warm-up (compiles ours)
         times = {key: [] for key in systems}
+        cpu = {key: [] for key in systems}  # this process's CPU seconds per wall second
         for _ in range(repeats):  # interleaved, best of
             for key, fn in systems.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - t0)
+                cpu[key].append((time.process_time() - c0) / times[key][-1])
     finally:
         for close in closers:
             close()
@@ -342,8 +360,11 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
     for (name, batch) in systems:
         ref = outputs["engine", batch]
         agree = sum(a == b for a, b in zip(outputs[name, batch], ref))
+        best = int(np.argmin(times[name, batch]))
         rows.append({"system": name, "batch": batch,
                      "tokens_per_s": batch * new_tokens / min(times[name, batch]),
+                     "cores_used": (cpu[name, batch][best] if (name, batch) in in_process
+                                    else None),
                      "same_tokens_as_engine": f"{agree}/{len(ref)}"})
     for r in rows:
         hf = next((h for h in rows if h["system"].startswith("transformers")
@@ -352,6 +373,23 @@ def bench_peers(run_dir: str, batches: list[int], new_tokens: int, repeats: int,
     rows.sort(key=lambda r: r["batch"])
     return {"rows": rows, "skipped": skipped, "prompt_tokens": len(ids),
             "new_tokens": new_tokens}
+
+
+def pin_threads(threads: int) -> None:
+    """Restrict this process (and the children it starts) to `threads` of its cores, which also
+    sizes XLA:CPU's intra-op pool (single-threaded Eigen for 1). Must run before jax is
+    imported; torch and llama.cpp get the count through `bench_peers`' `threads`."""
+    if "jax" in sys.modules:
+        raise SystemExit("bench_serve: --threads must be applied before jax is imported")
+    cores = sorted(os.sched_getaffinity(0))
+    if threads > len(cores):
+        raise SystemExit(f"bench_serve: --threads={threads} exceeds the {len(cores)} cores "
+                         "this process may use")
+    os.sched_setaffinity(0, cores[:threads])
+    # XLA:CPU sizes its intra-op pool to the schedulable cores (the affinity set above).
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,17 +406,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill_rows", type=int, default=None,
                         help="EngineConfig.prefill_rows for the engine part (1 = one prompt per "
                              "prefill call, the behaviour before batched prefill)")
-    parser.add_argument("--server_warmup", action="store_true",
-                        help="start the server with --warmup (every decode bucket and "
-                             "first-chunk prefill shape compiled before listening)")
+    parser.add_argument("--server_no_warmup", action="store_true",
+                        help="start the server with --no_warmup (programs compile inside the "
+                             "first requests that meet them)")
+    parser.add_argument("--compilation_cache", default=None,
+                        help="the server's --compilation_cache (an empty directory measures a "
+                             "cold start; default: the server's default)")
+    parser.add_argument("--no_level_warmup", action="store_true",
+                        help="measure each concurrency level without the untimed requests "
+                             "before it (only the server's own warm-up)")
     parser.add_argument("--skip_server", action="store_true",
                         help="only the engine vs sampler part")
     parser.add_argument("--peers", default="transformers,llamacpp",
                         help="batch-1 decode peers ('' for none): transformers, llamacpp")
     parser.add_argument("--peer_threads", type=int, default=None,
-                        help="threads for transformers and llama.cpp (default: the cores)")
+                        help="threads for transformers and llama.cpp (default: --threads, else "
+                             "the cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="like for like: pin this process (and llama.cpp's worker) to this "
+                             "many cores and give every system this many threads -- XLA:CPU's "
+                             "intra-op pool (sized to the cores; one: Eigen single-threaded), "
+                             "torch and "
+                             "llama.cpp; 'cores used' (CPU seconds per wall second of each "
+                             "in-process system) reads it back")
     parser.add_argument("--batch1_tokens", type=int, default=128,
                         help="new tokens per sequence in the peer comparison")
+    parser.add_argument("--skip_decode", action="store_true",
+                        help="leave out the decode comparison (engine, sampler, --peers)")
     parser.add_argument("--skip_engine", action="store_true",
                         help="leave out the engine vs sampler part")
     parser.add_argument("--compressed", default="",
@@ -387,11 +441,14 @@ def main(argv: list[str] | None = None) -> int:
                              "are compared with the float run's")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        pin_threads(args.threads)
+        args.peer_threads = args.peer_threads or args.threads
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
-    server = ([] if args.skip_server else
-              bench_server(args.run_dir, clients, args.requests, args.max_tokens,
-                           args.server_warmup))
+    server, start = ([], {}) if args.skip_server else bench_server(
+        args.run_dir, clients, args.requests, args.max_tokens, not args.server_no_warmup,
+        args.compilation_cache, not args.no_level_warmup)
     engine = [] if args.skip_engine else bench_engine(
         args.run_dir, [1, args.batch], args.max_tokens, args.repeats, args.decode_steps,
         args.prefill_rows)
@@ -399,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     quantized = bench_compressed(args.run_dir, compressed, [1, args.batch], args.batch1_tokens,
                                  args.repeats) if compressed else []
     peers = [p for p in args.peers.split(",") if p]
-    batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
-                         peers, args.peer_threads)
+    batch1 = {"rows": [], "skipped": {}, "prompt_tokens": 0, "new_tokens": 0}
+    if not args.skip_decode:
+        batch1 = bench_peers(args.run_dir, [1, args.batch], args.batch1_tokens, args.repeats,
+                             peers, args.peer_threads)
     print(f"\nload average at start: {load[0]:.1f} ({os.cpu_count()} cores)")
+    if start:
+        print(f"server start: {start['start_s']:.1f} s to /health; {start['warmup_line']}")
     print(f"{'clients':>8} {'tokens/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
           f"{'ITL p50':>9} {'ITL p99':>9}  (ms)")
     for r in server:
@@ -422,11 +483,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['engine_over_sampler_paired_median']:>14.2f}")
     print(f"\ngreedy decode, {batch1['prompt_tokens']} prompt tokens + "
           f"{batch1['new_tokens']} new, best of {args.repeats} interleaved")
-    print(f"{'system':<52} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'same tokens':>12}")
+    print(f"{'system':<52} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'cores used':>10} "
+          f"{'same tokens':>12}")
     for r in batch1["rows"]:
         ratio = f"{r['over_transformers']:.2f}" if r["over_transformers"] else "-"
+        used = f"{r['cores_used']:.2f}" if r["cores_used"] is not None else "-"
         print(f"{r['system']:<52} {r['batch']:>5} {r['tokens_per_s']:>8.1f} {ratio:>6} "
-              f"{r['same_tokens_as_engine']:>12}")
+              f"{used:>10} {r['same_tokens_as_engine']:>12}")
     if quantized:
         print(f"\nengine decode, {args.batch1_tokens} new tokens, quantized weights")
         print(f"{'weights':<10} {'batch':>5} {'param MiB':>10} {'tok/s':>8} {'greedy = float':>15}")
@@ -439,8 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"run_dir": args.run_dir, "load_average": load, "server": server,
+                       "server_start": start,
                        "engine_vs_sampler": engine, "max_tokens": args.max_tokens,
                        "decode_vs_peers": batch1, "quantized": quantized,
+                       "threads": args.threads, "affinity": sorted(os.sched_getaffinity(0)),
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "load_average_end": os.getloadavg()}, f,
                       indent=2)
     return 0

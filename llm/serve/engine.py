@@ -32,10 +32,13 @@ One engine `step()`:
      every slot's length plus `decode_steps`, so short sequences do not pay attention over the
      whole context on the XLA path.
 A prefill call holds only prompts' first chunks ("fresh": attention over the chunk alone, no
-cache read) or only later chunks (each row reads its slot's cache row). Every program has a
-variant with logprobs and one without (used when no request in the call asked for them), so the
-number of compiled programs is at most 2 x (2 x len(row_buckets) x len(chunk_buckets) +
-len(kv_buckets)), whatever the traffic (`Engine.max_compiled_shapes()`; tested).
+cache read) or only later chunks (each row reads its slot's cache row; always padded to
+`chunk_size`). Every program has a variant with logprobs and one without (used when no request
+in the call asked for them), so the number of compiled programs is at most
+2 x (len(row_buckets) x (len(chunk_buckets) + 1) + len(kv_buckets)), whatever the traffic
+(`Engine.max_compiled_shapes()`; tested). `Engine.warmup()` compiles all of them before serving,
+`Engine.warm_in_background()` while serving whenever no request runs, and with
+`configure_compilation_cache` they are compiled once per machine and loaded from disk afterwards.
 
 Sampling runs on device, per slot, from per-slot parameter arrays: temperature (0 = greedy), then
 top-k, then top-p on the renormalised top-k distribution, then min-p relative to the most likely
@@ -48,11 +51,13 @@ with them, computed only in calls where some request asked for logprobs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -328,6 +333,49 @@ def _decode_steps(graphdef, cache_graphdef, cache_treedef, params, cache, tokens
     return (cache, *out)
 
 
+# ---------------------------------------------------------------------------- compilation cache
+
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
+                 "/jax/compilation_cache/cache_misses": "misses"}
+compilation_cache_stats = {"hits": 0, "misses": 0}  # this process's persistent-cache lookups
+_listening = False
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+    if event in _CACHE_EVENTS:
+        compilation_cache_stats[_CACHE_EVENTS[event]] += 1
+
+
+def default_compilation_cache() -> str:
+    """Where compiled programs persist by default: $JAX_COMPILATION_CACHE_DIR when set, else
+    $XDG_CACHE_HOME/llm/xla (~/.cache/llm/xla). A local directory; nothing is fetched."""
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llm", "xla")
+
+
+def configure_compilation_cache(path: str | None) -> None:
+    """Turn on JAX's persistent compilation cache in directory `path` (created if missing) for
+    every program, however fast it compiled; None turns it off. Call before the first jit
+    compile. A later process with the same model, engine config, devices and jax/XLA versions
+    loads each program from disk instead of compiling it; the lookups are counted in
+    `compilation_cache_stats`."""
+    if path is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _listening = True
+
+
 # ---------------------------------------------------------------------------- the engine
 
 @dataclasses.dataclass(frozen=True)
@@ -442,7 +490,8 @@ class Engine:
         # Counters read by the server's /metrics.
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
                       "prefill_chunks": 0, "prefill_calls": 0, "finished": 0,
-                      "compile_steps": 0, "compile_seconds": 0.0}
+                      "compile_steps": 0, "compile_seconds": 0.0, "warmed_programs": 0}
+        self._warm_queue: collections.deque[tuple] = collections.deque()
 
     # ------------------------------------------------------------------ public API
 
@@ -514,49 +563,89 @@ class Engine:
         return not self.waiting and self.active_slots() == 0
 
     def compiled_shapes(self) -> int:
-        """Programs compiled so far by this engine: one per (row bucket, chunk bucket, fresh,
-        logprobs) for prefill and one per (kv bucket, logprobs) for decode, fresh being whether
-        the call holds only first chunks and logprobs whether it computes logprobs (only when
-        some request in it asked for them). At most `max_compiled_shapes()`."""
+        """Programs compiled (or loaded from the persistent cache) so far by this engine: one per
+        (row bucket, chunk bucket, logprobs) for first-chunk prefills, one per (row bucket,
+        logprobs) for later-chunk prefills (padded to `chunk_size`) and one per (kv bucket,
+        logprobs) for decode, logprobs being whether the call computes logprobs (only when some
+        request in it asked for them). At most `max_compiled_shapes()`."""
         return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
 
     def max_compiled_shapes(self) -> int:
-        """The bound on `compiled_shapes()`, whatever the traffic:
-        2 x (2 x len(row_buckets) x len(chunk_buckets) + len(kv_buckets))."""
+        """The bound on `compiled_shapes()`, whatever the traffic: 2 (logprobs or not) x
+        (len(row_buckets) x len(chunk_buckets) first-chunk prefills + len(row_buckets)
+        later-chunk prefills (always `chunk_size` long) + len(kv_buckets) decodes)."""
         c = self.config
-        return 2 * (2 * len(c.row_buckets()) * len(c.chunk_buckets()) + len(self.kv_buckets))
+        rows = len(c.row_buckets())
+        return 2 * (rows * len(c.chunk_buckets()) + rows + len(self.kv_buckets))
 
-    def warmup(self) -> int:
-        """Compile, before serving, the programs traffic without logprobs meets: the decode call
-        at every kv bucket and a first-chunk prefill at every (row bucket, chunk bucket), so no
-        request waits on a compile (seconds on CPU) in the middle of a load. Later chunks of
-        prompts longer than `chunk_size` and the logprobs variants still compile on first use.
-        Runs each program once on dummy inputs, so call it while no request is in the engine
-        (they write only cache rows no request owns). Returns the number of programs compiled."""
-        if not self.idle() or self._inflight is not None:
-            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
-        before, c, n = self.compiled_shapes(), self.config, len(self.slots)
+    def warmup_calls(self) -> list[tuple]:
+        """Every program traffic can meet, as (kind, rows, size, fresh, logprobs): a prefill at
+        every (row bucket, chunk bucket) for first chunks and for later chunks of long prompts,
+        and the decode call at every kv bucket, each with and without logprobs --
+        `max_compiled_shapes()` of them."""
+        c, n = self.config, len(self.slots)
+        calls = [("prefill", rows, chunk, True, lp) for rows in c.row_buckets()
+                 for chunk in c.chunk_buckets() for lp in (False, True)]
+        calls += [("prefill", rows, c.chunk_size, False, lp) for rows in c.row_buckets()
+                  for lp in (False, True)]
+        calls += [("decode", n, kv_len, None, lp) for kv_len in self.kv_buckets
+                  for lp in (False, True)]
+        return calls
+
+    def _warm(self, call: tuple) -> None:
+        """Run one program of `warmup_calls()` on dummy inputs (compiling it, or loading it from
+        the persistent cache). Only while no request is in the engine: it writes cache rows that
+        no request owns."""
+        kind, rows, size, fresh, lp = call
         row = (np.uint32(0), np.int32(0), np.float32(0), np.int32(0), np.float32(1),
                np.float32(0))
+        sampling = tuple(np.array(col) for col in zip(*[row] * rows))
+        zeros = np.zeros((rows,), np.int32)
         with self._sharding():
-            for rows in c.row_buckets():
-                sampling = tuple(np.array(col) for col in zip(*[row] * rows))
-                zeros = np.zeros((rows,), np.int32)
-                for chunk in c.chunk_buckets():
-                    tokens = np.full((rows, chunk), PAD_ID, np.int32)
-                    out = self._prefill_fn(self.params, self.cache, zeros, tokens,
-                                           np.zeros_like(tokens), zeros, zeros + 1, sampling,
-                                           fresh=True, logprobs=False)
-                    self.cache = out[0]
-            sampling = tuple(np.array(col) for col in zip(*[row] * n))
-            zeros = np.zeros((n,), np.int32)
-            for kv_len in self.kv_buckets:
+            if kind == "prefill":
+                tokens = np.full((rows, size), PAD_ID, np.int32)
+                out = self._prefill_fn(self.params, self.cache, zeros, tokens,
+                                       np.zeros_like(tokens), zeros, zeros + 1, sampling,
+                                       fresh=fresh, logprobs=lp)
+            else:
                 out = self._decode_fn(self.params, self.cache, zeros, self._no_prev, zeros,
-                                      zeros + kv_len - 1, zeros, sampling, kv_len=kv_len,
-                                      steps=c.decode_steps, logprobs=False)
-                self.cache = out[0]
+                                      zeros + size - 1, zeros, sampling, kv_len=size,
+                                      steps=self.config.decode_steps, logprobs=lp)
+            self.cache = out[0]
             jax.block_until_ready(self.cache)
+        self.stats["warmed_programs"] += 1
+
+    def warmup(self, progress: bool = False) -> int:
+        """Compile, before serving, every program of `warmup_calls()`, so no request waits on a
+        compile (seconds on CPU) in the middle of a load. With JAX's persistent compilation
+        cache configured (`configure_compilation_cache`) the programs are compiled once per
+        machine and loaded from disk on later starts. Call it before start(); `progress` shows a
+        tqdm bar. Returns the number of programs it added to the jit caches. (The server's
+        default instead warms in the background: `warm_in_background`.)"""
+        if not self.idle() or self._inflight is not None or self._thread is not None:
+            raise RuntimeError("Engine.warmup() needs an idle engine (call it before start()).")
+        before, calls = self.compiled_shapes(), self.warmup_calls()
+        if progress:
+            from tqdm import tqdm
+
+            calls = tqdm(calls, desc="warm-up (compile or load from cache)", unit="program")
+        for call in calls:
+            self._warm(call)
         return self.compiled_shapes() - before
+
+    def warm_in_background(self) -> int:
+        """Queue every program of `warmup_calls()` for the engine thread, which runs them one at
+        a time whenever no request is in the engine: serving starts at once, a request that
+        arrives meanwhile waits for at most the one program being compiled, and programs it needs
+        that are not yet warm compile inside it (as without warm-up). Progress:
+        `stats["warmed_programs"]` of the returned count. Call before start()."""
+        with self._lock:
+            self._warm_queue.extend(self.warmup_calls())
+            return len(self._warm_queue)
+
+    def warm_pending(self) -> int:
+        """Programs queued by `warm_in_background` and not yet run."""
+        return len(self._warm_queue)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (byte pieces of a split character give U+FFFD)."""
@@ -571,10 +660,19 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and self.idle():
+                while not self._stop and self.idle() and not (
+                        self._warm_queue and self._inflight is None):
                     self._wake.wait()
                 if self._stop:
                     return
+                warm = (self._warm_queue.popleft() if self.idle() and self._inflight is None
+                        and self._warm_queue else None)
+            if warm is not None:  # background warm-up: one program while no request waits
+                try:
+                    self._warm(warm)
+                except Exception:
+                    log.exception("warm-up of %s failed; it will compile on first use", warm)
+                continue
             try:
                 self.step()
             except Exception:  # a failed step must not leave clients waiting forever
@@ -676,7 +774,7 @@ class Engine:
                 break
             valid = min(c.chunk_size, len(req.tokens) - req.prefilled)
             rows = next(b for b in c.row_buckets() if b >= len(batch) + 1)
-            size = next(b for b in c.chunk_buckets() if b >= max(longest, valid))
+            size = self._chunk_bucket(max(longest, valid), fresh=req.prefilled == 0)
             if batch and ((req.prefilled == 0) != (batch[0].prefilled == 0) or
                           (not burst and rows * size > c.chunk_size)):
                 break
@@ -684,13 +782,21 @@ class Engine:
             longest = max(longest, valid)
         return batch
 
+    def _chunk_bucket(self, tokens: int, fresh: bool) -> int:
+        """The padded length of a prefill call's chunks: the smallest chunk bucket holding
+        `tokens` for first chunks; always `chunk_size` for later chunks of long prompts (only
+        their last chunk is shorter, so one shape serves them all)."""
+        if not fresh:
+            return self.config.chunk_size
+        return next(b for b in self.config.chunk_buckets() if b >= tokens)
+
     def _prefill(self, batch: list[Request]) -> list[tuple]:
         """Dispatch the next prompt chunk of every request in `batch` as one call; returns, per
         row that has something to read back (a last chunk's first token, echoed prompt
         logprobs), what `_read_prefills` needs."""
         c = self.config
         valid = [min(c.chunk_size, len(r.tokens) - r.prefilled) for r in batch]
-        size = next(b for b in c.chunk_buckets() if b >= max(valid))
+        size = self._chunk_bucket(max(valid), fresh=batch[0].prefilled == 0)
         rows = next(b for b in c.row_buckets() if b >= len(batch))
         tokens = np.full((rows, size), PAD_ID, np.int32)
         targets = np.zeros((rows, size), np.int32)

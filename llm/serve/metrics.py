@@ -17,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from llm.serve.engine import compilation_cache_stats
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -46,8 +48,16 @@ class ServerMetrics:
         Gauge("llm_slots", "decode slots", registry=r).set(len(engine.slots))
         Gauge("llm_engine_compiled_programs", "XLA programs the engine has compiled (prefill "
               "and decode buckets met so far)", registry=r).set_function(engine.compiled_shapes)
+        Gauge("llm_engine_warmup_pending", "programs queued by the background warm-up and "
+              "not yet compiled", registry=r).set_function(engine.warm_pending)
         Gauge("llm_engine_compile_step_seconds", "wall time of the engine steps that compiled "
               "a program", registry=r).set_function(lambda: engine.stats["compile_seconds"])
+        Gauge("llm_compilation_cache_hits", "programs this process loaded from JAX's "
+              "persistent compilation cache", registry=r).set_function(
+                  lambda: compilation_cache_stats["hits"])
+        Gauge("llm_compilation_cache_misses", "programs this process compiled while the "
+              "persistent compilation cache was on", registry=r).set_function(
+                  lambda: compilation_cache_stats["misses"])
         self.ttft = Histogram("llm_time_to_first_token_seconds", "arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llm_inter_token_latency_seconds", "time between two tokens",

@@ -202,7 +202,8 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
         pii = find_pii(text) if text else []
         scoring = kind == "completion" and (body.get("echo") or body.get("max_tokens") == 0)
         # 1. The local answer, with the logprobs the confidence needs.
-        local_body = {**body, "model": local_model, "stream": False}
+        plain = {k: v for k, v in body.items() if k != "stream_options"}  # asked non-streamed
+        local_body = {**plain, "model": local_model, "stream": False}
         if kind == "chat":
             local_body["logprobs"] = True
         elif local_body.get("logprobs") is None:
@@ -233,7 +234,7 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
         elif conf < threshold:
             routing["reason"] = "low_confidence"
             try:
-                far = await remote.post(path, json={**body, "model": remote_model,
+                far = await remote.post(path, json={**plain, "model": remote_model,
                                                     "stream": False})
                 if far.status_code >= 500:
                     raise httpx.HTTPStatusError("remote 5xx", request=far.request, response=far)
@@ -252,7 +253,9 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
         answer["model"] = model_name
         answer["routing"] = routing
         if stream:
-            return StreamingResponse(_as_sse(kind, answer), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_as_sse(kind, answer, usage),
+                                     media_type="text/event-stream")
         return answer
 
     @app.post("/v1/completions")
@@ -266,9 +269,10 @@ def create_router_app(local: httpx.AsyncClient, *, local_model: str, remote_url:
     return app
 
 
-async def _as_sse(kind: str, answer: dict) -> AsyncIterator[str]:
+async def _as_sse(kind: str, answer: dict, include_usage: bool = False) -> AsyncIterator[str]:
     """A finished answer as OpenAI SSE chunks: the text of each choice, then its finish reason,
-    then the usage and [DONE]; the routing object rides on the first chunk."""
+    then (with stream_options.include_usage) the usage, and [DONE]; the routing object rides on
+    the first chunk."""
     base = {"id": answer.get("id", "router"), "created": answer.get("created", 0),
             "model": answer["model"]}
     first = True
@@ -291,7 +295,7 @@ async def _as_sse(kind: str, answer: dict) -> AsyncIterator[str]:
             extra = {"routing": answer["routing"]} if first else {}
             first = False
             yield f"data: {json.dumps({**base, 'object': obj, 'choices': [ch], **extra})}\n\n"
-    if answer.get("usage"):
+    if include_usage and answer.get("usage"):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         tail = {**base, "object": obj, "choices": [], "usage": answer["usage"]}
         yield f"data: {json.dumps(tail)}\n\n"

@@ -57,6 +57,13 @@ class _Body(BaseModel):
 Stop = str | list[str] | None
 
 
+class StreamOptions(_Body):
+    """OpenAI's stream_options: include_usage adds a last chunk with the usage and no choices
+    (every other chunk then carries "usage": null)."""
+
+    include_usage: bool | None = False
+
+
 class _Sampling(_Body):
     """Sampling fields shared by both generation routes (OpenAI's, plus vLLM's top_k, min_p,
     stop_token_ids and ignore_eos)."""
@@ -67,6 +74,7 @@ class _Sampling(_Body):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
     n: Annotated[int, Field(ge=1)] | None = 1
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = False
@@ -75,6 +83,14 @@ class _Sampling(_Body):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Accepted by OpenAI, not implemented here: refused with a 400 naming the field rather than
+    # silently ignored (a client asking for a tool call or JSON must not get plain text).
+    suffix: str | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -238,6 +254,16 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if getattr(body, "best_of", None) not in (None, 1):
             raise APIError(400, "best_of is not supported; leave it at 1", param="best_of")
+        for field in ("suffix", "tools", "functions", "tool_choice", "function_call"):
+            if getattr(body, field) not in (None, "none"):
+                raise APIError(400, f"{field} is not supported by this server (no tool calling "
+                               "or insertion); leave it out", param=field)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, f"response_format {body.response_format.get('type')!r} is not "
+                           "supported (only 'text'); leave it out", param="response_format")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true",
+                           param="stream_options")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(
             max_tokens=max_tokens, temperature=float(body.temperature if body.temperature
@@ -333,12 +359,22 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def stream_error() -> str:
+        """What a stream ends with when the engine failed on its request (as vLLM does: an
+        error object in place of the next chunk, then [DONE])."""
+        error = APIError(500, "the engine failed on this request", type="server_error")
+        return sse(error.body()) + "data: [DONE]\n\n"
+
+    def include_usage(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
+
     # ------------------------------------------------------------------ routes
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "slots": len(engine.slots),
-                "active_slots": engine.active_slots(), "queue_depth": engine.queue_depth()}
+                "active_slots": engine.active_slots(), "queue_depth": engine.queue_depth(),
+                "warmup_pending": engine.warm_pending()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -382,18 +418,26 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         if body.stream:
+            with_usage = include_usage(body)
+
+            def chunk(c) -> str:
+                obj = {"id": rid, "object": "text_completion", "created": now,
+                       "model": model_name, "choices": [c]}
+                return sse({**obj, "usage": None} if with_usage else obj)
+
             async def events() -> AsyncIterator[str]:
                 sent = [0] * len(reqs)
                 nlog = [0] * len(reqs)
                 try:
                     if echo:
                         for i, r in enumerate(reqs):
-                            yield sse({"id": rid, "object": "text_completion", "created": now,
-                                       "model": model_name, "choices": [choice(
-                                           i, r, tokenizer.decode(r.prompt), None, None)]})
+                            yield chunk(choice(i, r, tokenizer.decode(r.prompt), None, None))
                     remaining = len(reqs)
                     while remaining:
                         req, kind = await queue.get()
+                        if req.finish_reason == "error":
+                            yield stream_error()
+                            return
                         remaining -= kind == "finished"
                         i = reqs.index(req)
                         delta = req.text[sent[i]:req.emitted]
@@ -404,19 +448,16 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                                 full = completion_logprobs(req, True)
                                 cut = len(req.prompt_logprobs)
                                 lp = {k: v[:cut] for k, v in full.items()}
-                                yield sse({"id": rid, "object": "text_completion",
-                                           "created": now, "model": model_name,
-                                           "choices": [choice(i, req, "", lp, None)]})
+                                yield chunk(choice(i, req, "", lp, None))
                             full = completion_logprobs(req, False)
                             lp = {k: v[nlog[i]:] for k, v in full.items()}
                             nlog[i] = len(req.logprobs)
                         reason = finish_reason(req) if kind == "finished" else None
                         if delta or reason or lp:
-                            yield sse({"id": rid, "object": "text_completion", "created": now,
-                                       "model": model_name,
-                                       "choices": [choice(i, req, delta, lp, reason)]})
-                    yield sse({"id": rid, "object": "text_completion", "created": now,
-                               "model": model_name, "choices": [], "usage": usage(reqs)})
+                            yield chunk(choice(i, req, delta, lp, reason))
+                    if with_usage:
+                        yield sse({"id": rid, "object": "text_completion", "created": now,
+                                   "model": model_name, "choices": [], "usage": usage(reqs)})
                     yield "data: [DONE]\n\n"
                 finally:
                     for r in reqs:
@@ -463,12 +504,17 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                 sent = nlog = 0
                 base = {"id": rid, "object": "chat.completion.chunk", "created": now,
                         "model": model_name}
+                if include_usage(body):
+                    base["usage"] = None
                 try:
                     yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
                                                                           "content": ""},
                                                     "logprobs": None, "finish_reason": None}]})
                     while True:
                         r, kind = await queue.get()
+                        if r.finish_reason == "error":
+                            yield stream_error()
+                            return
                         delta = r.text[sent:r.emitted]
                         sent = r.emitted
                         lp = None
@@ -482,7 +528,8 @@ def create_app(engine, *, model_name: str, api_keys: frozenset[str] = frozenset(
                                 "logprobs": lp, "finish_reason": reason}]})
                         if kind == "finished":
                             break
-                    yield sse({**base, "choices": [], "usage": usage(reqs)})
+                    if include_usage(body):
+                        yield sse({**base, "choices": [], "usage": usage(reqs)})
                     yield "data: [DONE]\n\n"
                 finally:
                     if not req.finished:
@@ -560,9 +607,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", default=None,
                         help="a mesh gin file, as training uses (gin_configs/mesh/*.gin: its "
                              "make_mesh and axis_rules bindings); default one device")
-    parser.add_argument("--warmup", action="store_true",
-                        help="compile every decode bucket and first-chunk prefill shape before "
-                             "listening (slower start, no compile inside a request later)")
+    parser.add_argument("--warmup", nargs="?", const="blocking", default="background",
+                        choices=("background", "blocking", "off"),
+                        help="ready every program the engine can run -- each prefill and decode "
+                             "bucket, with and without logprobs -- 'background' (default): "
+                             "listen at once and compile them in the engine thread whenever no "
+                             "request is running; 'blocking' (or a bare --warmup): before "
+                             "listening, so no request ever waits on a compile; 'off': each "
+                             "program compiles inside the first request that meets it")
+    parser.add_argument("--no_warmup", dest="warmup", action="store_const", const="off",
+                        help="the same as --warmup=off")
+    parser.add_argument("--compilation_cache", default=None,
+                        help="directory of JAX's persistent compilation cache, so programs are "
+                             "compiled once per machine and loaded from disk on later starts "
+                             "(default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/llm/xla); "
+                             "'none' turns it off")
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -581,7 +640,28 @@ def main(argv: list[str] | None = None) -> int:
     from llm.config import ConfigError
     from llm.data.sources import DataError
     from llm.runs import load_run
-    from llm.serve.engine import Engine, EngineConfig
+    from llm.serve.engine import (
+        Engine,
+        EngineConfig,
+        compilation_cache_stats,
+        configure_compilation_cache,
+        default_compilation_cache,
+    )
+
+    cache_dir = args.compilation_cache or default_compilation_cache()
+    try:
+        configure_compilation_cache(None if cache_dir == "none" else cache_dir)
+    except OSError as e:
+        if args.compilation_cache:  # the user's own directory: an error
+            print(f"{prog}: error: --compilation_cache={cache_dir!r} cannot be created "
+                  f"({e.strerror}); pass a writable directory or 'none'.", file=sys.stderr)
+            sock.close()
+            return 2
+        print(f"{prog}: warning: the default compilation cache {cache_dir!r} cannot be created "
+              f"({e.strerror}); running without one (--compilation_cache=DIR sets another).",
+              file=sys.stderr)
+        cache_dir = "none"
+        configure_compilation_cache(None)
 
     try:
         mesh = rules = None
@@ -607,11 +687,20 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         return 2
 
-    if args.warmup:
-        start = time.perf_counter()
-        compiled = engine.warmup()
-        print(f"{prog}: warm-up compiled {compiled} programs in "
-              f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if args.warmup == "background":
+        queued = engine.warm_in_background()
+        print(f"{prog}: warm-up: {queued} programs queued for the engine thread, compiled (or "
+              "loaded from the compilation cache) while no request runs; /health shows progress",
+              file=sys.stderr, flush=True)
+    elif args.warmup == "blocking":
+        start, hits = time.perf_counter(), dict(compilation_cache_stats)
+        programs = engine.warmup(progress=sys.stderr.isatty())
+        loaded = compilation_cache_stats["hits"] - hits["hits"]
+        cache = (f"{loaded} loaded from the compilation cache {cache_dir}, "
+                 f"{programs - loaded} compiled" if cache_dir != "none" else
+                 "compiled; no compilation cache")
+        print(f"{prog}: warm-up: {programs} of {engine.max_compiled_shapes()} programs ready "
+              f"({cache}) in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     import uvicorn
 

@@ -73,18 +73,21 @@ def test_engine_logprobs_equal_evaluator_on_quantized_params(compressed, method)
 def test_server_serves_compressed_checkpoint(compressed, tiny_run):
     """The server started on <out>/compress/int4 (int8 goes through the same loader and engine,
     above; one server process keeps the test short): its greedy completions equal the plain
-    sampler on the quantized params, and its start line names the method and the source. It
-    starts with --warmup: 3 row buckets (1, 2, 4) x 1 chunk bucket (16) first-chunk prefills +
-    7 kv buckets (16 ... 96, 128 = 64 context + 16 chunk rounded up to 128) decode programs,
-    after which the requests below compile nothing."""
+    sampler on the quantized params, and its start line names the method and the source. Its
+    default warm-up (in the background: the server answers /health at once, then reports the
+    programs still pending) readies every program the engine can run, counted by hand: with 1
+    slot and 16-token chunks, rows (1) x chunks (16) first-chunk prefills + rows (1) later-chunk
+    prefills + 7 kv buckets (16 ... 96, 128 = 64 context + 16 chunk rounded up to 128) decodes,
+    each with and without logprobs: 2 x (1 + 1 + 7) = 18. Requests that meet every kind of call
+    (a burst, a prompt longer than a chunk with echo + logprobs, a stream with logprobs) then
+    compile nothing."""
     method = "int4"
     run = load_run(compressed[method])
     port = _free_port()
-    proc = _start(compressed[method], port, "--slots=4", "--chunk_size=16", "--log_level=info",
-                  "--warmup")
+    proc = _start(compressed[method], port, "--slots=1", "--chunk_size=16", "--log_level=info")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while True:
             assert proc.poll() is None, proc.stderr.read()
             try:
@@ -93,6 +96,9 @@ def test_server_serves_compressed_checkpoint(compressed, tiny_run):
             except httpx.HTTPError:
                 assert time.time() < deadline, "server did not come up"
                 time.sleep(0.5)
+        while (pending := httpx.get(f"{url}/health", timeout=5).json()["warmup_pending"]) > 0:
+            assert time.time() < deadline, f"background warm-up stuck at {pending} programs"
+            time.sleep(0.5)
         prompts = [p for p, _ in PAIRS]
         got = httpx.post(f"{url}/v1/completions", timeout=120, json={
             "model": "tiny", "prompt": [run.tokenizer.encode(p) for p in prompts],
@@ -103,14 +109,23 @@ def test_server_serves_compressed_checkpoint(compressed, tiny_run):
         texts = [c["text"] for c in sorted(got["choices"], key=lambda c: c["index"])]
         assert texts == [run.tokenizer.decode(r) for r in ref]
         assert all(c["finish_reason"] == "length" for c in got["choices"])
+        long = list(range(3, 43))  # 41 tokens with BOS: a first chunk and two later chunks
+        scored = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": long, "max_tokens": 4, "echo": True, "logprobs": 2,
+            "temperature": 0.7, "top_p": 0.9, "seed": 3}).json()
+        assert len(scored["choices"][0]["logprobs"]["token_logprobs"]) == 40 + 4
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": "x", "max_tokens": 20, "logprobs": 1,
+                "stream": True, "ignore_eos": True}) as r:
+            assert "data: [DONE]" in list(r.iter_lines())
         compiled = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
                     if line.startswith("llm_engine_compiled_programs ")]
-        assert compiled == ["llm_engine_compiled_programs 10.0"]
+        assert compiled == ["llm_engine_compiled_programs 18.0"]
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=120)
     assert f"{method} weights from {tiny_run}" in err
-    assert "warm-up compiled 10 programs" in err
+    assert "warm-up: 18 programs queued" in err, err
 
 
 def test_bad_or_mismatched_compressed_checkpoint_is_one_line(compressed, tmp_path):

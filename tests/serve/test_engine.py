@@ -105,14 +105,15 @@ def test_seeded_request_same_tokens_alone_or_among_15(run):
 
 def test_compiled_programs_are_the_buckets(run):
     """Prompts of any length and number compile one prefill program per (row bucket, chunk
-    bucket, first chunks or not) met and one decode program per kv bucket met, each counted by
-    hand below, and never more than `max_compiled_shapes()`."""
+    bucket) of first chunks met, one per row bucket of later chunks (always chunk_size long) met
+    and one decode program per kv bucket met, each counted by hand below, and never more than
+    `max_compiled_shapes()`."""
     config = EngineConfig(slots=4, chunk_size=16, min_chunk=8, max_context=run.seq_len)
     assert config.chunk_buckets() == (8, 16) and config.row_buckets() == (1, 2, 4)
     engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer, config)
     # cache rows: 64 context + 16 chunk, rounded up to 128; buckets 16 x 2^i and 24 x 2^i below.
     assert engine.kv_buckets == (16, 24, 32, 48, 64, 96, 128)
-    assert engine.max_compiled_shapes() == 2 * (2 * 3 * 2 + 7)
+    assert engine.max_compiled_shapes() == 2 * (3 * 2 + 3 + 7)
     assert engine.compiled_shapes() == 0
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     # 3 prompts (2, 5, 7 tokens with BOS), one burst: first chunks [4 rows, 8]; one decode

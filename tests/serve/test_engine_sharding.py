@@ -47,7 +47,7 @@ def test_server_mesh_flag(tiny_run, tmp_path):
         return subprocess.Popen(
             [sys.executable, "-m", "llm.serve.server", f"--run_dir={tiny_run}",
              f"--port={port}", "--model_name=m", "--slots=2", "--chunk_size=16",
-             "--log_level=warning", f"--mesh={mesh}"], cwd=REPO, env=env,
+             "--log_level=warning", "--no_warmup", f"--mesh={mesh}"], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     bad = tmp_path / "bad.gin"

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from llm.runs import load_run
 from tests.conftest import COMPILE_CACHE, REPO
 
 KEY = "test-key-123"
@@ -41,7 +42,7 @@ def _start(run_dir: str, port: int, *extra: str, env: dict | None = None) -> sub
 def server(tiny_run):
     port = _free_port()
     proc = _start(tiny_run, port, "--slots=8", "--max_queue=64", "--chunk_size=32",
-                  env={"LLM_API_KEYS": KEY})
+                  "--no_warmup", env={"LLM_API_KEYS": KEY})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -98,8 +99,19 @@ def test_openai_client_completions_chat_and_streaming(server):
                                       temperature=0)
     stream = client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
                                        temperature=0, stream=True)
-    pieces = [c.choices[0].text for c in stream if c.choices]
+    chunks = list(stream)
+    # OpenAI's stream format: every chunk has a choice; usage only on request, as a last chunk
+    # without choices, every other chunk then carrying usage null.
+    assert all(len(c.choices) == 1 and c.usage is None for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    pieces = [c.choices[0].text for c in chunks]
     assert "".join(pieces) == plain.choices[0].text and len(pieces) > 1
+    counted = list(client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
+                                             temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 12
+    assert counted[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert all(c.usage is None and len(c.choices) == 1 for c in counted[:-1])
 
     chat = client.chat.completions.create(model=NAME, max_tokens=6, temperature=0, seed=1,
                                           messages=[{"role": "user", "content": "hello"}])
@@ -108,7 +120,10 @@ def test_openai_client_completions_chat_and_streaming(server):
     chunks = client.chat.completions.create(model=NAME, max_tokens=6, temperature=0, seed=1,
                                             messages=[{"role": "user", "content": "hello"}],
                                             stream=True)
-    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    chunks = list(chunks)
+    assert all(len(c.choices) == 1 for c in chunks) and chunks[0].choices[0].delta.role == \
+        "assistant" and chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
     assert "".join(deltas) == text
 
     with pytest.raises(openai.AuthenticationError):
@@ -132,12 +147,22 @@ def test_bad_input_is_4xx_with_a_message(server):
         (post({"model": NAME, "prompt": "x", "max_tokens": 1000}), 400),
         (post({"model": NAME, "prompt": [99999]}), 400),
         (post({"model": NAME, "prompt": []}), 400),
+        (post({"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}), 400),
+        (post({"model": NAME, "prompt": "x", "suffix": "y"}), 400),
+        (httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=_auth(), json={
+            "model": NAME, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}), 400),
+        (httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=_auth(), json={
+            "model": NAME, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}}), 400),
     ]
     for response, status in cases:
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert error["message"] and "Traceback" not in response.text
     assert "exceeds the context" in cases[7][0].json()["error"]["message"]
+    assert [c[0].json()["error"]["param"] for c in cases[-4:]] == [
+        "stream_options", "suffix", "tools", "response_format"]
 
 
 def test_queue_limit_answers_429(server):
@@ -168,7 +193,7 @@ def test_64_concurrent_streaming_clients(server):
             async with client.stream("POST", f"{url}/v1/completions", json={
                     "model": NAME, "prompt": f"# client {i}\n", "max_tokens": 16 + i % 8,
                     "temperature": 0.8, "seed": i * 10 + k, "stream": True,
-                    "ignore_eos": True}) as r:
+                    "stream_options": {"include_usage": True}, "ignore_eos": True}) as r:
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
@@ -304,7 +329,7 @@ def test_sigterm_drains_in_flight_streams(server):
     url, proc = server
     with httpx.stream("POST", f"{url}/v1/completions", timeout=60, headers=_auth(), json={
             "model": NAME, "prompt": "x", "max_tokens": 60, "ignore_eos": True,
-            "stream": True}) as r:
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
         lines = r.iter_lines()
         next(lines)
         proc.send_signal(signal.SIGTERM)
@@ -313,6 +338,45 @@ def test_sigterm_drains_in_flight_streams(server):
     usage = [json.loads(x[6:]) for x in rest if x.startswith("data: {")][-1]["usage"]
     assert usage["completion_tokens"] == 60
     assert proc.wait(timeout=60) == 0
+
+
+def test_engine_failure_is_an_error_object_in_streams_and_replies(tiny_run):
+    """An engine step that fails (the prefill raises, injected) fails its requests: a stream
+    ends with an OpenAI error object then [DONE], a plain request is a 500 error object, and the
+    server keeps answering. In-process app, no compile."""
+    from llm.serve.engine import Engine, EngineConfig
+    from llm.serve.server import create_app
+    from tests.serve.test_router import _serve
+
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        def _cache_size(self) -> int:
+            return 0
+
+    run = load_run(tiny_run)
+    engine = Engine(run.graphdef, run.params, run.cfg, run.tokenizer,
+                    EngineConfig(slots=2, chunk_size=16, max_context=run.seq_len))
+    engine._prefill_fn = Broken()
+    url, server, thread = _serve(create_app(engine, model_name=NAME))
+    try:
+        for route, body in (("completions", {"prompt": "x"}), ("chat/completions", {
+                "messages": [{"role": "user", "content": "hi"}]})):
+            with httpx.stream("POST", f"{url}/v1/{route}", timeout=60, json={
+                    "model": NAME, "max_tokens": 4, "stream": True, **body}) as r:
+                lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            error = json.loads(lines[-2][6:])["error"]
+            assert error["type"] == "server_error" and "engine failed" in error["message"]
+            plain = httpx.post(f"{url}/v1/{route}", timeout=60, json={
+                "model": NAME, "max_tokens": 4, **body})
+            assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+            assert "Traceback" not in plain.text
+        assert httpx.get(f"{url}/health", timeout=10).json()["active_slots"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def test_startup_errors_are_one_line(tiny_run, tmp_path):
