@@ -259,10 +259,12 @@ class HFTokenizer:
 
     The file is the source's tokenizer.json relabelled by `llm.interop.hf.relabel_tokenizer_json`
     so that pad=0, eos=1, unk=2 (the `objectives` constants) are special added tokens; every
-    other id is the source's, shifted. `encode` is `tokenizers`' encode with the source's
-    post-processor (what `AutoTokenizer(...).encode` adds: nothing for GPT-2, <|begin_of_text|>
-    for Llama-3); `decode` stops at the first EOS and drops special tokens, as SentencePiece
-    drops control pieces. No seqio vocabulary (`to_seqio` raises), no extra ids.
+    other id is the source's, shifted. A source BOS (Llama-3's <|begin_of_text|>) is id 0, the
+    BOS this repo puts in front of every document and prompt itself (`objectives.shift_right`,
+    the evaluator's and the engine's BOS_ID), so `encode` leaves it out: [0] + encode(text) is
+    `AutoTokenizer(...).encode(text)` relabelled (GPT-2 adds nothing; id 0 is then an added pad
+    row). `decode` stops at the first EOS and drops special tokens, as SentencePiece drops
+    control pieces. No seqio vocabulary (`to_seqio` raises), no extra ids.
     """
 
     extra_ids = 0
@@ -271,6 +273,9 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _HF
 
         self.model_path = model_path
+        if not os.path.isfile(model_path):
+            raise DataError(f"Tokenizer {model_path!r} does not exist; a run imported by "
+                            "`python -m tools.hf import` keeps it as tokenizer.json.")
         try:
             self._tok = _HF.from_file(model_path)
         except Exception as e:  # tokenizers raises a plain Exception on a malformed file

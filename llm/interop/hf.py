@@ -511,12 +511,17 @@ def relabel_tokenizer_json(hf_dir: str, config: dict, model_rows: int
     if eos is None:
         raise DataError(f"{hf_dir}: no eos token (tokenizer_config.json eos_token or config.json "
                         "eos_token_id); add one.")
-    pad, unk = source_id("pad_token"), source_id("unk_token")
-    pad = pad if pad not in (None, eos) else None
-    unk = unk if unk not in (None, eos, pad) else None
+    bos, pad, unk = source_id("bos_token"), source_id("pad_token"), source_id("unk_token")
+    if bos is None and isinstance(config.get("bos_token_id"), int):
+        bos = config["bos_token_id"]
+    # Id 0 is what this repo's model reads at position 0 (shift_right's BOS, the evaluator's
+    # and the engine's BOS_ID) and what losses mask as padding: the source's BOS when it has
+    # one of its own (Llama-3's <|begin_of_text|>), else its pad, else a new row.
+    start = bos if bos not in (None, eos) else pad if pad not in (None, eos) else None
+    unk = unk if unk not in (None, eos, start) else None
     added: list[str] = []
     front = []
-    for sid, content in ((pad, ADDED_PAD), (eos, None), (unk, ADDED_UNK)):
+    for sid, content in ((start, ADDED_PAD), (eos, None), (unk, ADDED_UNK)):
         if sid is None:
             while source.token_to_id(content) is not None:
                 content = content[:-1] + "_>"
@@ -554,7 +559,17 @@ def relabel_tokenizer_json(hf_dir: str, config: dict, model_rows: int
         if kind == "TemplateProcessing":
             specials = {name: {**t, "ids": [int(new_of[i]) for i in t["ids"]]}
                         for name, t in proc.get("special_tokens", {}).items()}
-            return {**proc, "special_tokens": specials}
+            # A BOS the template adds is now id 0, which every consumer here puts in front
+            # itself (BOS_ID): drop it from the templates so it is not read twice.
+            bos_names = {n for n, t in specials.items() if t["ids"] == [PAD_ID]}
+
+            def keep(piece) -> bool:
+                return (piece.get("SpecialToken") or {}).get("id") not in bos_names
+
+            return {**proc, "special_tokens": {n: t for n, t in specials.items()
+                                               if n not in bos_names},
+                    "single": [x for x in proc["single"] if keep(x)],
+                    "pair": [x for x in proc["pair"] if keep(x)]}
         if kind in ("RobertaProcessing", "BertProcessing"):
             return {**proc, "sep": [proc["sep"][0], int(new_of[proc["sep"][1]])],
                     "cls": [proc["cls"][0], int(new_of[proc["cls"][1]])]}
