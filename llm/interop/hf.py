@@ -928,12 +928,15 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
                                                               dtype=torch.float32).eval()
     # A run imported with a relabelled tokenizer: HF id order[i] is our id i.
-    perm = (run.manifest.get("imported_from") or {}).get("token_permutation") or []
+    source = run.manifest.get("imported_from") or {}
+    perm = source.get("token_permutation") or []
     order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
-    ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
-    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
+    # Our ids of the source's rows (rows added on import, pad/unk, have no HF logit).
+    real = np.argsort(order)[:run.cfg.vocab_size - int(source.get("added_vocab_rows") or 0)]
+    ids = real[np.random.default_rng(seed).integers(3, len(real), (2, seq))].astype(np.int32)
+    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))[..., real]
     with torch.no_grad():
-        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()[..., order]
+        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()
     prompt = ids[0, :8].tolist()
 
     def ours_gen():

@@ -199,6 +199,34 @@ def test_import_parity_and_round_trip(arch, tmp_path, capsys):
     out = generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=8,
                    temperature=0.0, eos_id=tok.eos_id)[0]
     assert 0 < len(out) <= 8 and isinstance(tok.decode(out), str)
+    if arch.startswith("llama"):
+        # The evaluator (BOS_ID + ids, as every stage feeds the model) against transformers on
+        # AutoTokenizer's ids (BOS from its post-processor); the reference softmax also covers
+        # the appended unk row, whose untied head column is the mean column: its logit is the
+        # mean of the real logits.
+        from llm.eval.lm import LanguageModel
+
+        ctx, cont = "def f(x):", "\n    return x + 1"
+        full = auto.encode(ctx + cont)
+        n = len(full) - len(auto.encode(ctx))
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0].double()
+        logits = torch.cat([logits, logits.mean(-1, keepdim=True)], -1)
+        ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(full[1:])[:, None])
+        lm = LanguageModel(run, batch_size=1, progress=False)
+        [(ll, _)] = lm.loglikelihood([(ctx, cont)])
+        assert abs(ll - float(ref[-n:].sum())) <= 1e-4 * n, (ll, float(ref[-n:].sum()))
+    # SFT's chat tags: appended as whole added tokens after the last id, kept when decoding.
+    from llm.data.tokenizer import load_tokenizer
+    from llm.posttrain.init import extend_tokenizer
+    from llm.serve.chat_template import ROLE_TAGS
+
+    new_ids = extend_tokenizer(tok.model_path, str(tmp_path / "sft.model"), ROLE_TAGS)
+    assert new_ids == list(range(tok.vocab_size, tok.vocab_size + len(ROLE_TAGS)))
+    sft_tok = load_tokenizer(str(tmp_path / "sft.model"))
+    text = f"{ROLE_TAGS[1]}hi\n{ROLE_TAGS[2]}"
+    assert sft_tok.encode(text) == [new_ids[1], *tok.encode("hi\n"), new_ids[2]]
+    assert sft_tok.decode(sft_tok.encode(text)) == text
 
     # Round trip: import then export is bit-exact on every tensor, and nothing is added/lost;
     # the source's tokenizer files come back unchanged.
