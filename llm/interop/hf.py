@@ -53,6 +53,7 @@ import numpy as np
 from llm.config import ConfigError
 from llm.data.objectives import EOS_ID, PAD_ID, UNK_ID
 from llm.data.sources import DataError
+from llm.data.tokenizer import is_tokenizer_json
 from llm.model.config import ModelConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
@@ -709,6 +710,15 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None, dtype: str =
     if perm or "tokenizer.json" in kept:  # the source's own tokenizer, in its own ids
         for name in kept:
             shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
+    elif is_tokenizer_json(run.tokenizer.model_path):
+        # A run fine-tuned from a tokenizer.json import (e.g. SFT, chat tags added): its own
+        # tokenizer.json, in our ids (BOS id 0 is not added by it: we prepend it ourselves).
+        from transformers import PreTrainedTokenizerFast
+
+        tok = run.tokenizer
+        PreTrainedTokenizerFast(tokenizer_file=tok.model_path, pad_token=tok.id_to_piece(PAD_ID),
+                                eos_token=tok.id_to_piece(EOS_ID),
+                                unk_token=tok.id_to_piece(UNK_ID)).save_pretrained(out_dir)
     else:
         hf_tokenizer(run.tokenizer.model_path).save_pretrained(out_dir)
         shutil.copyfile(run.tokenizer.model_path, os.path.join(out_dir, TOKENIZER_FILE))

@@ -227,6 +227,20 @@ def test_import_parity_and_round_trip(arch, tmp_path, capsys):
     text = f"{ROLE_TAGS[1]}hi\n{ROLE_TAGS[2]}"
     assert sft_tok.encode(text) == [new_ids[1], *tok.encode("hi\n"), new_ids[2]]
     assert sft_tok.decode(sft_tok.encode(text)) == text
+    # A run fine-tuned from the import (no `imported_from`, the tagged tokenizer) exports in
+    # our ids: AutoTokenizer on the export gives the run's ids.
+    import shutil
+
+    tuned = str(tmp_path / "tuned")
+    shutil.copytree(run_dir, tuned, ignore=shutil.ignore_patterns("hf_source"))
+    manifest = json.loads(Path(tuned, "manifest.json").read_text())
+    del manifest["imported_from"]
+    Path(tuned, "manifest.json").write_text(json.dumps(manifest))
+    shutil.copyfile(tmp_path / "sft.model", Path(tuned, "tokenizer.json"))
+    assert main(["export", f"--run_dir={tuned}", f"--out={tmp_path / 'tuned_hf'}"]) == 0
+    tuned_auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tuned_hf"))
+    for t in [text] + TEXTS:
+        assert tuned_auto(t, add_special_tokens=False)["input_ids"] == sft_tok.encode(t)
 
     # Round trip: import then export is bit-exact on every tensor, and nothing is added/lost;
     # the source's tokenizer files come back unchanged.
