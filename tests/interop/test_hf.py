@@ -216,6 +216,14 @@ def test_import_parity_and_round_trip(arch, tmp_path, capsys):
         lm = LanguageModel(run, batch_size=1, progress=False)
         [(ll, _)] = lm.loglikelihood([(ctx, cont)])
         assert abs(ll - float(ref[-n:].sum())) <= 1e-4 * n, (ll, float(ref[-n:].sum()))
+        # A merge across the boundary ("x(" + "(" -> "x", "((") leaves no continuation tokens
+        # in context+continuation: the continuation's own tokens are scored instead.
+        merged = next(t for t in auto.get_vocab() if len(t) == 2 and t.isascii() and
+                      t[0] not in " \n" and len(tok.encode("\n" + t)) == 2 ==
+                      len(tok.encode("\n" + t[0])))
+        ctx2 = "\n" + merged[0]
+        assert lm.encode_pair(ctx2, merged[1]) == (tok.encode(ctx2), tok.encode(merged[1]))
+        assert lm.loglikelihood([(ctx2, merged[1])])[0][0] < 0
     # SFT's chat tags: appended as whole added tokens after the last id, kept when decoding.
     from llm.data.tokenizer import load_tokenizer
     from llm.posttrain.init import extend_tokenizer
