@@ -189,6 +189,15 @@ def test_import_parity_and_round_trip(arch, tmp_path, capsys):
     assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
     with pytest.raises(hf.DataError, match="tokenizer.json; seqio"):
         tok.to_seqio()
+    import pickle
+
+    from llm.data.tokenizer import load_tokenizer
+
+    assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[1]) == tok.encode(TEXTS[1])  # workers
+    with pytest.raises(hf.DataError, match="not special pad/eos/unk tokens"):
+        load_tokenizer(os.path.join(src, "tokenizer.json"))  # the source's, not relabelled
+    with pytest.raises(hf.DataError, match="no seqio extra ids"):
+        load_tokenizer(tok.model_path, extra_ids=4)
 
     greedy = _check_parity(model, run, seed=0, ours_of=ours_of)
     # The imported run serves: decode of the greedy tokens is transformers' decode of its own.
@@ -225,7 +234,6 @@ def test_import_parity_and_round_trip(arch, tmp_path, capsys):
         assert lm.encode_pair(ctx2, merged[1]) == (tok.encode(ctx2), tok.encode(merged[1]))
         assert lm.loglikelihood([(ctx2, merged[1])])[0][0] < 0
     # SFT's chat tags: appended as whole added tokens after the last id, kept when decoding.
-    from llm.data.tokenizer import load_tokenizer
     from llm.posttrain.init import extend_tokenizer
     from llm.serve.chat_template import ROLE_TAGS
 
