@@ -37,6 +37,9 @@ and scores (byte fallback, the same whitespace pre-splitting as our SentencePiec
 exact by construction for models trained with scores on a 2^-3 grid (`train_sentencepiece`
 default, `llm.data.tokenizer.quantize_scores`); older unrounded models can differ in equal-score
 ties inside runs of repeated characters (docs/interop.md "Tokenizer").
+Import reads a SentencePiece `tokenizer.model` (`seqio_tokenizer`) or, without one, the source's
+`tokenizer.json` (GPT-2 / Llama-3-style byte-level BPE; `relabel_tokenizer_json`), relabelled
+to pad 0 / eos 1 / unk 2 with the vocabulary rows moved (and pad/unk rows added) to match.
 """
 
 from __future__ import annotations
@@ -832,7 +835,10 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
     serve).
 
     The weights may be one file or index-listed shards, fp32/fp16/bf16 (held as fp32; the
-    source dtype is recorded for the export back). The tokenizer is the directory's
+    source dtype is recorded for the export back). Without a `tokenizer.model`, the
+    directory's `tokenizer.json` is relabelled (`relabel_tokenizer_json`; rows added for a
+    missing pad/unk, recorded as added_vocab_rows) and kept as the run's tokenizer.json
+    (`llm.data.tokenizer.HFTokenizer`). Otherwise the tokenizer is the directory's
     SentencePiece `tokenizer.model`: this repo's (pad 0, eos 1, unk 2) as is, or any other, e.g.
     LLaMA's (unk 0, <s> 1, </s> 2), with its special pieces moved to our ids and the embedding
     (and untied head) rows moved with them (`seqio_tokenizer`; the permutation is recorded, the
