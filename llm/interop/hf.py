@@ -584,8 +584,19 @@ def relabel_tokenizer_json(hf_dir: str, config: dict, model_rows: int
                         "Sequence).")
 
     tj["post_processor"] = remap(tj.get("post_processor"))
-    if len(vocab) < size:
-        raise AssertionError("relabelled vocabulary lost tokens")
+    # Added tokens outside the model's vocabulary (Llama-3's <|begin_of_text|> and reserved
+    # tokens) go into it too, at their ids: `tokenizers` re-assigns an added token that the
+    # model does not know the next free id on load, which after relabelling is not its own.
+    for t in tj["added_tokens"]:
+        vocab.setdefault(t["content"], t["id"])
+    model["vocab"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    want = {k: int(new_of[v]) for k, v in source.get_vocab(with_added_tokens=True).items()}
+    want.update({c: int(new_of[model_rows + i]) for i, c in enumerate(added)})
+    got = HFTok.from_str(json.dumps(tj)).get_vocab(with_added_tokens=True)
+    if got != want or len(want) != size + len(added):
+        wrong = sorted(k for k in want if got.get(k) != want[k])[:3]
+        raise DataError(f"{path}: the relabelled tokenizer does not load with the relabelled ids "
+                        f"(e.g. {wrong}); this tokenizer.json layout is not supported by import.")
     return tj, [int(i) for i in perm], len(added)
 
 
