@@ -41,8 +41,17 @@ def _byte_bpe(kind: str, out: str):
     package (~400 ids, fewer than the model's VOCAB rows: a padded vocabulary), saved as the
     hub saves one: "gpt2" -- GPT2TokenizerFast, <|endoftext|> is bos/eos/unk, no pad, nothing
     added by the post-processor; "llama3" -- Llama-3's layout: <|begin_of_text|> (bos, added by
-    a TemplateProcessing post-processor) and <|end_of_text|> (eos), no pad, no unk."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    a TemplateProcessing post-processor), <|end_of_text|> (eos) and reserved specials as added
+    tokens after the BPE ids (not in the model's vocabulary), no pad, no unk."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     lines = [line for p in EMAIL for line in Path(p).read_text().splitlines() if line.strip()]
     specials = ["<|endoftext|>"] if kind == "gpt2" else ["<|begin_of_text|>", "<|end_of_text|>"]
@@ -50,8 +59,11 @@ def _byte_bpe(kind: str, out: str):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(lines[:600], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False,
+        vocab_size=400, special_tokens=specials[:1 if kind == "gpt2" else 0], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if kind == "llama3":  # as Llama-3: specials after the BPE ids, outside the model's vocab
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                                specials + [f"<|reserved_special_token_{i}|>" for i in range(3)]])
     if kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         fast = transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=specials[0],
