@@ -7,7 +7,8 @@ Trains a byte-level BPE with `tokenizers` on the embedded corpus (stdlib + docs)
   OUT/hf_gpt2    GPT2TokenizerFast (<|endoftext|> = bos = eos = unk, no pad, nothing added by
                  the post-processor) + a random GPT2LMHeadModel (n_embd 128, 2 layers);
   OUT/hf_llama3  Llama-3's layout: <|begin_of_text|> (bos, added by a TemplateProcessing
-                 post-processor), <|end_of_text|> (eos), no pad/unk + a random untied GQA
+                 post-processor), <|end_of_text|> (eos) and reserved specials, added after the
+                 BPE ids outside its vocabulary, no pad/unk + a random untied GQA
                  LlamaForCausalLM (hidden 128, 2 layers, 4 heads, 2 kv heads);
 both with `save_pretrained` (safetensors). Weights are random: for id, logit and round-trip
 checks (docs/interop.md), not for quality.
@@ -33,20 +34,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     from llm.data.sources import embedded_corpus
 
     texts = [d.text for d in embedded_corpus(include_docs=True, include_tests=False)]
     for kind in ("gpt2", "llama3"):
         specials = (["<|endoftext|>"] if kind == "gpt2" else
-                    ["<|begin_of_text|>", "<|end_of_text|>"])
+                    ["<|begin_of_text|>", "<|end_of_text|>"] +
+                    [f"<|reserved_special_token_{i}|>" for i in range(4)])
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         tok.train_from_iterator(texts, trainers.BpeTrainer(
-            vocab_size=args.vocab_size, special_tokens=specials, show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            vocab_size=args.vocab_size - len(specials) if kind == "llama3" else
+            args.vocab_size, special_tokens=specials[:1] if kind == "gpt2" else [],
+            show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        if kind == "llama3":  # as Llama-3: specials after the BPE ids, outside its vocabulary
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in specials])
         torch.manual_seed(args.seed)
         if kind == "gpt2":
             tok.post_processor = processors.ByteLevel(trim_offsets=False)
