@@ -150,6 +150,10 @@ def export_gguf(run_dir: str, out_path: str, qtype: str = "f32", step: int | Non
     run = load_run(run_dir, step=step)
     cfg = run.cfg
     tensors = gguf_tensors(cfg, run.params)
+    if type(run.tokenizer).__name__ == "HFTokenizer":
+        raise DataError(f"run {run_dir!r} has a Hugging Face tokenizer.json (imported byte-level "
+                        "BPE); GGUF export writes SentencePiece vocabularies only. Convert the "
+                        "source directory with llama.cpp's convert_hf_to_gguf.py instead.")
     with open(run.tokenizer.model_path, "rb") as f:
         proto = pb.ModelProto.FromString(f.read())
     pieces = list(proto.pieces)

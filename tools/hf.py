@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq_len", type=int, default=None,
                    help="TrainConfig.seq_len recorded (default: min(max positions, 2048))")
     p.add_argument("--tokenizer", default=None,
-                   help="a SentencePiece model to use when --hf_dir has no tokenizer.model")
+                   help="a SentencePiece model to use instead of --hf_dir's tokenizer.model "
+                        "or tokenizer.json")
     p = sub.add_parser("check", help="compare a run with a HF directory through transformers")
     p.add_argument("--run_dir", required=True)
     p.add_argument("--hf_dir", required=True)

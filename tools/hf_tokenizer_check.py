@@ -3,6 +3,8 @@ ids on a whole corpus?
 
     python -m tools.hf_tokenizer_check --run_dir=runs/quickstart [--out=DIR]
     python -m tools.hf_tokenizer_check --tokenizer=data/embedded/tokenizer.model [--score_bits=3]
+    python -m tools.hf_tokenizer_check --run_dir=runs/gpt2 --hf_dir=hf/gpt2   # an imported
+                                                          # tokenizer.json vs AutoTokenizer
 
 Builds the HF tokenizer from the run's SentencePiece model (or --tokenizer), saves it (to --out
 or a temporary directory), loads it back with `transformers.AutoTokenizer`, and encodes every
@@ -52,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score_bits", type=int, default=None,
                         help="round the scores to multiples of 2^-K before the check")
     parser.add_argument("--out", default=None, help="where to save the HF tokenizer")
+    parser.add_argument("--hf_dir", default=None,
+                        help="with --run_dir imported from it (a tokenizer.json source): compare "
+                             "the run's tokenizer with AutoTokenizer on this directory, through "
+                             "the recorded relabelling")
     args = parser.parse_args(argv)
+    if args.hf_dir is not None:
+        return _check_import(args.run_dir, args.hf_dir)
     import transformers
     from tqdm import tqdm
 
@@ -115,6 +123,58 @@ def main(argv: list[str] | None = None) -> int:
             report[name]["unrounded_bytes_per_token"] = round(size / max(unrounded, 1), 4)
     print(json.dumps({"tokenizer": args.tokenizer or args.run_dir,
                       "score_bits": args.score_bits, **report}, indent=1))
+    return 0
+
+
+def _check_import(run_dir: str | None, hf_dir: str) -> int:
+    """A run imported from a tokenizer.json source against `AutoTokenizer(hf_dir)`: on every
+    embedded-corpus document and the stress texts, AutoTokenizer's ids relabelled by the
+    manifest's permutation must equal the BOS this repo prepends (id 0, when the source's
+    post-processor adds one) + the run's `encode`, and `decode` must give the text back."""
+    import numpy as np
+    import transformers
+    from tqdm import tqdm
+
+    from llm.data.sources import DataError, embedded_corpus
+    from llm.data.tokenizer import load_tokenizer
+    from llm.runs import tokenizer_path
+
+    try:
+        if run_dir is None:
+            raise DataError("--hf_dir needs --run_dir=RUN, the run imported from it")
+        with open(os.path.join(run_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        perm = (manifest.get("imported_from") or {}).get("token_permutation")
+        if not perm:
+            raise DataError(f"run {run_dir!r} was not imported with a relabelled tokenizer")
+        ours = load_tokenizer(tokenizer_path(run_dir, manifest["data"]))
+        theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    except (OSError, KeyError, DataError) as e:
+        print(f"hf_tokenizer_check: error: {e}", file=sys.stderr)
+        return 2
+    ours_of = np.argsort(perm)
+    prefix = ours_of[theirs.encode("")].tolist()  # [0] when the source adds a BOS
+    docs = [(d.id, d.text) for d in embedded_corpus(include_docs=True, include_tests=False)]
+    stress = [(f"stress/{i}", t) for i, t in enumerate(stress_texts())]
+    report = {}
+    for name, texts in (("corpus", docs), ("stress", stress)):
+        tokens, same_ids, same_decode, differing = 0, 0, 0, []
+        for doc_id, text in tqdm(texts, desc=name):
+            a = ours.encode(text)
+            hf_ids = theirs.encode(text)
+            tokens += len(a)
+            same_ids += prefix + a == ours_of[hf_ids].tolist()
+            same_decode += ours.decode(a) == theirs.decode(hf_ids, skip_special_tokens=True) \
+                == text
+            if prefix + a != ours_of[hf_ids].tolist():
+                differing.append(doc_id)
+        size = sum(len(t.encode()) for _, t in texts)
+        report[name] = {"documents": len(texts), "bytes": size, "tokens": tokens,
+                        "bytes_per_token": round(size / max(tokens, 1), 4),
+                        "identical_ids": same_ids, "identical_decode": same_decode,
+                        "differing": differing[:20]}
+    print(json.dumps({"run_dir": run_dir, "hf_dir": hf_dir, "bos_prefix": prefix,
+                      "vocab_size": ours.vocab_size, **report}, indent=1))
     return 0
 
 

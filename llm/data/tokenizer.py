@@ -253,8 +253,117 @@ class Tokenizer:
         return seqio.SentencePieceVocabulary(self.model_path, extra_ids=self.extra_ids)
 
 
-def load_tokenizer(model_path: str, extra_ids: int = 0) -> Tokenizer:
-    """Loads a model written by `train_sentencepiece`; DataError if it is missing or corrupt."""
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer.json (byte-level BPE as GPT-2's and Llama-3's, or any
+    other model type) behind `Tokenizer`'s interface, for runs imported by `tools.hf import`.
+
+    The file is the source's tokenizer.json relabelled by `llm.interop.hf.relabel_tokenizer_json`
+    so that pad=0, eos=1, unk=2 (the `objectives` constants) are special added tokens; every
+    other id is the source's, shifted. A source BOS (Llama-3's <|begin_of_text|>) is id 0, the
+    BOS this repo puts in front of every document and prompt itself (`objectives.shift_right`,
+    the evaluator's and the engine's BOS_ID), so `encode` leaves it out: [0] + encode(text) is
+    `AutoTokenizer(...).encode(text)` relabelled (GPT-2 adds nothing; id 0 is then an added pad
+    row). `decode` stops at the first EOS and drops special tokens, as SentencePiece drops
+    control pieces. No seqio vocabulary (`to_seqio` raises), no extra ids.
+    """
+
+    extra_ids = 0
+
+    def __init__(self, model_path: str):
+        from tokenizers import Tokenizer as _HF
+
+        self.model_path = model_path
+        if not os.path.isfile(model_path):
+            raise DataError(f"Tokenizer {model_path!r} does not exist; a run imported by "
+                            "`python -m tools.hf import` keeps it as tokenizer.json.")
+        try:
+            self._tok = _HF.from_file(model_path)
+        except Exception as e:  # tokenizers raises a plain Exception on a malformed file
+            raise DataError(f"Tokenizer {model_path!r} is not a valid tokenizer.json "
+                            f"({str(e).splitlines()[0][:200]}).") from None
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                 if t.special}
+        if not {PAD_ID, EOS_ID, UNK_ID} <= set(added.values()):
+            raise DataError(f"Tokenizer {model_path!r} is a tokenizer.json whose ids "
+                            f"{PAD_ID}/{EOS_ID}/{UNK_ID} are not special pad/eos/unk tokens (this "
+                            "repo's convention); import the Hugging Face directory with "
+                            "`python -m tools.hf import --hf_dir=... --run_dir=...`, which "
+                            "relabels them.")
+
+    def __getstate__(self):
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    def extra_id(self, i: int) -> int:
+        raise ValueError(f"extra_id({i}): tokenizer {self.model_path!r} (tokenizer.json) has no "
+                         "extra ids; span corruption needs a SentencePiece tokenizer.")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (the source post-processor's specials, e.g. a BOS, included; no
+        EOS appended unless the source's post-processor appends one)."""
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` up to the first EOS; special tokens (pad, eos, BOS, ...) produce no text
+        and ids outside the vocabulary none either."""
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
+        if EOS_ID in ids:
+            ids = ids[:ids.index(EOS_ID)]
+        size = self.vocab_size
+        return self._tok.decode([i for i in ids if 0 <= i < size], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(i)
+
+    def to_seqio(self):
+        raise DataError(f"tokenizer {self.model_path!r} is a Hugging Face tokenizer.json; seqio "
+                        "vocabularies are SentencePiece models, so seqio tasks need a run or "
+                        "data directory with a tokenizer.model.")
+
+
+def is_tokenizer_json(path: str) -> bool:
+    """Whether `path` holds a JSON document (a tokenizer.json) rather than a SentencePiece
+    protobuf: decided by the content, so a copy under any name (prepare's tokenizer.model)
+    still loads as what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return path.endswith(".json")
+    return head.startswith(b"{")
+
+
+def load_tokenizer(model_path: str, extra_ids: int = 0) -> Tokenizer | HFTokenizer:
+    """Loads a model written by `train_sentencepiece`, or a tokenizer.json written by
+    `tools.hf import` (`HFTokenizer`); DataError if it is missing or corrupt."""
+    if is_tokenizer_json(model_path):
+        if extra_ids:
+            raise DataError(f"extra_ids={extra_ids}: tokenizer {model_path!r} is a "
+                            "tokenizer.json, which has no seqio extra ids; use a SentencePiece "
+                            "tokenizer for span corruption.")
+        return HFTokenizer(model_path)
     return Tokenizer(model_path, extra_ids)
 
 

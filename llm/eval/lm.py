@@ -243,13 +243,19 @@ class LanguageModel:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's `_encode_pair`: trailing spaces of the context join the continuation; the
-        continuation's tokens are those of context+continuation after the context's."""
+        continuation's tokens are those of context+continuation after the context's (its own
+        tokens when that leaves none, see below)."""
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
+        if len(whole) <= len(ctx) and continuation:
+            # A BPE whose merges cross the boundary (byte-level BPE: "))" + "))") can leave no
+            # tokens after the context's count; lm-eval would score nothing. Score the
+            # continuation's own tokens after the context's instead.
+            return ctx, self.encode(continuation)
         return ctx, whole[len(ctx):]
 
     # ---------------------------------------------------------------- scoring core

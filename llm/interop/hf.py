@@ -37,6 +37,9 @@ and scores (byte fallback, the same whitespace pre-splitting as our SentencePiec
 exact by construction for models trained with scores on a 2^-3 grid (`train_sentencepiece`
 default, `llm.data.tokenizer.quantize_scores`); older unrounded models can differ in equal-score
 ties inside runs of repeated characters (docs/interop.md "Tokenizer").
+Import reads a SentencePiece `tokenizer.model` (`seqio_tokenizer`) or, without one, the source's
+`tokenizer.json` (GPT-2 / Llama-3-style byte-level BPE; `relabel_tokenizer_json`), relabelled
+to pad 0 / eos 1 / unk 2 with the vocabulary rows moved (and pad/unk rows added) to match.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import numpy as np
 from llm.config import ConfigError
 from llm.data.objectives import EOS_ID, PAD_ID, UNK_ID
 from llm.data.sources import DataError
+from llm.data.tokenizer import is_tokenizer_json
 from llm.model.config import ModelConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
@@ -61,7 +65,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Files of the source directory an import keeps (run_dir/hf_source/) for the export back.
 SOURCE_DIR = "hf_source"
 SOURCE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", TOKENIZER_FILE)
+                "special_tokens_map.json", TOKENIZER_FILE, "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.jinja")
+# The run's tokenizer when the source has only a tokenizer.json (`relabel_tokenizer_json`).
+JSON_TOKENIZER_FILE = "tokenizer.json"
+# Contents of the pad / unk tokens added when the source has none (GPT-2, Llama-3).
+ADDED_PAD, ADDED_UNK = "<llm_pad>", "<llm_unk>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +458,163 @@ def _permute_vocab(cfg: ModelConfig, params: dict, perm: list[int]) -> dict:
     return out
 
 
+def _token_content(value) -> str | None:
+    """A special token of tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def relabel_tokenizer_json(hf_dir: str, config: dict, model_rows: int
+                           ) -> tuple[dict, list[int], int]:
+    """A source tokenizer.json (byte-level BPE as GPT-2's / Llama-3's, or WordPiece/WordLevel)
+    relabelled to this repo's special ids: (tokenizer.json dict, permutation, rows added).
+
+    pad=0: the source's pad token (tokenizer_config.json), else a new special `<llm_pad>`;
+    eos=1: the source's eos_token (tokenizer_config.json, else config.json eos_token_id);
+    unk=2: the source's unk token when it is neither eos nor pad, else a new `<llm_unk>` (GPT-2's
+    unk is its eos). New tokens take source ids model_rows, model_rows+1 (rows appended to the
+    model); permutation[new_id] = source id (over model_rows + added ids): pad, eos, unk, then
+    every other id in its order, so the other tokens keep their order, shifted by at most 3.
+    Every id in the JSON (model vocab, added_tokens, post-processor specials) is remapped; merges,
+    normalizer, pre-tokenizer and decoder are strings and stay, so encode gives the source's
+    tokens. DataError for a model type or post-processor we cannot relabel, or no eos."""
+    from tokenizers import Tokenizer as HFTok
+
+    path = os.path.join(hf_dir, "tokenizer.json")
+    try:
+        with open(path) as f:
+            tj = json.load(f)
+        source = HFTok.from_file(path)
+    except Exception as e:  # JSONDecodeError or tokenizers' own
+        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}).") from None
+    kind = (tj.get("model") or {}).get("type")
+    if kind not in ("BPE", "WordPiece", "WordLevel"):
+        raise DataError(f"{path}: tokenizer model type {kind!r} without a SentencePiece "
+                        f"{TOKENIZER_FILE} is not supported; import reads BPE (byte-level or "
+                        "not), WordPiece and WordLevel tokenizer.json files, or pass "
+                        "--tokenizer=PATH to a SentencePiece model whose ids match the rows.")
+    tconf = {}
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")):
+        with open(os.path.join(hf_dir, "tokenizer_config.json")) as f:
+            tconf = json.load(f)
+    size = source.get_vocab_size(with_added_tokens=True)
+    top = max(source.get_vocab(with_added_tokens=True).values())
+    if top >= model_rows:
+        raise DataError(f"{path} has token id {top}, but config.json vocab_size={model_rows}; "
+                        "the tokenizer and the weights disagree.")
+
+    def source_id(name: str) -> int | None:
+        content = _token_content(tconf.get(name))
+        return None if content is None else source.token_to_id(content)
+
+    eos = source_id("eos_token")
+    if eos is None and isinstance(config.get("eos_token_id"), int):
+        eos = config["eos_token_id"]
+    if eos is None:
+        raise DataError(f"{hf_dir}: no eos token (tokenizer_config.json eos_token or config.json "
+                        "eos_token_id); add one.")
+    bos, pad, unk = source_id("bos_token"), source_id("pad_token"), source_id("unk_token")
+    if bos is None and isinstance(config.get("bos_token_id"), int):
+        bos = config["bos_token_id"]
+    # Id 0 is what this repo's model reads at position 0 (shift_right's BOS, the evaluator's
+    # and the engine's BOS_ID) and what losses mask as padding: the source's BOS when it has
+    # one of its own (Llama-3's <|begin_of_text|>), else its pad, else a new row.
+    start = bos if bos not in (None, eos) else pad if pad not in (None, eos) else None
+    unk = unk if unk not in (None, eos, start) else None
+    added: list[str] = []
+    front = []
+    for sid, content in ((start, ADDED_PAD), (eos, None), (unk, ADDED_UNK)):
+        if sid is None:
+            while source.token_to_id(content) is not None:
+                content = content[:-1] + "_>"
+            sid = model_rows + len(added)
+            added.append(content)
+        front.append(sid)
+    perm = front + [i for i in range(model_rows + len(added)) if i not in front]
+    new_of = np.argsort(perm)
+
+    model = tj["model"]
+    vocab = {k: int(new_of[v]) for k, v in model["vocab"].items()}
+    for content, sid in zip(added, range(model_rows, model_rows + len(added))):
+        vocab[content] = int(new_of[sid])
+    model["vocab"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    tokens = [{**t, "id": int(new_of[t["id"]])} for t in tj.get("added_tokens") or []]
+    for content, sid in zip(added, range(model_rows, model_rows + len(added))):
+        tokens.append({"id": int(new_of[sid]), "content": content, "single_word": False,
+                       "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    by_id = {t["id"]: t for t in tokens}
+    for i in (PAD_ID, EOS_ID, UNK_ID):  # our specials are special tokens, whatever the source
+        if i in by_id:
+            by_id[i]["special"] = True
+        else:
+            content = next(k for k, v in vocab.items() if v == i)
+            by_id[i] = {"id": i, "content": content, "single_word": False, "lstrip": False,
+                        "rstrip": False, "normalized": False, "special": True}
+    tj["added_tokens"] = sorted(by_id.values(), key=lambda t: t["id"])
+
+    def remap(proc):
+        if proc is None:
+            return None
+        kind = proc.get("type")
+        if kind == "Sequence":
+            return {**proc, "processors": [remap(p) for p in proc["processors"]]}
+        if kind == "TemplateProcessing":
+            specials = {name: {**t, "ids": [int(new_of[i]) for i in t["ids"]]}
+                        for name, t in proc.get("special_tokens", {}).items()}
+            # A BOS the template adds is now id 0, which every consumer here puts in front
+            # itself (BOS_ID): drop it from the templates so it is not read twice.
+            bos_names = {n for n, t in specials.items() if t["ids"] == [PAD_ID]}
+
+            def keep(piece) -> bool:
+                return (piece.get("SpecialToken") or {}).get("id") not in bos_names
+
+            return {**proc, "special_tokens": {n: t for n, t in specials.items()
+                                               if n not in bos_names},
+                    "single": [x for x in proc["single"] if keep(x)],
+                    "pair": [x for x in proc["pair"] if keep(x)]}
+        if kind in ("RobertaProcessing", "BertProcessing"):
+            return {**proc, "sep": [proc["sep"][0], int(new_of[proc["sep"][1]])],
+                    "cls": [proc["cls"][0], int(new_of[proc["cls"][1]])]}
+        if kind == "ByteLevel":
+            return proc
+        raise DataError(f"{path}: post_processor type {kind!r} is not supported (import "
+                        "relabels TemplateProcessing, Roberta/BertProcessing, ByteLevel and "
+                        "Sequence).")
+
+    tj["post_processor"] = remap(tj.get("post_processor"))
+    # Added tokens outside the model's vocabulary (Llama-3's <|begin_of_text|> and reserved
+    # tokens) go into it too, at their ids: `tokenizers` re-assigns an added token that the
+    # model does not know the next free id on load, which after relabelling is not its own.
+    for t in tj["added_tokens"]:
+        vocab.setdefault(t["content"], t["id"])
+    model["vocab"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    want = {k: int(new_of[v]) for k, v in source.get_vocab(with_added_tokens=True).items()}
+    want.update({c: int(new_of[model_rows + i]) for i, c in enumerate(added)})
+    got = HFTok.from_str(json.dumps(tj)).get_vocab(with_added_tokens=True)
+    if got != want or len(want) != size + len(added):
+        wrong = sorted(k for k in want if got.get(k) != want[k])[:3]
+        raise DataError(f"{path}: the relabelled tokenizer does not load with the relabelled ids "
+                        f"(e.g. {wrong}); this tokenizer.json layout is not supported by import.")
+    return tj, [int(i) for i in perm], len(added)
+
+
+def _grow_and_permute_vocab(cfg: ModelConfig, params: dict, perm: list[int],
+                            added: int) -> dict:
+    """params with `added` vocabulary rows appended (each the mean of the existing rows, in the
+    embedding and in an untied head's columns), then reordered: new row i is old row perm[i]."""
+    out = dict(params)
+    emb = params["embed"]["embedding"]
+    out["embed"] = {"embedding": np.concatenate(
+        [emb, np.repeat(emb.mean(0, keepdims=True), added, 0)])}
+    if "lm_head" in params:
+        head = params["lm_head"]["kernel"]
+        out["lm_head"] = {"kernel": np.concatenate(
+            [head, np.repeat(head.mean(1, keepdims=True), added, 1)], axis=1)}
+    return _permute_vocab(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + added), out, perm)
+
+
 def hf_tokenizer(spm_model_path: str):
     """A `transformers` fast tokenizer with our SentencePiece model's ids: a Unigram model over
     the same pieces and scores, byte fallback, spaces -> '▁', and words split as SentencePiece
@@ -529,11 +695,14 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None, dtype: str =
     perm = source.get("token_permutation")
     if perm:  # back to the source tokenizer's ids: HF row perm[i] is our row i
         order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
+        # Rows added on import (pad/unk a tokenizer.json source lacked) are dropped again.
+        rows_kept = run.cfg.vocab_size - int(source.get("added_vocab_rows") or 0)
         for name in ("model.embed_tokens.weight", "transformer.wte.weight", "lm_head.weight"):
             if name in tensors:
                 rows = np.empty_like(tensors[name])
                 rows[order] = tensors[name]
-                tensors[name] = rows
+                tensors[name] = rows[:rows_kept]
+        config["vocab_size"] = rows_kept
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             config[key] = source_config.get(key)
     if dtype != "float32":
@@ -555,6 +724,15 @@ def export_run(run_dir: str, out_dir: str, step: int | None = None, dtype: str =
     if perm or "tokenizer.json" in kept:  # the source's own tokenizer, in its own ids
         for name in kept:
             shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
+    elif is_tokenizer_json(run.tokenizer.model_path):
+        # A run fine-tuned from a tokenizer.json import (e.g. SFT, chat tags added): its own
+        # tokenizer.json, in our ids (BOS id 0 is not added by it: we prepend it ourselves).
+        from transformers import PreTrainedTokenizerFast
+
+        tok = run.tokenizer
+        PreTrainedTokenizerFast(tokenizer_file=tok.model_path, pad_token=tok.id_to_piece(PAD_ID),
+                                eos_token=tok.id_to_piece(EOS_ID),
+                                unk_token=tok.id_to_piece(UNK_ID)).save_pretrained(out_dir)
     else:
         hf_tokenizer(run.tokenizer.model_path).save_pretrained(out_dir)
         shutil.copyfile(run.tokenizer.model_path, os.path.join(out_dir, TOKENIZER_FILE))
@@ -641,9 +819,10 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _tokenizer_path(hf_dir: str, tokenizer: str | None = None) -> str:
-    """The SentencePiece model to import: `tokenizer` when given, else the HF directory's;
-    DataError saying what else is there and naming the fix."""
+def _tokenizer_path(hf_dir: str, tokenizer: str | None = None) -> str | None:
+    """The SentencePiece model to import: `tokenizer` when given, else the HF directory's; None
+    when the directory has only a tokenizer.json (`relabel_tokenizer_json`); DataError when it
+    has neither, naming the fix."""
     if tokenizer is not None:
         if not os.path.isfile(tokenizer):
             raise DataError(f"--tokenizer={tokenizer!r} is not a file; pass a SentencePiece "
@@ -652,19 +831,10 @@ def _tokenizer_path(hf_dir: str, tokenizer: str | None = None) -> str:
     spm_path = os.path.join(hf_dir, TOKENIZER_FILE)
     if os.path.isfile(spm_path):
         return spm_path
-    json_path = os.path.join(hf_dir, "tokenizer.json")
-    if os.path.isfile(json_path):
-        try:
-            with open(json_path) as f:
-                kind = (json.load(f).get("model") or {}).get("type", "unknown")
-        except (json.JSONDecodeError, AttributeError):
-            kind = "unreadable"
-        byte_level = " (byte-level BPE, as GPT-2's)" if kind == "BPE" else ""
-        raise DataError(f"--hf_dir {hf_dir!r} has a tokenizer.json {kind} model{byte_level} but "
-                        f"no SentencePiece {TOKENIZER_FILE}; import supports SentencePiece "
-                        "tokenizers only (LLaMA-family or this repo's): pass --tokenizer=PATH to "
-                        "a SentencePiece model whose ids match the embedding rows.")
-    raise DataError(f"--hf_dir {hf_dir!r} has no {TOKENIZER_FILE} (SentencePiece); pass "
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return None
+    raise DataError(f"--hf_dir {hf_dir!r} has neither a tokenizer.json nor a {TOKENIZER_FILE} "
+                    "(SentencePiece); copy the model's tokenizer files beside it, or pass "
                     "--tokenizer=PATH to a SentencePiece model whose ids match the embedding "
                     "rows.")
 
@@ -676,7 +846,10 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
     serve).
 
     The weights may be one file or index-listed shards, fp32/fp16/bf16 (held as fp32; the
-    source dtype is recorded for the export back). The tokenizer is the directory's
+    source dtype is recorded for the export back). Without a `tokenizer.model`, the
+    directory's `tokenizer.json` is relabelled (`relabel_tokenizer_json`; rows added for a
+    missing pad/unk, recorded as added_vocab_rows) and kept as the run's tokenizer.json
+    (`llm.data.tokenizer.HFTokenizer`). Otherwise the tokenizer is the directory's
     SentencePiece `tokenizer.model`: this repo's (pad 0, eos 1, unk 2) as is, or any other, e.g.
     LLaMA's (unk 0, <s> 1, </s> 2), with its special pieces moved to our ids and the embedding
     (and untied head) rows moved with them (`seqio_tokenizer`; the permutation is recorded, the
@@ -697,20 +870,29 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
     dtypes = {str(t.dtype) for t in tensors.values()}  # mixed or not a float: export fp32
     dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(DTYPES) else "float32"
     spm_path = _tokenizer_path(hf_dir, tokenizer)
-    spm_bytes, perm = seqio_tokenizer(spm_path)
-    pieces = spm.SentencePieceProcessor(model_proto=spm_bytes).get_piece_size()
-    if pieces > cfg.vocab_size:
-        raise DataError(f"{spm_path} has {pieces} pieces, more than config.json "
-                        f"vocab_size={cfg.vocab_size}.")
-    if perm:
-        params = _permute_vocab(cfg, params, perm)
+    added = 0
+    if spm_path is None:  # tokenizer.json only (GPT-2, Llama-3, ...): relabel it
+        tok_json, perm, added = relabel_tokenizer_json(hf_dir, config, cfg.vocab_size)
+        params = _grow_and_permute_vocab(cfg, params, perm, added)
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + added)
+        tok_file, tok_bytes = JSON_TOKENIZER_FILE, json.dumps(tok_json, ensure_ascii=False,
+                                                              indent=1).encode()
+    else:
+        tok_bytes, perm = seqio_tokenizer(spm_path)
+        pieces = spm.SentencePieceProcessor(model_proto=tok_bytes).get_piece_size()
+        if pieces > cfg.vocab_size:
+            raise DataError(f"{spm_path} has {pieces} pieces, more than config.json "
+                            f"vocab_size={cfg.vocab_size}.")
+        if perm:
+            params = _permute_vocab(cfg, params, perm)
+        tok_file = TOKENIZER_FILE
     if os.path.exists(os.path.join(run_dir, "checkpoints")):
         raise DataError(f"--run_dir {run_dir!r} already holds checkpoints; pick a new run "
                         "directory.")
     os.makedirs(os.path.join(run_dir, SOURCE_DIR), exist_ok=True)
-    with open(os.path.join(run_dir, TOKENIZER_FILE), "wb") as f:
-        f.write(spm_bytes)
-    load_tokenizer(os.path.join(run_dir, TOKENIZER_FILE))  # DataError if still not seqio ids
+    with open(os.path.join(run_dir, tok_file), "wb") as f:
+        f.write(tok_bytes)
+    load_tokenizer(os.path.join(run_dir, tok_file))  # DataError if still not seqio ids
     generation_config = None
     for name in SOURCE_FILES:
         if os.path.isfile(os.path.join(hf_dir, name)):
@@ -737,9 +919,9 @@ def import_hf(hf_dir: str, run_dir: str, seq_len: int | None = None,
         "imported_from": {"hf_dir": os.path.abspath(hf_dir), "config": config,
                           "dtype": dtype,
                           "generation_config": generation_config,
-                          "token_permutation": perm},
+                          "token_permutation": perm, "added_vocab_rows": added},
         "seed": 0,
-        "data": {"vocab_size": cfg.vocab_size, "tokenizer": TOKENIZER_FILE,
+        "data": {"vocab_size": cfg.vocab_size, "tokenizer": tok_file,
                  "data_dir": os.path.abspath(run_dir)},
     }
     with open(os.path.join(run_dir, "manifest.json"), "w") as f:
@@ -773,12 +955,15 @@ def compare(run_dir: str, hf_dir: str, *, seq: int = 32, new_tokens: int = 32,
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir,
                                                               dtype=torch.float32).eval()
     # A run imported with a relabelled tokenizer: HF id order[i] is our id i.
-    perm = (run.manifest.get("imported_from") or {}).get("token_permutation") or []
+    source = run.manifest.get("imported_from") or {}
+    perm = source.get("token_permutation") or []
     order = np.asarray(list(perm) + list(range(len(perm), run.cfg.vocab_size)))
-    ids = np.random.default_rng(seed).integers(3, run.cfg.vocab_size, (2, seq)).astype(np.int32)
-    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))
+    # Our ids of the source's rows (rows added on import, pad/unk, have no HF logit).
+    real = np.argsort(order)[:run.cfg.vocab_size - int(source.get("added_vocab_rows") or 0)]
+    ids = real[np.random.default_rng(seed).integers(3, len(real), (2, seq))].astype(np.int32)
+    ours = np.asarray(transformer.apply(run.graphdef, run.params, ids))[..., real]
     with torch.no_grad():
-        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()[..., order]
+        theirs = model(torch.from_numpy(order[ids].astype(np.int64))).logits.numpy()
     prompt = ids[0, :8].tolist()
 
     def ours_gen():

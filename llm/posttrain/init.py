@@ -36,7 +36,7 @@ from llm.compress.qat import qat
 from llm.config import ConfigError
 from llm.data.curate.local import atomic_write
 from llm.data.sources import DataError
-from llm.data.tokenizer import load_tokenizer
+from llm.data.tokenizer import is_tokenizer_json, load_tokenizer
 from llm.model import transformer
 from llm.model.config import ModelConfig
 from llm.parallel.rules import Rules
@@ -57,10 +57,21 @@ def file_sha256(path: str) -> str:
 def extend_tokenizer(src: str, dst: str, symbols: Sequence[str]) -> list[int]:
     """Write `src`'s SentencePiece model to `dst` with every string of `symbols` that it does not
     already encode as one token appended as a USER_DEFINED piece. Returns the new ids (empty when
-    nothing was missing; `dst` is then a plain copy)."""
+    nothing was missing; `dst` is then a plain copy). A tokenizer.json (a run imported from
+    Hugging Face) gets them as added tokens, matched whole and kept in decoded text."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tok = load_tokenizer(src)
+    if is_tokenizer_json(src):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTok
+
+        hf_tok = HFTok.from_file(src)
+        missing = [s for s in symbols if len(tok.encode(s)) != 1]
+        hf_tok.add_tokens([AddedToken(s, normalized=False, special=False) for s in missing])
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        atomic_write(dst, hf_tok.to_str().encode())
+        return [hf_tok.token_to_id(s) for s in missing]  # the next ids, in order
     with open(src, "rb") as f:
         model = pb.ModelProto.FromString(f.read())
     new_ids = []

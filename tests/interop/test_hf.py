@@ -36,13 +36,57 @@ def spm_model(tmp_path_factory) -> str:
     return train_sentencepiece([Path(p).read_text() for p in EMAIL], path, vocab_size=VOCAB)
 
 
-def _llama(tie: bool):
+def _byte_bpe(kind: str, out: str):
+    """A byte-level BPE tokenizer.json trained here with `tokenizers` on the stdlib email
+    package (~400 ids, fewer than the model's VOCAB rows: a padded vocabulary), saved as the
+    hub saves one: "gpt2" -- GPT2TokenizerFast, <|endoftext|> is bos/eos/unk, no pad, nothing
+    added by the post-processor; "llama3" -- Llama-3's layout: <|begin_of_text|> (bos, added by
+    a TemplateProcessing post-processor), <|end_of_text|> (eos) and reserved specials as added
+    tokens after the BPE ids (not in the model's vocabulary), no pad, no unk."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    lines = [line for p in EMAIL for line in Path(p).read_text().splitlines() if line.strip()]
+    specials = ["<|endoftext|>"] if kind == "gpt2" else ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines[:600], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials[:1 if kind == "gpt2" else 0], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if kind == "llama3":  # as Llama-3: specials after the BPE ids, outside the model's vocab
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                                specials + [f"<|reserved_special_token_{i}|>" for i in range(3)]])
+    if kind == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        fast = transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=specials[0],
+                                              eos_token=specials[0], unk_token=specials[0])
+    else:
+        bos = (specials[0], tok.token_to_id(specials[0]))
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B:1",
+                                          special_tokens=[bos])])
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],
+                                                    eos_token=specials[1])
+    fast.save_pretrained(out)
+    return fast
+
+
+def _llama(tie: bool, eos: int = 1, bos: int | None = None, pad: int | None = 0):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie, eos_token_id=1,
-        pad_token_id=0, bos_token_id=None)
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie, eos_token_id=eos,
+        pad_token_id=pad, bos_token_id=bos)
     model = transformers.LlamaForCausalLM(config)
     # Random init is tiny (std 0.02); widen it so attention and the logits are not near-uniform.
     with torch.no_grad():
@@ -52,11 +96,11 @@ def _llama(tie: bool):
     return model.eval()
 
 
-def _gpt2():
+def _gpt2(eos: int = 1, bos: int | None = None, pad: int | None = 0):
     torch.manual_seed(1)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                     n_positions=128, eos_token_id=1, pad_token_id=0,
-                                     bos_token_id=None)
+                                     n_positions=128, eos_token_id=eos, pad_token_id=pad,
+                                     bos_token_id=bos)
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -80,11 +124,14 @@ def _our_logits(run, ids: np.ndarray) -> np.ndarray:
     return np.asarray(transformer.apply(run.graphdef, run.params, ids))
 
 
-def _check_parity(model, run, seed: int) -> None:
+def _check_parity(model, run, seed: int, ours_of: np.ndarray | None = None) -> list[int]:
+    """Logits and 32 greedy tokens against transformers on random source ids; `ours_of[i]` is
+    our id of source id i (a relabelled import), identity by default. Returns our tokens."""
+    ours_of = np.arange(VOCAB) if ours_of is None else ours_of
     ids = np.random.default_rng(seed).integers(3, VOCAB, size=(2, 24)).astype(np.int32)
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    ours = _our_logits(run, ids)
+    ours = _our_logits(run, ours_of[ids].astype(np.int32))[..., ours_of]  # source id order
     assert ours.shape == theirs.shape
     assert np.abs(ours).max() > 1.0  # the check is not vacuous
     diff = np.abs(ours - theirs).max()
@@ -95,33 +142,147 @@ def _check_parity(model, run, seed: int) -> None:
         out = model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
                              max_new_tokens=32, min_new_tokens=32, eos_token_id=None,
                              pad_token_id=0)
-    theirs_tokens = out[0, len(prompt):].tolist()
-    ours_tokens = generate(run.graphdef, run.params, run.cfg, [prompt.tolist()],
+    theirs_tokens = ours_of[out[0, len(prompt):].numpy()].tolist()
+    ours_tokens = generate(run.graphdef, run.params, run.cfg, [ours_of[prompt].tolist()],
                            max_new_tokens=32, temperature=0.0, eos_id=-1)[0]
     assert len(theirs_tokens) == 32 and ours_tokens == theirs_tokens
+    return ours_tokens
 
 
-@pytest.mark.parametrize("arch", ["llama_gqa_untied", "gpt2"])
-def test_import_parity_and_round_trip(arch, spm_model, tmp_path):
-    model = _llama(tie=False) if arch.startswith("llama") else _gpt2()
-    src = _save(model, spm_model, str(tmp_path / "hf"))
+TEXTS = ["def f(x):\n    return x + 1\n", "héllo  wörld 😀\t x  \n\n   ", "  lead", "trail  ",
+         "From: a@b.c\r\nSubject: \u00e9t\u00e9 \u4e2d\u6587", " " * 9 + "\t\t\n" * 3]
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa_untied_llama3tok", "gpt2_bytebpe"])
+def test_import_parity_and_round_trip(arch, tmp_path, capsys):
+    """Hub-style directories whose tokenizer is only a tokenizer.json (byte-level BPE: GPT-2's
+    layout, and Llama-3's with a BOS-adding post-processor), imported through the CLI: our ids
+    are AutoTokenizer's relabelled (pad/unk rows added, eos moved to 1), logits on the source's
+    ids <= 1e-4, 32 greedy tokens equal, the run decodes, and export gives back the source's
+    weights and tokenizer files bit for bit."""
+    from tools.hf import main
+
+    src = str(tmp_path / "hf")
+    fast = _byte_bpe("llama3" if arch.startswith("llama") else "gpt2", src)
+    eos, bos = fast.eos_token_id, fast.bos_token_id
+    model = _llama(tie=False, eos=eos, bos=bos, pad=None) if arch.startswith("llama") else \
+        _gpt2(eos=eos, bos=bos, pad=None)
+    model.save_pretrained(src)
     run_dir = str(tmp_path / "run")
-    hf.import_hf(src, run_dir)
+    assert main(["import", f"--hf_dir={src}", f"--run_dir={run_dir}"]) == 0, capsys.readouterr()
     run = load_run(run_dir)
     if arch.startswith("llama"):
         assert (run.cfg.num_heads, run.cfg.kv_heads, run.cfg.tie_embeddings) == (4, 2, False)
-    _check_parity(model, run, seed=0)
+    source = run.manifest["imported_from"]
+    perm = source["token_permutation"]
+    # Neither has an unk of its own (GPT-2's is its eos): a row is appended for it. Id 0, the
+    # BOS this repo feeds at position 0, is Llama-3's <|begin_of_text|>; GPT-2 has no BOS of
+    # its own (bos = eos), so id 0 is an appended pad row.
+    added = 1 if arch.startswith("llama") else 2
+    assert source["added_vocab_rows"] == added and run.cfg.vocab_size == VOCAB + added
+    assert perm[:3] == ([bos, eos, VOCAB] if added == 1 else [VOCAB, eos, VOCAB + 1])
+    assert sorted(perm) == list(range(VOCAB + added))
+    ours_of = np.argsort(perm)[:VOCAB]
+    tok = run.tokenizer
+    assert type(tok).__name__ == "HFTokenizer" and tok.vocab_size == len(fast) + added
+    assert (tok.id_to_piece(0), tok.id_to_piece(1), tok.id_to_piece(2)) == \
+        ("<|begin_of_text|>" if added == 1 else "<llm_pad>", fast.eos_token, "<llm_unk>")
+    auto = transformers.AutoTokenizer.from_pretrained(src)
+    for text in TEXTS + [Path(EMAIL[0]).read_text()[:2000]]:
+        theirs = ours_of[auto.encode(text)].tolist()
+        # What the model reads: transformers' ids == ours after the BOS every consumer here
+        # puts in front (Llama-3's post-processor adds it; GPT-2 has none to add).
+        if arch.startswith("llama"):
+            assert theirs == [0] + tok.encode(text), text
+        else:
+            assert theirs == tok.encode(text), text
+        assert tok.decode(tok.encode(text)) == auto.decode(auto.encode(text),
+                                                           skip_special_tokens=True)
+    assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+    with pytest.raises(hf.DataError, match="tokenizer.json; seqio"):
+        tok.to_seqio()
+    import pickle
 
-    # Round trip: import then export is bit-exact on every tensor, and nothing is added/lost.
+    from llm.data.tokenizer import load_tokenizer
+
+    assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[1]) == tok.encode(TEXTS[1])  # workers
+    with pytest.raises(hf.DataError, match="not special pad/eos/unk tokens"):
+        load_tokenizer(os.path.join(src, "tokenizer.json"))  # the source's, not relabelled
+    with pytest.raises(hf.DataError, match="no seqio extra ids"):
+        load_tokenizer(tok.model_path, extra_ids=4)
+
+    greedy = _check_parity(model, run, seed=0, ours_of=ours_of)
+    # The imported run serves: decode of the greedy tokens is transformers' decode of its own.
+    theirs_ids = [perm[i] for i in greedy]
+    theirs_ids = theirs_ids[:theirs_ids.index(eos)] if eos in theirs_ids else theirs_ids
+    assert tok.decode(greedy) == auto.decode(theirs_ids, skip_special_tokens=True)
+    prompt = tok.encode("def f(x):")
+    out = generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=8,
+                   temperature=0.0, eos_id=tok.eos_id)[0]
+    assert 0 < len(out) <= 8 and isinstance(tok.decode(out), str)
+    if arch.startswith("llama"):
+        # The evaluator (BOS_ID + ids, as every stage feeds the model) against transformers on
+        # AutoTokenizer's ids (BOS from its post-processor); the reference softmax also covers
+        # the appended unk row, whose untied head column is the mean column: its logit is the
+        # mean of the real logits.
+        from llm.eval.lm import LanguageModel
+
+        ctx, cont = "def f(x):", "\n    return x + 1"
+        full = auto.encode(ctx + cont)
+        n = len(full) - len(auto.encode(ctx))
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0].double()
+        logits = torch.cat([logits, logits.mean(-1, keepdim=True)], -1)
+        ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(full[1:])[:, None])
+        lm = LanguageModel(run, batch_size=1, progress=False)
+        [(ll, _)] = lm.loglikelihood([(ctx, cont)])
+        assert abs(ll - float(ref[-n:].sum())) <= 1e-4 * n, (ll, float(ref[-n:].sum()))
+        # A merge across the boundary ("x(" + "(" -> "x", "((") leaves no continuation tokens
+        # in context+continuation: the continuation's own tokens are scored instead.
+        merged = next(t for t in auto.get_vocab() if len(t) == 2 and t.isascii() and
+                      t[0] not in " \n" and len(tok.encode("\n" + t)) == 2 ==
+                      len(tok.encode("\n" + t[0])))
+        ctx2 = "\n" + merged[0]
+        assert lm.encode_pair(ctx2, merged[1]) == (tok.encode(ctx2), tok.encode(merged[1]))
+        assert lm.loglikelihood([(ctx2, merged[1])])[0][0] < 0
+    # SFT's chat tags: appended as whole added tokens after the last id, kept when decoding.
+    from llm.posttrain.init import extend_tokenizer
+    from llm.serve.chat_template import ROLE_TAGS
+
+    new_ids = extend_tokenizer(tok.model_path, str(tmp_path / "sft.model"), ROLE_TAGS)
+    assert new_ids == list(range(tok.vocab_size, tok.vocab_size + len(ROLE_TAGS)))
+    sft_tok = load_tokenizer(str(tmp_path / "sft.model"))
+    text = f"{ROLE_TAGS[1]}hi\n{ROLE_TAGS[2]}"
+    assert sft_tok.encode(text) == [new_ids[1], *tok.encode("hi\n"), new_ids[2]]
+    assert sft_tok.decode(sft_tok.encode(text)) == text
+    # A run fine-tuned from the import (no `imported_from`, the tagged tokenizer) exports in
+    # our ids: AutoTokenizer on the export gives the run's ids.
+    import shutil
+
+    tuned = str(tmp_path / "tuned")
+    shutil.copytree(run_dir, tuned, ignore=shutil.ignore_patterns("hf_source"))
+    manifest = json.loads(Path(tuned, "manifest.json").read_text())
+    del manifest["imported_from"]
+    Path(tuned, "manifest.json").write_text(json.dumps(manifest))
+    shutil.copyfile(tmp_path / "sft.model", Path(tuned, "tokenizer.json"))
+    assert main(["export", f"--run_dir={tuned}", f"--out={tmp_path / 'tuned_hf'}"]) == 0
+    tuned_auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tuned_hf"))
+    for t in [text] + TEXTS:
+        assert tuned_auto(t, add_special_tokens=False)["input_ids"] == sft_tok.encode(t)
+
+    # Round trip: import then export is bit-exact on every tensor, and nothing is added/lost;
+    # the source's tokenizer files come back unchanged.
     out = str(tmp_path / "exported")
-    hf.export_run(run_dir, out)
+    assert main(["export", f"--run_dir={run_dir}", f"--out={out}"]) == 0
     original = {k: v for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
     exported = load_file(os.path.join(out, "model.safetensors"))
     assert set(exported) == set(original)
     for name, value in original.items():
         assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert Path(out, name).read_bytes() == Path(src, name).read_bytes(), name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(reloaded) is type(model)
+    assert type(reloaded) is type(model) and reloaded.config.vocab_size == VOCAB
 
 
 def test_export_trained_run_loads_in_transformers(tiny_run, tmp_path):
@@ -187,11 +348,15 @@ def test_import_bad_input(spm_model, tmp_path, capsys):
         assert not os.path.exists(tmp_path / "r" / "checkpoints")
 
     capsys.readouterr()  # save_pretrained's progress bar
-    os.remove(os.path.join(src, "tokenizer.model"))  # a hub GPT-2: tokenizer.json only
-    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    os.remove(os.path.join(src, "tokenizer.model"))
+    check_main("has neither a tokenizer.json nor a tokenizer.model")
+    # tokenizer.json only: a model type import cannot relabel, ids past the weights' rows.
+    Tokenizer(models.Unigram([("a", -1.0), ("b", -2.0)])).save(os.path.join(src, "tokenizer.json"))
+    check_main("tokenizer model type 'Unigram' without a SentencePiece tokenizer.model")
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "c": 600}, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
     bpe.save(os.path.join(src, "tokenizer.json"))
-    check_main("tokenizer.json BPE model (byte-level BPE, as GPT-2's) but no SentencePiece")
+    check_main("has token id 600, but config.json vocab_size=512")
     with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}},
                   f)
