@@ -174,7 +174,23 @@ def _with_extra_ids(model_proto: bytes, extra_ids: int) -> bytes:
     return model.SerializeToString()
 
 
-class Tokenizer:
+class _RepoIds:
+    """The special ids every tokenizer of this repo has (`objectives.PAD_ID/EOS_ID/UNK_ID`)."""
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+
+class Tokenizer(_RepoIds):
     """A loaded SentencePiece model plus `extra_ids` sentinels; ids match seqio's."""
 
     def __init__(self, model_path: str, extra_ids: int = 0):
@@ -209,18 +225,6 @@ class Tokenizer:
         """Number of ids, extra ids included (seqio's `vocab_size`)."""
         return self._sp.get_piece_size()
 
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def eos_id(self) -> int:
-        return EOS_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
-
     def extra_id(self, i: int) -> int:
         """Id of sentinel `<extra_id_i>` (T5 order: extra_id(0) is the last id)."""
         if not 0 <= i < self.extra_ids:
@@ -253,7 +257,7 @@ class Tokenizer:
         return seqio.SentencePieceVocabulary(self.model_path, extra_ids=self.extra_ids)
 
 
-class HFTokenizer:
+class HFTokenizer(_RepoIds):
     """A Hugging Face `tokenizers` tokenizer.json (byte-level BPE as GPT-2's and Llama-3's, or any
     other model type) behind `Tokenizer`'s interface, for runs imported by `tools.hf import`.
 
@@ -300,18 +304,6 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def eos_id(self) -> int:
-        return EOS_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
 
     def extra_id(self, i: int) -> int:
         raise ValueError(f"extra_id({i}): tokenizer {self.model_path!r} (tokenizer.json) has no "
