@@ -34,6 +34,24 @@ def _interleaved_rope(x, pos, theta):
     return out
 
 
+def _llama_cpp_greedy_equals_ours(run, path: str, python: str):
+    """llama.cpp (in `python`, an interpreter that imports llama_cpp) loads the F32 GGUF file at
+    `path` and gives exactly our sampler's 32 greedy tokens after BOS + "def parse(" (positions
+    up to 40, past a 16-position original context where a test scales RoPE)."""
+    from llm.serve.engine import BOS_ID
+    from llm.serve.sampler import generate
+    from tools.llamacpp_worker import LlamaCpp
+
+    prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
+    ours = generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=32,
+                    temperature=0.0, top_k=0, eos_id=-1)[0]
+    worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
+    try:
+        assert worker.generate(prompt, 32)[0] == ours
+    finally:
+        worker.close()
+
+
 @pytest.fixture(scope="module")
 def gguf_files(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
@@ -223,21 +241,12 @@ def test_gguf_rope_scaling_llama3(tiny_run, tmp_path):
         rope_freq_factors(ModelConfig(rope_scaling="yarn", rope_factor=2.0,
                                       rope_original_max_len=16))
 
-    from llm.serve.engine import BOS_ID
-    from llm.serve.sampler import generate
-    from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+    from tools.llamacpp_worker import llama_cpp_python
 
     python = llama_cpp_python()
     if python is None:
         pytest.skip("llama-cpp-python is not installed (optional extra 'llamacpp')")
-    prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
-    ours = generate(run.graphdef, run.params, cfg, [prompt], max_new_tokens=32,
-                    temperature=0.0, top_k=0, eos_id=-1)[0]
-    worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
-    try:
-        assert worker.generate(prompt, 32)[0] == ours  # positions up to 40 > 16
-    finally:
-        worker.close()
+    _llama_cpp_greedy_equals_ours(run, path, python)
 
 
 def test_gguf_rope_scaling_yarn_and_dynamic(tiny_run, tmp_path, capsys):
@@ -246,10 +255,8 @@ def test_gguf_rope_scaling_yarn_and_dynamic(tiny_run, tmp_path, capsys):
     ours. Dynamic NTK, which llama.cpp lacks, is one line through the CLI, exit 2."""
     import shutil
 
-    from llm.serve.engine import BOS_ID
-    from llm.serve.sampler import generate
     from tools.export_gguf import main
-    from tools.llamacpp_worker import LlamaCpp, llama_cpp_python
+    from tools.llamacpp_worker import llama_cpp_python
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(tiny_run, run_dir)
@@ -280,12 +287,4 @@ def test_gguf_rope_scaling_yarn_and_dynamic(tiny_run, tmp_path, capsys):
     Path(run_dir, "config.gin").write_text(
         base + "\nModelConfig.rope_scaling = 'yarn'\nModelConfig.rope_factor = 4.0\n"
         "ModelConfig.rope_original_max_len = 16\nModelConfig.rope_beta_fast = 16.0\n")
-    run = load_run(run_dir)
-    prompt = [BOS_ID, *run.tokenizer.encode("def parse(")]
-    ours = generate(run.graphdef, run.params, run.cfg, [prompt], max_new_tokens=32,
-                    temperature=0.0, top_k=0, eos_id=-1)[0]
-    worker = LlamaCpp(path, python=python, threads=1, n_ctx=64)
-    try:
-        assert worker.generate(prompt, 32)[0] == ours  # positions up to 40 > 16
-    finally:
-        worker.close()
+    _llama_cpp_greedy_equals_ours(load_run(run_dir), path, python)

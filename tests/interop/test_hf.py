@@ -42,40 +42,12 @@ def _byte_bpe(kind: str, out: str):
     hub saves one: "gpt2" -- GPT2TokenizerFast, <|endoftext|> is bos/eos/unk, no pad, nothing
     added by the post-processor; "llama3" -- Llama-3's layout: <|begin_of_text|> (bos, added by
     a TemplateProcessing post-processor), <|end_of_text|> (eos) and reserved specials as added
-    tokens after the BPE ids (not in the model's vocabulary), no pad, no unk."""
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    tokens after the BPE ids (not in the model's vocabulary), no pad, no unk. Built by
+    tools/make_bpe_hf_dirs.py's `byte_bpe`."""
+    from tools.make_bpe_hf_dirs import byte_bpe
 
     lines = [line for p in EMAIL for line in Path(p).read_text().splitlines() if line.strip()]
-    specials = ["<|endoftext|>"] if kind == "gpt2" else ["<|begin_of_text|>", "<|end_of_text|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines[:600], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials[:1 if kind == "gpt2" else 0], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if kind == "llama3":  # as Llama-3: specials after the BPE ids, outside the model's vocab
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                                specials + [f"<|reserved_special_token_{i}|>" for i in range(3)]])
-    if kind == "gpt2":
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        fast = transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=specials[0],
-                                              eos_token=specials[0], unk_token=specials[0])
-    else:
-        bos = (specials[0], tok.token_to_id(specials[0]))
-        tok.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B:1",
-                                          special_tokens=[bos])])
-        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],
-                                                    eos_token=specials[1])
+    fast = byte_bpe(kind, lines[:600], vocab_size=400, reserved=3)
     fast.save_pretrained(out)
     return fast
 
