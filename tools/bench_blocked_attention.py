@@ -3,13 +3,16 @@ our XLA formulations against PyTorch's fused SDPA kernel (eager and under torch.
 threads, interleaved. Part (a) of the train-step gap decomposition in docs/benchmarks.md.
 
   .venv/bin/python tools/bench_blocked_attention.py --seqs 256,1024,2048 --tokens 4096 \\
-      --impls blocked:128x128,blocked:256x256,materialized,jax_xla \\
+      --impls cpu_flash,blocked:128x128,materialized,jax_xla \\
       --torch_python /tmp/torchvenv/bin/python --json attention.json
 
 Each point is one layer of the train-step benchmark (`tools/bench_train.py --seqs ... --tokens
 4096`): q, k, v [tokens // seq, seq, heads 4, head_dim 64] fp32, causal; "fwd+bwd" is the
 gradient of sum(out * w) with respect to q, k and v. Variants (ours, all jitted):
 
+  cpu_flash        `llm.kernels.cpu_attention` (attention_impl="cpu_flash", what "auto" runs on
+                   CPU): the C++ flash-attention kernel through XLA FFI, given segment ids (all
+                   ones) as the trainer passes them;
   blocked:QxK      `llm.kernels.blocked` (attention_impl="xla_blocked") with block_q x block_k,
                    given segment ids (all ones) as the trainer passes them, so the per-block
                    mask check (`lax.cond`) is on -- what the train step runs;
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="batch = tokens // seq")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--impls", default="blocked:128x128,materialized,jax_xla",
+    p.add_argument("--impls", default="cpu_flash,blocked:128x128,materialized,jax_xla",
                    help="comma-separated variants (see the module docstring)")
     p.add_argument("--iters", type=int, default=5, help="timed calls per variant and point")
     p.add_argument("--threads", type=int, default=0, help="cores for both sides (0: all usable)")
@@ -84,6 +87,11 @@ def make_variant(spec: str, seg: jax.Array):
         return lambda q, k, v: blocked_attention(q, k, v, q_segment_ids=ids, kv_segment_ids=ids,
                                                  causal=True, block_q=bq, block_k=bk,
                                                  splits=int(splits or 1))
+    if name == "cpu_flash":
+        from llm.kernels.cpu_attention import cpu_flash_attention
+
+        return lambda q, k, v: cpu_flash_attention(q, k, v, q_segment_ids=seg,
+                                                   kv_segment_ids=seg, causal=True)
     if name == "materialized":
         return lambda q, k, v: mha_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
                                              causal=True)
@@ -91,7 +99,7 @@ def make_variant(spec: str, seg: jax.Array):
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                             implementation="xla")
     raise SystemExit(f"bench_blocked_attention: unknown --impls entry {spec!r}; use "
-                     "blocked:QxK, blocked_causal:QxK, materialized or jax_xla.")
+                     "cpu_flash, blocked:QxK, blocked_causal:QxK, materialized or jax_xla.")
 
 
 class TorchSide:

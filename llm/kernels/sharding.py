@@ -1,10 +1,10 @@
 """Flash attention on a device mesh.
 
-XLA cannot partition a Pallas kernel (a custom call): under a multi-device `jit` its operands
-would be gathered onto every device. Attention is independent per sequence and per head, so
-the kernel runs per shard under `jax.shard_map`, batch split over `batch_axes` and heads (q
-and kv alike, which keeps each GQA group on one shard) over `head_axes`. Sequence sharding
-(ring / context parallel attention) is not supported.
+XLA cannot partition a Pallas kernel or the CPU kernel (custom calls): under a multi-device
+`jit` their operands would be gathered onto every device. Attention is independent per
+sequence and per head, so the kernel runs per shard under `jax.shard_map`, batch split over
+`batch_axes` and heads (q and kv alike, which keeps each GQA group on one shard) over
+`head_axes`. Sequence sharding (ring / context parallel attention) is not supported.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: M
                             head_axes: str | tuple[str, ...] | None = None,
                             q_segment_ids: jax.Array | None = None,
                             kv_segment_ids: jax.Array | None = None,
-                            prefix: jax.Array | None = None, **kwargs) -> jax.Array:
-    """`flash_attention` run shard by shard on `mesh`; same arguments and result.
+                            prefix: jax.Array | None = None, kernel=flash_attention,
+                            **kwargs) -> jax.Array:
+    """`kernel` (`flash_attention`, or `cpu_flash_attention`) run shard by shard on `mesh`;
+    same arguments and result.
 
     q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim]: batch is split
     over `batch_axes`, heads and kv_heads over `head_axes`; other dims are whole on each shard.
@@ -55,7 +57,7 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: M
             if x is not None}
 
     def local(q, k, v, *row_args):
-        return flash_attention(q, k, v, **dict(zip(rows, row_args)), **kwargs)
+        return kernel(q, k, v, **dict(zip(rows, row_args)), **kwargs)
 
     in_specs = (x_spec, x_spec, x_spec) + (seg_spec,) * len(rows)
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=x_spec, check_vma=False)

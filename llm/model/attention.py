@@ -5,8 +5,13 @@
            [batch, heads, q_len, kv_len] scores;
   xla_blocked - blocked online-softmax attention in jnp (`llm.kernels.blocked`), any backend;
            memory linear in the sequence length, causally masked blocks skipped;
-  auto   - xla_blocked on CPU when q_len or kv_len >= AUTO_BLOCKED_MIN_LEN, otherwise xla
-           (measured in docs/benchmarks.md; accelerators keep xla unless pallas or cudnn is set);
+  cpu_flash - `llm.kernels.cpu_attention`: a C++ flash-attention kernel (XLA FFI) compiled on
+           first use, CPU only; fp32 self-attention without a prefix-LM mask;
+  auto   - on CPU, cpu_flash where it applies and the kernel builds here, else xla_blocked when
+           q_len or kv_len >= AUTO_BLOCKED_MIN_LEN, else xla (measured in docs/benchmarks.md);
+           lowered for another platform from CPU (AOT checks, jax.export) the CPU kernel is left
+           out (`jax.lax.platform_dependent`); accelerators keep xla unless pallas or cudnn is
+           set.
   pallas - `llm.kernels.flash_attention` (Triton on GPU, Mosaic on TPU, interpreted on CPU);
   cudnn  - `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
 """
@@ -40,13 +45,47 @@ AUTO_BLOCKED_MIN_LEN = 256
 
 
 def resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
-    """The implementation `attend` runs for ModelConfig.attention_impl=impl ("auto" resolved
-    from the backend and the lengths)."""
+    """The jnp implementation `attend` runs for ModelConfig.attention_impl=impl ("auto" resolved
+    from the backend and the lengths; where "auto" can use the CPU kernel, `attend` prefers it
+    on CPU, see `cpu_kernel_unusable`)."""
     if impl != "auto":
         return impl
     if jax.default_backend() == "cpu" and max(q_len, kv_len) >= AUTO_BLOCKED_MIN_LEN:
         return "xla_blocked"
     return "xla"
+
+
+def cpu_kernel_unusable(q: jax.Array, k: jax.Array, prefix: jax.Array | None) -> str | None:
+    """Why `cpu_flash` cannot run this call here (no compiler, unsupported arguments), or
+    None."""
+    from llm.kernels import cpu_attention
+
+    ok, why = cpu_attention.available()
+    return cpu_attention.supports(q.shape, k.shape, q.dtype, prefix=prefix is not None) if ok \
+        else why
+
+
+def _per_shard(kernel, q, k, v, *, segment_ids, kv_segment_ids, causal, prefix):
+    """A custom-call kernel on the active mesh: XLA cannot partition it, so on a multi-device
+    mesh it runs per shard (batch and heads split as the activation rules say) instead of
+    gathering q/k/v everywhere."""
+    from llm.kernels.sharding import sharded_flash_attention
+
+    placed = active_spec(Q_AXES, q.shape)
+    kv_placed = active_spec(KV_AXES, k.shape)
+    rows = dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+    if prefix is not None:
+        rows["prefix"] = prefix
+    if placed is None:
+        return kernel(q, k, v, **rows)
+    mesh, spec = placed
+    batch_axes = spec[0] if len(spec) > 0 else None
+    head_axes = spec[2] if len(spec) > 2 else None
+    kv_spec = kv_placed[1] if kv_placed else ()
+    if head_axes is not None and (len(kv_spec) <= 2 or kv_spec[2] != head_axes):
+        head_axes = None  # q and kv heads must split alike to keep GQA groups together
+    return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=batch_axes,
+                                   head_axes=head_axes, kernel=kernel, **rows)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
@@ -66,6 +105,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
         raise ConfigError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX's "
                           f"backend is {jax.default_backend()!r}; use ModelConfig.attention_impl="
                           "'auto' or 'xla' (any backend), or 'pallas'.")
+    if impl == "cpu_flash":
+        if jax.default_backend() != "cpu":
+            raise ConfigError(f"ModelConfig.attention_impl='cpu_flash' is the CPU kernel, but "
+                              f"JAX's backend is {jax.default_backend()!r}; use "
+                              "ModelConfig.attention_impl='auto'.")
+        why = cpu_kernel_unusable(q, k, prefix)
+        if why:
+            raise ConfigError(f"ModelConfig.attention_impl='cpu_flash' cannot run here: {why}; "
+                              "use ModelConfig.attention_impl='auto' or 'xla_blocked'.")
+        return _cpu_flash(q, k, v, segment_ids, kv_segment_ids, causal)
+    if impl == "auto" and jax.default_backend() == "cpu" and not cpu_kernel_unusable(q, k,
+                                                                                    prefix):
+        # The kernel exists only for CPU: lowering for another platform takes the jnp branch.
+        fallback = resolve_impl(impl, q.shape[1], k.shape[1])
+        return jax.lax.platform_dependent(
+            q, k, v, segment_ids, kv_segment_ids,
+            cpu=lambda *a: _cpu_flash(*a, causal),
+            default=lambda *a: attend(*a[:3], segment_ids=a[3], kv_segment_ids=a[4],
+                                      causal=causal, impl=fallback, splits=splits))
     impl = resolve_impl(impl, q.shape[1], k.shape[1])
     if impl == "xla_blocked":
         return blocked_attention(q, k, v, q_segment_ids=segment_ids,
@@ -84,25 +142,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
                              causal=causal, prefix=prefix)
     if impl == "pallas":
         from llm.kernels import flash_attention
-        from llm.kernels.sharding import sharded_flash_attention
 
-        # XLA cannot partition a Pallas call; on a multi-device mesh run it per shard (batch and
-        # heads split as the activation rules say) instead of gathering q/k/v everywhere.
-        placed = active_spec(Q_AXES, q.shape)
-        kv_placed = active_spec(KV_AXES, k.shape)
-        if placed is None:
-            return flash_attention(q, k, v, q_segment_ids=segment_ids,
-                                   kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix)
-        mesh, spec = placed
-        batch_axes = spec[0] if len(spec) > 0 else None
-        head_axes = spec[2] if len(spec) > 2 else None
-        kv_spec = kv_placed[1] if kv_placed else ()
-        if head_axes is not None and (len(kv_spec) <= 2 or kv_spec[2] != head_axes):
-            head_axes = None  # q and kv heads must split alike to keep GQA groups together
-        return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=batch_axes,
-                                       head_axes=head_axes, q_segment_ids=segment_ids,
-                                       kv_segment_ids=kv_segment_ids, causal=causal,
-                                       prefix=prefix)
+        return _per_shard(flash_attention, q, k, v, segment_ids=segment_ids,
+                          kv_segment_ids=kv_segment_ids, causal=causal, prefix=prefix)
     if impl == "cudnn":
         mask = None
         if segment_ids is not None:
@@ -110,8 +152,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
     raise ConfigError(f"ModelConfig.attention_impl={impl!r} is not one of 'auto', 'xla', "
-                      "'xla_blocked', 'pallas', 'cudnn'; set ModelConfig.attention_impl to one "
-                      "of them.")
+                      "'xla_blocked', 'cpu_flash', 'pallas', 'cudnn'; set "
+                      "ModelConfig.attention_impl to one of them.")
+
+
+def _cpu_flash(q, k, v, segment_ids, kv_segment_ids, causal):
+    from llm.kernels.cpu_attention import cpu_flash_attention
+
+    return _per_shard(cpu_flash_attention, q, k, v, segment_ids=segment_ids,
+                      kv_segment_ids=kv_segment_ids, causal=causal, prefix=None)
 
 
 KV_CACHE_DTYPES = ("model", "int8")

@@ -12,7 +12,7 @@ from llm.config import ConfigError
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal")
 ACTIVATIONS = ("swiglu", "gelu")
-ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "pallas", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "cpu_flash", "pallas", "cudnn")
 REMAT = ("none", "block")
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")  # HF rope_type names

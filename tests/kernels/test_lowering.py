@@ -154,7 +154,8 @@ def test_decode_compiles_for_tpu_in_every_tiling_class():
 
 
 def test_sharded_flash_attention_on_four_devices():
-    """shard_map over (data=2, tensor=2) fake CPU devices: same numbers as the reference."""
+    """shard_map over (data=2, tensor=2) fake CPU devices, the Pallas kernel and the CPU
+    kernel: same numbers as the reference, no gathering of q/k/v."""
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.sharded_worker"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
