@@ -12,7 +12,8 @@ setup(
     description="Curate, pretrain, fine-tune, evaluate, compress and serve LLMs in JAX.",
     python_requires=">=3.11",
     packages=find_packages(include=["llm", "llm.*", "experiments", "tools"]),
-    package_data={"llm.data.curate": ["assets/*.tsv"]},  # the toxicity classifier's training set
+    package_data={"llm.data.curate": ["assets/*.tsv"],  # the toxicity classifier's training set
+                  "llm.kernels": ["cpu/*.cc"]},  # the CPU attention kernel, compiled on use
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

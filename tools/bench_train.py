@@ -10,6 +10,8 @@ For each (config, seq) point -- a gin file under gin_configs/models/ -- it build
 training state and `jit_train_step` on one device (AdamW + clipping from `llm.train.optimizer`,
 the decoder next-token loss) and times full optimizer steps on a fixed synthetic batch:
 
+  attn        the attention the step runs (the config's attention_impl, "auto" resolved:
+              cpu_flash, the C++ kernel, on CPU where it builds; docs/kernels.md);
   compile s   lower + compile of the step;
   step ms     median wall time of one step (each step is waited for);
   tokens/s    batch * seq / median step;
@@ -283,6 +285,17 @@ def swap_out_attention(cfg: ModelConfig) -> None:
     attention.attend = lambda q, k, v, **_: q + k + v
 
 
+def resolved_impl(cfg: ModelConfig, batch: int, seq: int) -> str:
+    """The attention the step runs: "auto" resolved as `attention.attend` does on CPU."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    q = jax.ShapeDtypeStruct((batch, seq, cfg.num_heads, cfg.dim_per_head), jnp.dtype(cfg.dtype))
+    k = jax.ShapeDtypeStruct((batch, seq, cfg.kv_heads, cfg.dim_per_head), jnp.dtype(cfg.dtype))
+    if jax.default_backend() == "cpu" and not attention.cpu_kernel_unusable(q, k, None):
+        return "cpu_flash"
+    return attention.resolve_impl("auto", seq, seq)
+
+
 def twin_unsupported(cfg: ModelConfig) -> str | None:
     """Why the twin cannot run this config (it is GPT-2-style only), or None."""
     want = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
@@ -350,7 +363,7 @@ def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
     fpt = cfg.flops_per_token(seq)
     result = Result(
         config=name, params=cfg.num_params(), batch=batch, seq=seq, dtype=cfg.dtype,
-        attention_impl="q+k+v" if args.no_attention else cfg.attention_impl,
+        attention_impl="q+k+v" if args.no_attention else resolved_impl(cfg, batch, seq),
         flops_per_token=fpt, compile_s=compile_s,
         step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, matmul_gflops=peak / 1e9,
         mfu=fpt * tokens / step_s / peak, loss_first=losses[0], loss_last=losses[-1],

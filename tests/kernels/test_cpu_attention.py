@@ -88,19 +88,25 @@ _THREADS_PROBE = """
 import sys, numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, {repo!r})
 from llm.kernels.cpu_attention import cpu_flash_attention
-ks = jax.random.split(jax.random.key(3), 4)
-q = jax.random.normal(ks[0], (2, 300, 4, 32)); k = jax.random.normal(ks[1], (2, 300, 2, 32))
-v = jax.random.normal(ks[2], (2, 300, 2, 32)); w = jax.random.normal(ks[3], (2, 300, 4, 32))
-out, grads = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(cpu_flash_attention(q, k, v)
-                                                                  * w), argnums=(0, 1, 2)))(q, k, v)
-np.save(sys.argv[1], np.concatenate([np.ravel(np.asarray(x)) for x in (out, *grads)]))
+parts = []
+for b, kv_heads in ((2, 2), (1, 1)):
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (b, 300, 4, 32)); w = jax.random.normal(ks[3], (b, 300, 4, 32))
+    k = jax.random.normal(ks[1], (b, 300, kv_heads, 32))
+    v = jax.random.normal(ks[2], (b, 300, kv_heads, 32))
+    out, grads = jax.jit(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(cpu_flash_attention(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+    parts += [np.ravel(np.asarray(x)) for x in (out, *grads)]
+np.save(sys.argv[1], np.concatenate(parts))
 """
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_bitwise_equal_on_one_and_two_threads(tmp_path):
     """Each task of the kernel is computed by one thread in a fixed order, so the result does
-    not depend on how many threads share the work (XLA sizes its pool from the CPU affinity)."""
+    not depend on how many threads share the work (XLA sizes its pool from the CPU affinity).
+    With one sequence and one kv head on two threads the backward takes its two-pass schedule
+    (one pass on one thread): the same bits too."""
     script = tmp_path / "probe.py"
     script.write_text(_THREADS_PROBE.format(repo=REPO))
     cpus = sorted(os.sched_getaffinity(0))

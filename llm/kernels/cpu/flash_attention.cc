@@ -294,91 +294,171 @@ void forward(ffi::ThreadPool& pool, const Dims& d, const float* q, const float* 
   });
 }
 
+// The backward's operands, packed once per call and shared by its tasks: per (batch, head)
+// q (scaled), dO [padded][hd], lse and delta = rowsum(dO * O) [padded]; per (batch, kv head)
+// k [padded][hd], k^T and v^T [block][hd][kBlock].
+struct Packed {
+  std::vector<float> q, dout, lse, delta, k, kt, vt;
+};
+
+Packed pack_backward(ffi::ThreadPool& pool, const Dims& d, const float* q, const float* k,
+                     const float* v, float scale, const float* out, const float* lse,
+                     const float* dout) {
+  const int64_t nb = d.blocks(), hd = d.head_dim, padded = nb * kBlock;
+  Packed pk;
+  pk.q.resize(d.batch * d.heads * padded * hd);
+  pk.dout.resize(pk.q.size());
+  pk.lse.resize(d.batch * d.heads * padded);
+  pk.delta.resize(pk.lse.size());
+  pk.k.resize(d.batch * d.kv_heads * padded * hd);
+  pk.kt.resize(pk.k.size());
+  pk.vt.resize(pk.k.size());
+  parallel_for(pool, d.batch * d.heads * nb, [&](int64_t task) {
+    const int64_t qb = task % nb, h = task / nb % d.heads, b = task / nb / d.heads;
+    const int64_t row = (b * d.heads + h) * padded + qb * kBlock;
+    pack_rows(q + b * d.seq * d.heads * hd, d.heads, h, qb * kBlock, d, scale,
+              pk.q.data() + row * hd);
+    pack_rows(dout + b * d.seq * d.heads * hd, d.heads, h, qb * kBlock, d, 1.0f,
+              pk.dout.data() + row * hd);
+    for (int64_t r = 0; r < kBlock; ++r) {
+      const int64_t pos = qb * kBlock + r;
+      if (pos >= d.seq) {
+        pk.delta[row + r] = 0.0f;
+        pk.lse[row + r] = INFINITY;
+        continue;
+      }
+      const float* o = out + ((b * d.seq + pos) * d.heads + h) * hd;
+      const float* g = pk.dout.data() + (row + r) * hd;
+      float acc = 0.0f;
+      for (int64_t c = 0; c < hd; ++c) acc += o[c] * g[c];
+      pk.delta[row + r] = acc;
+      pk.lse[row + r] = lse[(b * d.heads + h) * d.seq + pos];
+    }
+    if (h % d.group() == 0) {  // once per kv head
+      const int64_t kvh = h / d.group(), kv_row = (b * d.kv_heads + kvh) * padded + qb * kBlock;
+      const float* kb = k + b * d.seq * d.kv_heads * hd;
+      pack_rows(kb, d.kv_heads, kvh, qb * kBlock, d, 1.0f, pk.k.data() + kv_row * hd);
+      pack_cols(kb, d.kv_heads, kvh, qb * kBlock, d, pk.kt.data() + kv_row * hd);
+      pack_cols(v + b * d.seq * d.kv_heads * hd, d.kv_heads, kvh, qb * kBlock, d,
+                pk.vt.data() + kv_row * hd);
+    }
+  });
+  return pk;
+}
+
+// One tile of the backward: p = P = exp(S - lse) and ds = dS = P * (dP - delta), both
+// [kBlock][kBlock], for query block q0 of head h and key block k0 of its kv head.
+void tile_grads(const Packed& pk, const Dims& d, const Mask& mask, int64_t qrow, int64_t kvrow,
+                int64_t q0, int64_t k0, float* p, float* ds) {
+  const int64_t hd = d.head_dim;
+  const float *qs = pk.q.data() + qrow * hd, *dos = pk.dout.data() + qrow * hd;
+  gemm<false>(kBlock, kBlock, hd, qs, hd, pk.kt.data() + kvrow * hd, kBlock, p, kBlock, false);
+  gemm<false>(kBlock, kBlock, hd, dos, hd, pk.vt.data() + kvrow * hd, kBlock, ds, kBlock, false);
+  const bool full = mask.full(q0, k0);
+  for (int64_t r = 0; r < kBlock; ++r) {
+    float *prow = p + r * kBlock, *drow = ds + r * kBlock;
+    const float lr = pk.lse[qrow + r], dr = pk.delta[qrow + r];
+    if (lr == INFINITY) {  // a row with no allowed key (or past the end)
+      std::fill(prow, prow + kBlock, -INFINITY);
+    } else if (!full) {
+      for (int64_t c = 0; c < kBlock; ++c)
+        if (!mask.allowed(q0 + r, k0 + c)) prow[c] = -INFINITY;
+    }
+    exp_row(prow, lr == INFINITY ? 0.0f : lr);
+    for (int64_t c = 0; c < kBlock; c += kLanes)
+      store(drow + c, load(prow + c) * (load(drow + c) - dr));
+  }
+}
+
+// Backward. With at least as many (batch, kv head) pairs as threads, one task per pair walks
+// its key blocks and, for each, the query blocks that see it, accumulating dK, dV and dQ
+// together. With fewer (a batch of one, GQA, many cores) it splits in two passes with more
+// tasks: dK, dV per (batch, kv head, key block), then dQ per (batch, head, query block), which
+// recomputes the tiles' P and dS. Every sum runs in the same order either way (dK, dV over the
+// group's heads, then query blocks; dQ over key blocks), so the result is bitwise the same
+// whatever the schedule and thread count.
 void backward(ffi::ThreadPool& pool, const Dims& d, const float* q, const float* k,
               const float* v, const int32_t* q_seg, const int32_t* kv_seg, bool causal,
               float scale, const float* out, const float* lse, const float* dout, float* dq,
               float* dk, float* dv) {
   const int64_t nb = d.blocks(), hd = d.head_dim, padded = nb * kBlock;
-  parallel_for(pool, d.batch * d.kv_heads, [&](int64_t task) {
-    const int64_t kvh = task % d.kv_heads, b = task / d.kv_heads;
-    const Mask mask{q_seg ? q_seg + b * d.seq : nullptr, kv_seg ? kv_seg + b * d.seq : nullptr,
-                    causal, d.seq};
-    // Whole-sequence buffers of this task: q (scaled), dO, dQ [padded][hd]; delta, lse [padded]
-    std::vector<float> big(padded * hd * 3 + padded * 2, 0.0f);
-    float *qa = big.data(), *doa = qa + padded * hd, *dqa = doa + padded * hd,
-          *delta = dqa + padded * hd, *lsea = delta + padded;
-    // Per key block: k, k^T, v^T, dK, dV; per tile: p, dp (then ds)
-    std::vector<float> blk(kBlock * hd * 5 + kBlock * kBlock * 2);
-    float *ks = blk.data(), *kt = ks + kBlock * hd, *vt = kt + kBlock * hd,
-          *dks = vt + kBlock * hd, *dvs = dks + kBlock * hd, *p = dvs + kBlock * hd,
-          *ds = p + kBlock * kBlock;
-    const float* kb = k + b * d.seq * d.kv_heads * hd;
-    const float* vb = v + b * d.seq * d.kv_heads * hd;
-    std::vector<float> dk_acc(padded * hd, 0.0f), dv_acc(padded * hd, 0.0f);
+  const Packed pk = pack_backward(pool, d, q, k, v, scale, out, lse, dout);
+  auto mask_of = [&](int64_t b) {
+    return Mask{q_seg ? q_seg + b * d.seq : nullptr, kv_seg ? kv_seg + b * d.seq : nullptr,
+                causal, d.seq};
+  };
+  auto first_q = [&](int64_t k0) { return causal ? k0 : int64_t{0}; };
+  // dK, dV of key block k0 of (b, kvh), accumulated in dks, dvs [kBlock][hd] over the group's
+  // heads and their query blocks; when dqa is given ([group][padded][hd]), dQ too.
+  auto key_block = [&](int64_t b, int64_t kvh, int64_t k0, float* dks, float* dvs, float* p,
+                       float* ds, float* dqa) {
+    const Mask mask = mask_of(b);
+    const int64_t kvrow = (b * d.kv_heads + kvh) * padded + k0;
     for (int64_t h = kvh * d.group(); h < (kvh + 1) * d.group(); ++h) {
-      const int64_t row_stride = d.heads * hd;
-      for (int64_t qb = 0; qb < nb; ++qb) {
-        pack_rows(q + b * d.seq * row_stride, d.heads, h, qb * kBlock, d, scale,
-                  qa + qb * kBlock * hd);
-        pack_rows(dout + b * d.seq * row_stride, d.heads, h, qb * kBlock, d, 1.0f,
-                  doa + qb * kBlock * hd);
+      for (int64_t q0 = first_q(k0); q0 < d.seq; q0 += kBlock) {
+        if (!mask.may_attend(q0, k0)) continue;
+        const int64_t qrow = (b * d.heads + h) * padded + q0;
+        tile_grads(pk, d, mask, qrow, kvrow, q0, k0, p, ds);
+        gemm<true>(kBlock, hd, kBlock, p, kBlock, pk.dout.data() + qrow * hd, hd, dvs, hd, true);
+        gemm<true>(kBlock, hd, kBlock, ds, kBlock, pk.q.data() + qrow * hd, hd, dks, hd, true);
+        if (dqa)
+          gemm<false>(kBlock, hd, kBlock, ds, kBlock, pk.k.data() + kvrow * hd, hd,
+                      dqa + ((h - kvh * d.group()) * padded + q0) * hd, hd, true);
       }
-      std::fill(dqa, dqa + padded * hd, 0.0f);
-      for (int64_t r = 0; r < padded; ++r) {
-        if (r >= d.seq) {
-          delta[r] = 0.0f;
-          lsea[r] = INFINITY;
-          continue;
-        }
-        const float* o = out + ((b * d.seq + r) * d.heads + h) * hd;
-        float acc = 0.0f;
-        for (int64_t c = 0; c < hd; ++c) acc += o[c] * doa[r * hd + c];
-        delta[r] = acc;
-        lsea[r] = lse[(b * d.heads + h) * d.seq + r];
-      }
+    }
+  };
+  auto write_kv = [&](int64_t b, int64_t kvh, int64_t k0, const float* dks, const float* dvs) {
+    for (int64_t r = 0; r < kBlock && k0 + r < d.seq; ++r) {
+      const int64_t at = ((b * d.seq + k0 + r) * d.kv_heads + kvh) * hd;
+      std::memcpy(dk + at, dks + r * hd, sizeof(float) * hd);
+      std::memcpy(dv + at, dvs + r * hd, sizeof(float) * hd);
+    }
+  };
+  auto write_q = [&](int64_t b, int64_t h, int64_t q0, const float* dqs) {  // unscaled q
+    for (int64_t r = 0; r < kBlock && q0 + r < d.seq; ++r) {
+      float* o = dq + ((b * d.seq + q0 + r) * d.heads + h) * hd;
+      for (int64_t c = 0; c < hd; ++c) o[c] = dqs[r * hd + c] * scale;
+    }
+  };
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  if (d.batch * d.kv_heads >= threads) {
+    parallel_for(pool, d.batch * d.kv_heads, [&](int64_t task) {
+      const int64_t kvh = task % d.kv_heads, b = task / d.kv_heads;
+      std::vector<float> buf(d.group() * padded * hd + 2 * kBlock * (hd + kBlock), 0.0f);
+      float *dqa = buf.data(), *dks = dqa + d.group() * padded * hd, *dvs = dks + kBlock * hd,
+            *p = dvs + kBlock * hd, *ds = p + kBlock * kBlock;
       for (int64_t k0 = 0; k0 < d.seq; k0 += kBlock) {
-        pack_rows(kb, d.kv_heads, kvh, k0, d, 1.0f, ks);
-        pack_cols(kb, d.kv_heads, kvh, k0, d, kt);
-        pack_cols(vb, d.kv_heads, kvh, k0, d, vt);
-        std::memcpy(dks, dk_acc.data() + k0 * hd, sizeof(float) * kBlock * hd);
-        std::memcpy(dvs, dv_acc.data() + k0 * hd, sizeof(float) * kBlock * hd);
-        for (int64_t q0 = causal ? k0 / kBlock * kBlock : 0; q0 < d.seq; q0 += kBlock) {
-          if (!mask.may_attend(q0, k0)) continue;
-          const float *qs = qa + q0 * hd, *dos = doa + q0 * hd;
-          gemm<false>(kBlock, kBlock, hd, qs, hd, kt, kBlock, p, kBlock, false);    // S
-          gemm<false>(kBlock, kBlock, hd, dos, hd, vt, kBlock, ds, kBlock, false);  // dP
-          const bool full = mask.full(q0, k0);
-          for (int64_t r = 0; r < kBlock; ++r) {
-            float *prow = p + r * kBlock, *drow = ds + r * kBlock;
-            const float lr = lsea[q0 + r], dr = delta[q0 + r];
-            if (lr == INFINITY) {  // a row with no allowed key
-              std::fill(prow, prow + kBlock, -INFINITY);
-            } else if (!full) {
-              for (int64_t c = 0; c < kBlock; ++c)
-                if (!mask.allowed(q0 + r, k0 + c)) prow[c] = -INFINITY;
-            }
-            exp_row(prow, lr == INFINITY ? 0.0f : lr);
-            for (int64_t c = 0; c < kBlock; c += kLanes)
-              store(drow + c, load(prow + c) * (load(drow + c) - dr));
-          }
-          gemm<true>(kBlock, hd, kBlock, p, kBlock, dos, hd, dvs, hd, true);    // dV += P^T dO
-          gemm<true>(kBlock, hd, kBlock, ds, kBlock, qs, hd, dks, hd, true);    // dK += dS^T Q
-          gemm<false>(kBlock, hd, kBlock, ds, kBlock, ks, hd, dqa + q0 * hd, hd, true);  // dQ
-        }
-        std::memcpy(dk_acc.data() + k0 * hd, dks, sizeof(float) * kBlock * hd);
-        std::memcpy(dv_acc.data() + k0 * hd, dvs, sizeof(float) * kBlock * hd);
+        std::fill(dks, dks + 2 * kBlock * hd, 0.0f);
+        key_block(b, kvh, k0, dks, dvs, p, ds, dqa);
+        write_kv(b, kvh, k0, dks, dvs);
       }
-      for (int64_t r = 0; r < d.seq; ++r) {  // dQ w.r.t. the unscaled q
-        float* o = dq + ((b * d.seq + r) * d.heads + h) * hd;
-        for (int64_t c = 0; c < hd; ++c) o[c] = dqa[r * hd + c] * scale;
-      }
+      for (int64_t g = 0; g < d.group(); ++g)
+        for (int64_t q0 = 0; q0 < d.seq; q0 += kBlock)
+          write_q(b, kvh * d.group() + g, q0, dqa + (g * padded + q0) * hd);
+    });
+    return;
+  }
+  parallel_for(pool, d.batch * d.kv_heads * nb, [&](int64_t task) {
+    const int64_t kb = task % nb, kvh = task / nb % d.kv_heads, b = task / nb / d.kv_heads;
+    std::vector<float> buf(2 * kBlock * hd + 2 * kBlock * kBlock, 0.0f);
+    float *dks = buf.data(), *dvs = dks + kBlock * hd, *p = dvs + kBlock * hd,
+          *ds = p + kBlock * kBlock;
+    key_block(b, kvh, kb * kBlock, dks, dvs, p, ds, nullptr);
+    write_kv(b, kvh, kb * kBlock, dks, dvs);
+  });
+  parallel_for(pool, d.batch * d.heads * nb, [&](int64_t task) {
+    const int64_t qb = nb - 1 - task % nb, h = task / nb % d.heads, b = task / nb / d.heads;
+    const int64_t q0 = qb * kBlock, kvh = h / d.group(), qrow = (b * d.heads + h) * padded + q0;
+    const Mask mask = mask_of(b);
+    std::vector<float> buf(kBlock * hd + 2 * kBlock * kBlock, 0.0f);
+    float *dqs = buf.data(), *p = dqs + kBlock * hd, *ds = p + kBlock * kBlock;
+    for (int64_t k0 = 0; k0 < d.seq; k0 += kBlock) {
+      if (first_q(k0) > q0 || !mask.may_attend(q0, k0)) continue;
+      const int64_t kvrow = (b * d.kv_heads + kvh) * padded + k0;
+      tile_grads(pk, d, mask, qrow, kvrow, q0, k0, p, ds);
+      gemm<false>(kBlock, hd, kBlock, ds, kBlock, pk.k.data() + kvrow * hd, hd, dqs, hd, true);
     }
-    for (int64_t r = 0; r < d.seq; ++r) {
-      float* ok = dk + ((b * d.seq + r) * d.kv_heads + kvh) * hd;
-      float* ov = dv + ((b * d.seq + r) * d.kv_heads + kvh) * hd;
-      std::memcpy(ok, dk_acc.data() + r * hd, sizeof(float) * hd);
-      std::memcpy(ov, dv_acc.data() + r * hd, sizeof(float) * hd);
-    }
+    write_q(b, h, q0, dqs);
   });
 }
 
