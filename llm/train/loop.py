@@ -43,8 +43,10 @@ class TrainConfig:
       <run_dir>/profile (open in TensorBoard's profile tab or ui.perfetto.dev). Skip step 1:
       it includes compilation.
     loss_chunk: decoder loss head in chunks of this many positions (`llm.train.loss.
-      chunked_cross_entropy`: the [batch, seq, vocab] logits are never held whole); 0 computes
-      the logits at once.
+      chunked_cross_entropy`: the [batch, seq, vocab] logits are never held whole, and their
+      gradient is formed chunk by chunk in the forward: the same matmuls, no recomputation);
+      0 computes the logits at once. The default 128 keeps the logits a small part of the
+      step's memory (gpt2_tiny at 4096 tokens: XLA temporaries 775 -> 563 MiB at seq 1024).
     """
 
     steps: int = 1000
@@ -58,7 +60,7 @@ class TrainConfig:
     eval_batches: int = 20
     fault_injection: str | None = None
     profile_steps: tuple[int, int] | None = None
-    loss_chunk: int = 0
+    loss_chunk: int = 128
 
     def __post_init__(self):
         for field in ("steps", "global_batch_size", "seq_len", "accum_steps", "log_every"):
