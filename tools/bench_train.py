@@ -126,6 +126,7 @@ from llm.model import attention, transformer  # noqa: E402
 from llm.model.config import ModelConfig  # noqa: E402
 from llm.parallel.mesh import make_mesh  # noqa: E402
 from llm.parallel.rules import axis_rules  # noqa: E402
+from llm.train.host_memory import release_free_memory  # noqa: E402
 from llm.train.loop import TrainConfig  # noqa: E402
 from llm.train.loss import decoder_loss  # noqa: E402
 from llm.train.metrics import measure_matmul_flops  # noqa: E402
@@ -317,6 +318,7 @@ def bench(name: str, batch: int, seq: int, args: argparse.Namespace) -> Result:
     compiled, state, data, compile_s = build_step(cfg, batch, seq, total)
     memory = compiled.memory_analysis()
     matmul = [measure_matmul_flops()]
+    release_free_memory()  # the compiler's freed scratch, as the training loop does
     usable = len(os.sched_getaffinity(0))
     note = twin_unsupported(cfg) if args.torch_python else "no --torch_python: twin skipped"
     twins: dict[str, Twin] = {}
