@@ -490,9 +490,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg,
-                    ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
-                    int32_t segments, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::Buffer<ffi::S32> kv_seg, int32_t causal, int32_t segments,
+                    float scale, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
   if (auto e = dims_of(q, k, &d); e.failure()) return e;
@@ -505,34 +505,30 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+// Both calls take q, k, v, the segment ids and the three attributes first.
+static auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()  // q
+      .Arg<ffi::Buffer<ffi::F32>>()  // k
+      .Arg<ffi::Buffer<ffi::F32>>()  // v
+      .Arg<ffi::Buffer<ffi::S32>>()  // q_seg
+      .Arg<ffi::Buffer<ffi::S32>>()  // kv_seg
+      .Attr<int32_t>("causal")
+      .Attr<int32_t>("segments")
+      .Attr<float>("scale");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmFlashAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_seg
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_seg
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int32_t>("segments")
-                                  .Attr<float>("scale")
+                              BindInputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmFlashAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_seg
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_seg
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int32_t>("segments")
-                                  .Attr<float>("scale")
+                              BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dv
